@@ -1,0 +1,121 @@
+"""BAM (Park et al.): `x * (1 + sigmoid(channel(x) (*) spatial(x)))`, NHWC.
+
+Reference: Jongchan/attention-module MODELS/bam.py. The authors' code multiplies the two
+branches inside the sigmoid (`combine="product"`); the paper adds them (`combine="sum"`).
+Their channel pool is an HxH window (global only on square inputs); ours is the global mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_attention.layers.common import (
+    BatchNorm,
+    Dtype,
+    check_choice,
+    check_nhwc,
+    check_positive,
+    conv2d,
+    global_mean,
+    linear,
+)
+
+COMBINES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+    "product": jnp.multiply,
+    "sum": jnp.add,
+}
+
+
+class BAMChannelGate(nnx.Module):
+    """Global mean -> Linear C->C/r -> BatchNorm1d -> ReLU -> Linear C/r->C: NHWC -> (N, C)."""
+
+    def __init__(self, channels: int, hidden: int, *, rngs: nnx.Rngs, **dt):
+        self.fc1 = linear(channels, hidden, rngs=rngs, **dt)
+        self.bn = BatchNorm(hidden, rngs=rngs, **dt)
+        self.fc2 = linear(hidden, channels, rngs=rngs, **dt)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        s = global_mean(x).astype(x.dtype)
+        return self.fc2(jax.nn.relu(self.bn(self.fc1(s))))
+
+
+class BAMSpatialGate(nnx.Module):
+    """1x1 reduce -> `num_dilated` dilated 3x3 convs (each + BN + ReLU) -> 1x1 to one map.
+
+    NHWC (N, H, W, C) -> (N, H, W, 1).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        hidden: int,
+        dilation: int,
+        num_dilated: int,
+        *,
+        rngs: nnx.Rngs,
+        **dt,
+    ):
+        self.reduce = conv2d(channels, hidden, 1, bias=True, rngs=rngs, **dt)
+        self.reduce_bn = BatchNorm(hidden, rngs=rngs, **dt)
+        self.dilated = nnx.List(
+            [
+                conv2d(hidden, hidden, 3, dilation=dilation, bias=True, rngs=rngs, **dt)
+                for _ in range(num_dilated)
+            ]
+        )
+        self.dilated_bn = nnx.List([BatchNorm(hidden, rngs=rngs, **dt) for _ in range(num_dilated)])
+        self.final = conv2d(hidden, 1, 1, bias=True, rngs=rngs, **dt)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jax.nn.relu(self.reduce_bn(self.reduce(x)))
+        for conv, bn in zip(self.dilated, self.dilated_bn, strict=True):
+            y = jax.nn.relu(bn(conv(y)))
+        return self.final(y)
+
+
+class BAM(nnx.Module):
+    """Bottleneck Attention Module; NHWC (N, H, W, C) -> same shape."""
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 16,
+        dilation: int = 4,
+        *,
+        num_dilated: int = 2,
+        combine: str = "product",
+        rngs: nnx.Rngs,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        check_choice("combine", combine, list(COMBINES))
+        check_positive("channels", channels)
+        check_positive("reduction", reduction)
+        check_positive("dilation", dilation)
+        if num_dilated < 0:
+            raise ValueError(f"num_dilated must be >= 0, got {num_dilated}")
+        hidden = channels // reduction
+        check_positive(
+            "the hidden width", hidden, f" (channels={channels} // reduction={reduction})"
+        )
+        dt = dict(dtype=dtype, param_dtype=param_dtype)
+        self.channels = channels
+        self.combine = combine
+        self.dtype = dtype
+        self.channel = BAMChannelGate(channels, hidden, rngs=rngs, **dt)
+        self.spatial = BAMSpatialGate(channels, hidden, dilation, num_dilated, rngs=rngs, **dt)
+
+    def gate(self, x: jax.Array) -> jax.Array:
+        """The attention `1 + sigmoid(...)` (N, H, W, C) in float32 for an NHWC input."""
+        c = self.channel(x).astype(jnp.float32)[:, None, None, :]
+        s = self.spatial(x).astype(jnp.float32)
+        return 1.0 + jax.nn.sigmoid(COMBINES[self.combine](c, s))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        check_nhwc(x, self.channels, "BAM")
+        x = x.astype(self.dtype)
+        return x * self.gate(x).astype(self.dtype)

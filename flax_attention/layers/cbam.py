@@ -1,0 +1,166 @@
+"""CBAM (Woo et al.): a channel gate then a spatial gate, each multiplying the input.
+
+References: Jongchan/attention-module MODELS/cbam.py (`variant="official"`: MLP with biases,
+hidden C//r, spatial descriptor [max, mean], BatchNorm momentum 0.01) and timm
+layers/cbam.py CbamModule (`variant="timm"`: MLP without biases, hidden round(C/r),
+descriptor [mean, max], BatchNorm momentum 0.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_attention.layers.common import (
+    BatchNorm,
+    Dtype,
+    check_choice,
+    check_nhwc,
+    check_positive,
+    conv2d,
+    linear,
+)
+
+Pool = Callable[[jax.Array, tuple[int, ...]], jax.Array]
+
+# Reductions in float32 over `axes` of an NHWC array.
+POOLS: dict[str, Pool] = {
+    "avg": lambda x, axes: jnp.mean(x, axis=axes, dtype=jnp.float32),
+    "mean": lambda x, axes: jnp.mean(x, axis=axes, dtype=jnp.float32),
+    "max": lambda x, axes: jnp.max(x, axis=axes).astype(jnp.float32),
+    "lp": lambda x, axes: jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes)),
+    "lse": lambda x, axes: jax.nn.logsumexp(x.astype(jnp.float32), axis=axes),
+}
+CHANNEL_POOLS = ("avg", "max", "lp", "lse")
+
+
+@dataclass(frozen=True)
+class CBAMVariant:
+    """What differs between the authors' CBAM and timm's."""
+
+    mlp_bias: bool
+    hidden_width: Callable[[int, int], int]
+    spatial_descriptor: tuple[str, str]
+    bn_momentum: float
+
+
+VARIANTS: dict[str, CBAMVariant] = {
+    "official": CBAMVariant(True, lambda c, r: c // r, ("max", "mean"), 0.01),
+    "timm": CBAMVariant(False, lambda c, r: max(1, int(c / r + 0.5)), ("mean", "max"), 0.1),
+}
+
+
+class ChannelGate(nnx.Module):
+    """`x * sigmoid(sum_p mlp(pool_p(x)))` with one shared MLP; NHWC (N, H, W, C) -> same."""
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 16,
+        *,
+        pool_types: Sequence[str] = ("avg", "max"),
+        variant: str = "official",
+        rngs: nnx.Rngs,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        check_choice("variant", variant, list(VARIANTS))
+        check_positive("channels", channels)
+        check_positive("reduction", reduction)
+        if not pool_types:
+            raise ValueError(f"pool_types must name at least one of {list(CHANNEL_POOLS)}")
+        for pool in pool_types:
+            check_choice("pool_types entry", pool, CHANNEL_POOLS)
+        spec = VARIANTS[variant]
+        hidden = spec.hidden_width(channels, reduction)
+        check_positive(
+            "the hidden width", hidden, f" (channels={channels} // reduction={reduction})"
+        )
+        self.channels = channels
+        self.pool_types = tuple(pool_types)
+        self.dtype = dtype
+        kw = dict(bias=spec.mlp_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.fc1 = linear(channels, hidden, **kw)
+        self.fc2 = linear(hidden, channels, **kw)
+
+    def gate(self, x: jax.Array) -> jax.Array:
+        """The channel attention (N, C) in float32 for an NHWC input."""
+        total = 0.0
+        for pool in self.pool_types:
+            s = POOLS[pool](x, (1, 2)).astype(self.dtype)
+            total = total + self.fc2(jax.nn.relu(self.fc1(s))).astype(jnp.float32)
+        return jax.nn.sigmoid(total)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        check_nhwc(x, self.channels, "ChannelGate")
+        x = x.astype(self.dtype)
+        return x * self.gate(x)[:, None, None, :].astype(self.dtype)
+
+
+class SpatialGate(nnx.Module):
+    """`x * sigmoid(bn(conv_kxk([pool_a over C, pool_b over C])))`; NHWC -> same shape."""
+
+    def __init__(
+        self,
+        kernel_size: int = 7,
+        *,
+        variant: str = "official",
+        rngs: nnx.Rngs,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        check_choice("variant", variant, list(VARIANTS))
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+        spec = VARIANTS[variant]
+        self.descriptor = spec.spatial_descriptor
+        self.dtype = dtype
+        self.conv = conv2d(2, 1, kernel_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.bn = BatchNorm(
+            1, momentum=spec.bn_momentum, rngs=rngs, dtype=dtype, param_dtype=param_dtype
+        )
+
+    def gate(self, x: jax.Array) -> jax.Array:
+        """The spatial attention (N, H, W, 1) in float32 for an NHWC input."""
+        pooled = [POOLS[p](x, (3,))[..., None] for p in self.descriptor]
+        s = jnp.concatenate(pooled, axis=-1).astype(self.dtype)
+        return jax.nn.sigmoid(self.bn(self.conv(s)).astype(jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.ndim != 4:
+            raise ValueError(f"SpatialGate expects a rank-4 NHWC input; got shape {x.shape}")
+        x = x.astype(self.dtype)
+        return x * self.gate(x).astype(self.dtype)
+
+
+class CBAM(nnx.Module):
+    """Channel gate followed by spatial gate (no residual of its own); NHWC -> same shape."""
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 16,
+        kernel_size: int = 7,
+        *,
+        pool_types: Sequence[str] = ("avg", "max"),
+        spatial: bool = True,
+        variant: str = "official",
+        rngs: nnx.Rngs,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        kw = dict(variant=variant, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.channels = channels
+        self.channel_gate = ChannelGate(channels, reduction, pool_types=pool_types, **kw)
+        self.spatial_gate = SpatialGate(kernel_size, **kw) if spatial else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        check_nhwc(x, self.channels, "CBAM")
+        x = self.channel_gate(x)
+        if self.spatial_gate is not None:
+            x = self.spatial_gate(x)
+        return x
