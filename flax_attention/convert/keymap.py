@@ -94,7 +94,7 @@ class Binding:
     transform: Transform
 
     def torch_shape(self) -> tuple[int, ...]:
-        zeros = np.broadcast_to(np.float32(0), self.variable.value.shape)
+        zeros = np.broadcast_to(np.float32(0), self.variable.get_value().shape)
         return tuple(self.transform.to_torch(zeros).shape)
 
 

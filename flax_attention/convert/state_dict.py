@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import flax_attention.convert.model_keymaps  # noqa: F401  (registers the model tables)
 from flax_attention.convert import layer_keymaps  # noqa: F401  (registers the layer tables)
 from flax_attention.convert.keymap import bindings, check_layout
 
@@ -54,13 +55,16 @@ class StateDictMismatchError(ValueError):
 
 
 def to_numpy(value: Any) -> np.ndarray:
-    """A numpy array from a numpy array, JAX array or torch tensor (bfloat16 is widened)."""
+    """A numpy copy of a numpy array, JAX array or torch tensor (bfloat16 is widened).
+
+    Always a copy: a torch tensor updated in place later must not change what was loaded.
+    """
     if hasattr(value, "detach"):
         value = value.detach().cpu()
         if str(value.dtype) == "torch.bfloat16":
             value = value.float()
-        return value.numpy()
-    return np.asarray(value)
+        return value.numpy().copy()
+    return np.array(value, copy=True)
 
 
 def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -105,7 +109,9 @@ def load_torch_state_dict(
     for key in report.loaded:
         binding = expected[key]
         value = binding.transform.to_flax(given[key])
-        binding.variable.value = jnp.asarray(value, dtype=binding.variable.value.dtype)
+        binding.variable.set_value(
+            jnp.array(value, dtype=binding.variable.get_value().dtype, copy=True)
+        )
     return report
 
 
@@ -113,6 +119,8 @@ def to_torch_state_dict(module: nnx.Module, *, layout: str = "official") -> dict
     """Numpy arrays under PyTorch names and layouts (BatchNorm running statistics included)."""
     check_layout(layout)
     return {
-        key: np.ascontiguousarray(binding.transform.to_torch(np.asarray(binding.variable.value)))
+        key: np.ascontiguousarray(
+            binding.transform.to_torch(np.asarray(binding.variable.get_value()))
+        )
         for key, binding in bindings(module, layout).items()
     }

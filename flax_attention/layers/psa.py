@@ -74,7 +74,9 @@ class PSA(nnx.Module):
         feats = [conv(x) for conv in self.convs]
         pooled = jnp.stack([global_mean(f) for f in feats])  # (S, N, split), float32
         weights = jax.nn.softmax(self.se(pooled.astype(self.dtype)), axis=0)
-        weighted = [f * w[:, None, None, :].astype(self.dtype) for f, w in zip(feats, weights)]
+        weighted = [
+            f * w[:, None, None, :].astype(self.dtype) for f, w in zip(feats, weights, strict=True)
+        ]
         return jnp.concatenate(weighted[::-1], axis=-1)
 
 
@@ -109,5 +111,7 @@ def _validate(
                 f"out_channels/{branches}={split}"
             )
     check_positive(
-        "the SE hidden width", split // reduction, f" (branch width {split} // reduction={reduction})"
+        "the SE hidden width",
+        split // reduction,
+        f" (branch width {split} // reduction={reduction})",
     )

@@ -1,0 +1,27 @@
+"""Input data: tfds array_record datasets read through grain, plus a synthetic source.
+
+grain, tensorflow-datasets, scikit-learn and Pillow are imported only by the functions that read
+or build real data, so ``synthetic_batches`` works without them. TensorFlow is never needed.
+"""
+
+from flax_attention.data.embedded import build_digits
+from flax_attention.data.pipeline import make_dataset, make_loader
+from flax_attention.data.preprocess import EvalPreprocess, TrainPreprocess
+from flax_attention.data.registry import DATASETS, DatasetSpec, get_spec
+from flax_attention.data.sources import DatasetNotFoundError, data_source, default_data_dir
+from flax_attention.data.synthetic import synthetic_batches
+
+__all__ = [
+    "DATASETS",
+    "DatasetNotFoundError",
+    "DatasetSpec",
+    "EvalPreprocess",
+    "TrainPreprocess",
+    "build_digits",
+    "data_source",
+    "default_data_dir",
+    "get_spec",
+    "make_dataset",
+    "make_loader",
+    "synthetic_batches",
+]

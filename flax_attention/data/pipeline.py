@@ -1,0 +1,128 @@
+"""grain input pipeline over a registered tfds dataset: shard, shuffle, preprocess, batch.
+
+Order: source -> this process's shard -> (train) per-epoch shuffle + repeat -> preprocess ->
+batch. Everything up to batching is a random-access ``grain.MapDataset``, so the position in the
+stream is a single index and the iterator from ``make_loader`` checkpoints with grain's own
+``get_state()`` / ``set_state()``.
+
+Typical training loop::
+
+    it = make_loader("digits", train=True, batch_size=128, seed=0)
+    state = it.get_state()        # small JSON-able dict: store it with the model checkpoint
+    batch = next(it)              # {"image": float32 (128, 16, 16, 1) NHWC, "label": int32 (128,)}
+    it.set_state(state)           # resumes with exactly the same batches
+"""
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import jax
+import numpy as np
+
+from flax_attention.data.preprocess import EvalPreprocess, TrainPreprocess
+from flax_attention.data.registry import get_spec
+from flax_attention.data.sources import data_source
+
+if TYPE_CHECKING:
+    import grain
+
+
+def make_dataset(
+    name: str,
+    *,
+    train: bool,
+    batch_size: int,
+    data_dir: str | Path | None = None,
+    split: str | None = None,
+    image_size: int | None = None,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> "grain.MapDataset":
+    """Batched random-access dataset of {"image": float32 (B, S, S, C) NHWC, "label": int32 (B,)}.
+
+    train=True: the spec's train split, reshuffled every epoch (seeded), augmented, repeated
+    ``num_epochs`` times (None: forever), incomplete last batch dropped. train=False: the eval
+    split once, in order, deterministic preprocessing, last batch kept (may be smaller).
+    ``split`` overrides the split (tfds syntax), ``image_size`` the spec's S. The data is
+    sharded record-wise over ``shard_count`` processes (default ``jax.process_count()``), this
+    process reading shard ``shard_index`` (default ``jax.process_index()``).
+    """
+    import grain
+
+    spec = get_spec(name)
+    size = image_size or spec.image_size
+    split = split or (spec.train_split if train else spec.eval_split)
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    shard_count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index} not in [0, shard_count={shard_count})")
+
+    ds = grain.MapDataset.source(data_source(name, split, data_dir))[shard_index::shard_count]
+    if train:
+        # Shuffling past the first epoch continues with a new permutation per epoch; the
+        # augmentation rng depends on (seed, shard, index in this shard's endless stream).
+        augment_seed = int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
+        ds = ds.shuffle(seed=seed).repeat(num_epochs)
+        ds = ds.random_map(
+            TrainPreprocess(spec.train_transform, size, spec.mean, spec.std), seed=augment_seed
+        )
+    else:
+        ds = ds.map(EvalPreprocess(spec.eval_transform, size, spec.mean, spec.std))
+    return ds.batch(batch_size, drop_remainder=train)
+
+
+def make_loader(
+    name: str,
+    *,
+    train: bool,
+    batch_size: int,
+    data_dir: str | Path | None = None,
+    split: str | None = None,
+    image_size: int | None = None,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    num_workers: int = 0,
+    num_threads: int = 4,
+) -> "grain.DatasetIterator":
+    """Iterator over the batches of ``make_dataset(...)`` (same arguments, same batches).
+
+    ``num_workers`` > 0 preprocesses in that many worker processes (grain ``mp_prefetch``),
+    0 in this process with ``num_threads`` reader threads. The iterator's ``get_state()``
+    returns a small JSON-able dict; ``set_state(state)`` on a loader built with the same
+    arguments resumes with exactly the batches that would have followed. With workers, call
+    ``close()`` on the iterator when done so that its processes and shared memory are released.
+    """
+    import grain
+
+    ds = make_dataset(
+        name,
+        train=train,
+        batch_size=batch_size,
+        data_dir=data_dir,
+        split=split,
+        image_size=image_size,
+        seed=seed,
+        num_epochs=num_epochs,
+        shard_index=shard_index,
+        shard_count=shard_count,
+    )
+    ids = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads)
+    )
+    if num_workers > 0:
+        _mark_absl_flags_parsed()
+        ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(ids)
+
+
+def _mark_absl_flags_parsed() -> None:
+    """grain 0.2.18 reads an absl flag when starting workers and fails in programs that never
+    parsed absl flags (google/grain#1355); marking them parsed keeps every flag at its default."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()

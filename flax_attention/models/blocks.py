@@ -1,0 +1,219 @@
+"""ResNet residual blocks (NHWC) with a pluggable attention module, and EPSANet's PSA block.
+
+References: torchvision models/resnet.py (BasicBlock, Bottleneck; stride on the 3x3 conv),
+senet.pytorch and timm (SE after the last BatchNorm, before the residual add),
+Jongchan/attention-module MODELS/model_resnet.py (CBAM in the same place), murufeng/EPSANet
+models/epsanet.py (EPSABlock: PSA replaces the 3x3 conv and holds the stride).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_attention.layers import BAM, CBAM, PSA, SE
+from flax_attention.layers.common import (
+    BatchNorm,
+    Dtype,
+    check_choice,
+    check_nhwc,
+    check_positive,
+    conv2d,
+)
+
+AttentionFactory = Callable[..., nnx.Module]
+
+# Preset name -> factory(channels, *, rngs, dtype, param_dtype).
+ATTENTION_PRESETS: dict[str, AttentionFactory] = {
+    "se": lambda c, **kw: SE(c, 16, bias=False, **kw),  # senet.pytorch
+    "se_timm": lambda c, **kw: SE(c, 16, bias=True, rd_divisor=8, **kw),  # timm SEModule
+    "cbam": lambda c, **kw: CBAM(c, 16, variant="official", **kw),  # Jongchan
+    "cbam_timm": lambda c, **kw: CBAM(c, 16, variant="timm", **kw),  # timm CbamModule
+    "bam": lambda c, **kw: BAM(c, 16, **kw),  # Jongchan (between stages)
+}
+
+
+def make_attention(
+    attention: str | AttentionFactory | None,
+    channels: int,
+    *,
+    rngs: nnx.Rngs,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+) -> nnx.Module | None:
+    """Build `attention` for `channels`: None, a preset name, or a `f(channels, *, rngs)`."""
+    if attention is None:
+        return None
+    if isinstance(attention, str):
+        check_choice("attention", attention, list(ATTENTION_PRESETS))
+        preset = ATTENTION_PRESETS[attention]
+        return preset(channels, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    if callable(attention):
+        return attention(channels, rngs=rngs)
+    raise ValueError(
+        f"attention must be None, one of {list(ATTENTION_PRESETS)} or a factory "
+        f"f(channels, *, rngs) -> nnx.Module; got {attention!r}"
+    )
+
+
+class Downsample(nnx.Module):
+    """Projection shortcut: 1x1 conv with the stride (no bias) -> BatchNorm; NHWC."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, *, rngs, **dt):
+        self.conv = conv2d(in_channels, out_channels, 1, stride=stride, rngs=rngs, **dt)
+        self.bn = BatchNorm(out_channels, rngs=rngs, **dt)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.bn(self.conv(x))
+
+
+def make_shortcut(
+    in_channels: int, out_channels: int, stride: int, *, rngs: nnx.Rngs, **dt
+) -> Downsample | None:
+    """A projection when the stride or the width changes, else None (identity)."""
+    if stride == 1 and in_channels == out_channels:
+        return None
+    return Downsample(in_channels, out_channels, stride, rngs=rngs, **dt)
+
+
+def _check_block_args(in_channels: int, planes: int, stride: int) -> None:
+    check_positive("in_channels", in_channels)
+    check_positive("planes", planes)
+    check_positive("stride", stride)
+
+
+class BasicBlock(nnx.Module):
+    """3x3 (stride) -> BN -> ReLU -> 3x3 -> BN -> attention -> + shortcut -> ReLU.
+
+    NHWC (N, H, W, in_channels) -> (N, ceil(H/stride), ceil(W/stride), planes).
+    """
+
+    expansion = 1
+
+    def __init__(
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int = 1,
+        *,
+        attention: str | AttentionFactory | None = None,
+        rngs: nnx.Rngs,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        _check_block_args(in_channels, planes, stride)
+        dt = dict(dtype=dtype, param_dtype=param_dtype)
+        out_channels = planes * self.expansion
+        self.in_channels = in_channels
+        self.dtype = dtype
+        self.conv1 = conv2d(in_channels, planes, 3, stride=stride, rngs=rngs, **dt)
+        self.bn1 = BatchNorm(planes, rngs=rngs, **dt)
+        self.conv2 = conv2d(planes, planes, 3, rngs=rngs, **dt)
+        self.bn2 = BatchNorm(planes, rngs=rngs, **dt)
+        self.attention = make_attention(attention, out_channels, rngs=rngs, **dt)
+        self.downsample = make_shortcut(in_channels, out_channels, stride, rngs=rngs, **dt)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        check_nhwc(x, self.in_channels, type(self).__name__)
+        x = x.astype(self.dtype)
+        y = jax.nn.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return _finish(self, x, y)
+
+
+class Bottleneck(nnx.Module):
+    """1x1 -> BN -> ReLU -> 3x3 (stride) -> BN -> ReLU -> 1x1 (x4) -> BN -> attention -> add -> ReLU.
+
+    NHWC (N, H, W, in_channels) -> (N, ceil(H/stride), ceil(W/stride), 4 * planes).
+    """
+
+    expansion = 4
+
+    def __init__(
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int = 1,
+        *,
+        attention: str | AttentionFactory | None = None,
+        rngs: nnx.Rngs,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        _check_block_args(in_channels, planes, stride)
+        dt = dict(dtype=dtype, param_dtype=param_dtype)
+        out_channels = planes * self.expansion
+        self.in_channels = in_channels
+        self.dtype = dtype
+        self.conv1 = conv2d(in_channels, planes, 1, rngs=rngs, **dt)
+        self.bn1 = BatchNorm(planes, rngs=rngs, **dt)
+        self.conv2 = conv2d(planes, planes, 3, stride=stride, rngs=rngs, **dt)
+        self.bn2 = BatchNorm(planes, rngs=rngs, **dt)
+        self.conv3 = conv2d(planes, out_channels, 1, rngs=rngs, **dt)
+        self.bn3 = BatchNorm(out_channels, rngs=rngs, **dt)
+        self.attention = make_attention(attention, out_channels, rngs=rngs, **dt)
+        self.downsample = make_shortcut(in_channels, out_channels, stride, rngs=rngs, **dt)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        check_nhwc(x, self.in_channels, type(self).__name__)
+        x = x.astype(self.dtype)
+        y = jax.nn.relu(self.bn1(self.conv1(x)))
+        y = jax.nn.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return _finish(self, x, y)
+
+
+class EPSABlock(nnx.Module):
+    """EPSANet bottleneck: 1x1 -> BN -> ReLU -> PSA (stride) -> BN -> ReLU -> 1x1 (x4) -> BN.
+
+    Then + shortcut -> ReLU. PSA(planes, planes) with kernels (3, 5, 7, 9) and groups
+    (1, 4, 8, 16) replaces the 3x3 conv. NHWC (N, H, W, in) -> (N, H/stride, W/stride, 4 * planes).
+    """
+
+    expansion = 4
+
+    def __init__(
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int = 1,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        _check_block_args(in_channels, planes, stride)
+        dt = dict(dtype=dtype, param_dtype=param_dtype)
+        out_channels = planes * self.expansion
+        self.in_channels = in_channels
+        self.dtype = dtype
+        self.conv1 = conv2d(in_channels, planes, 1, rngs=rngs, **dt)
+        self.bn1 = BatchNorm(planes, rngs=rngs, **dt)
+        self.conv2 = PSA(planes, planes, stride=stride, rngs=rngs, **dt)
+        self.bn2 = BatchNorm(planes, rngs=rngs, **dt)
+        self.conv3 = conv2d(planes, out_channels, 1, rngs=rngs, **dt)
+        self.bn3 = BatchNorm(out_channels, rngs=rngs, **dt)
+        self.attention = None
+        self.downsample = make_shortcut(in_channels, out_channels, stride, rngs=rngs, **dt)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        check_nhwc(x, self.in_channels, type(self).__name__)
+        x = x.astype(self.dtype)
+        y = jax.nn.relu(self.bn1(self.conv1(x)))
+        y = jax.nn.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return _finish(self, x, y)
+
+
+Block = BasicBlock | Bottleneck | EPSABlock
+
+
+def _finish(block: Block, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Attention on the residual branch `y`, then add the shortcut of `x` and ReLU."""
+    if block.attention is not None:
+        y = block.attention(y)
+    shortcut = x if block.downsample is None else block.downsample(x)
+    return jax.nn.relu(y + shortcut)
