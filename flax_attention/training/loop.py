@@ -1,0 +1,347 @@
+"""The training loop: build, resume, train with periodic logging/eval/checkpoints, evaluate, save.
+
+Files under `config.workdir` (written by process 0 only, except the orbax checkpoints):
+`metrics.jsonl` (one JSON object per logged step: step, epoch, loss, top1, top5, lr,
+images_per_s; one per evaluation: step, eval_loss, eval_top1, eval_top5), `metrics.png`,
+`checkpoints/<step>/` (orbax training checkpoints) and `model/` (the final model, loadable with
+`flax_attention.checkpoint.restore(None, workdir / "model")`).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from flax_attention import checkpoint, data
+from flax_attention.models import create_model
+from flax_attention.training.checkpointing import TrainCheckpointer, abstract_like, is_finite
+from flax_attention.training.config import TrainConfig
+from flax_attention.training.metrics import Meter, MetricsLog, plot_curves
+from flax_attention.training.optim import make_optimizer, make_schedule
+from flax_attention.training.state import TrainState, create_train_state
+from flax_attention.training.steps import MeshForm, eval_step, make_parallel, train_step
+
+PRECISIONS: dict[str, Any] = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the parameters became NaN/inf; the last good checkpoint is kept."""
+
+
+class TrainingInterruptedError(RuntimeError):
+    """Ctrl-C stopped the run after saving a checkpoint of the last completed step."""
+
+
+def build_model(
+    name: str, *, num_classes: int, seed: int, dtype: Any = jnp.float32, **kw: Any
+) -> nnx.Module:
+    """`create_model(name, ...)` initialised in one compiled function (fast on CPU)."""
+
+    def build() -> nnx.Module:
+        return create_model(name, num_classes=num_classes, rngs=nnx.Rngs(seed), dtype=dtype, **kw)
+
+    return nnx.jit(build)()
+
+
+def fit(config: TrainConfig) -> dict[str, Any]:
+    """Train as `config` says, resuming from `config.workdir` if asked; returns the final
+    evaluation ({"eval_loss", "eval_top1", "eval_top5"}) with "step", "model_dir", "plot".
+
+    Raises `data.DatasetNotFoundError` (dataset not prepared), `TrainingDivergedError` (NaN/inf)
+    and `TrainingInterruptedError` (Ctrl-C, after saving a checkpoint).
+    """
+    if config.distributed:
+        jax.distributed.initialize()
+    return _Run(config).train()
+
+
+class _Run:
+    """One training run's objects, built from a config; `train()` runs it."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.workdir = Path(cfg.workdir).absolute()
+        self.is_main = jax.process_index() == 0
+        self.spec = data.get_spec(cfg.dataset)
+        train_size = len(data.data_source(cfg.dataset, self.spec.train_split, cfg.data_dir))
+        self.form = make_parallel(cfg.parallel)
+        self.local_batch = _local_batch(cfg.batch_size, self.form)
+        self.local_eval_batch = _local_batch(cfg.eval_batch_size or cfg.batch_size, self.form)
+        self.steps_per_epoch = max(train_size // cfg.batch_size, 1)
+        self.total_steps = cfg.steps or max(round(cfg.epochs * self.steps_per_epoch), 1)
+        if cfg.precision not in PRECISIONS:
+            raise ValueError(
+                f"unknown precision {cfg.precision!r}; choose one of {list(PRECISIONS)}"
+            )
+
+        self.model_args = {
+            "num_classes": self.spec.num_classes,
+            "in_channels": self.spec.channels,
+            **cfg.model_kwargs,
+        }
+        model = build_model(
+            cfg.model, seed=cfg.seed, dtype=PRECISIONS[cfg.precision], **self.model_args
+        )
+        self.form.prepare_model(model)
+        self.schedule = make_schedule(
+            cfg.schedule, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=self.total_steps
+        )
+        tx = make_optimizer(
+            cfg.optimizer,
+            self.schedule,
+            weight_decay=cfg.weight_decay,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+        )
+        self.graphdef, state = create_train_state(model, tx, cfg.seed)
+        self.state = jax.device_put(state, self.form.replicated)  # canonical
+        self.train_fn = self.form.compile_train(
+            partial(train_step, self.graphdef, tx, label_smoothing=cfg.label_smoothing)
+        )
+        self.eval_fn = self.form.compile_eval(partial(eval_step, self.graphdef))
+        self.loader = data.make_loader(
+            cfg.dataset,
+            train=True,
+            batch_size=self.local_batch,
+            data_dir=cfg.data_dir,
+            image_size=cfg.image_size,
+            seed=cfg.seed,
+            num_workers=cfg.num_workers,
+        )
+        self.checkpoints = TrainCheckpointer(
+            self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints
+        )
+        self.log = MetricsLog(self.workdir / "metrics.jsonl", enabled=self.is_main)
+        self.saved_step: int | None = None
+
+    def restore(self) -> None:
+        """Continue from the newest readable checkpoint (train state and data position)."""
+        existing = self.checkpoints.latest_step()
+        if not self.cfg.resume:
+            if existing is not None:
+                raise FileExistsError(
+                    f"--no-resume but {self.checkpoints.directory} holds checkpoints (newest: "
+                    f"step {existing}); choose a fresh --workdir or delete that directory"
+                )
+            return
+        restored = self.checkpoints.restore_latest(abstract_like(self.state))
+        if restored is None:
+            return
+        self.state, data_state, step = restored
+        self.loader.set_state(data_state)
+        self.log.truncate_after(step)
+        self.saved_step = step
+        self._print(f"resumed from {self.checkpoints.directory / str(step)}")
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.is_main:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        self.restore()
+        step = int(self.state.step)
+        dev_state = self.form.put_state(self.state)
+        data_state = self.loader.get_state()
+        meter, pending = Meter(), None
+        bar = tqdm(
+            total=self.total_steps,
+            initial=step,
+            desc=f"{cfg.model} on {cfg.dataset}",
+            disable=not (self.is_main and cfg.progress),
+            dynamic_ncols=True,
+        )
+        with _StopOnInterrupt() as interrupt:
+            while step < self.total_steps and not interrupt.requested:
+                batch = next(self.loader)
+                data_state = self.loader.get_state()
+                dev_state, metrics = self.train_fn(dev_state, self.form.put_batch(batch))
+                step += 1
+                # Read the previous step's metrics: the device is already busy with this one.
+                self._check(pending, meter)
+                pending = (step, metrics)
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == self.total_steps:
+                    self._check(pending, meter)
+                    pending = None
+                    self._log_train(step, meter, bar)
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps:
+                    self._evaluate(step, dev_state)
+                if step % cfg.checkpoint_every == 0:
+                    self._check(pending, meter)
+                    pending = None
+                    self._save(step, dev_state, data_state)
+            bar.close()
+            self._check(pending, meter)
+            self._save(step, dev_state, data_state)
+            self.checkpoints.wait()
+            if interrupt.requested:
+                raise TrainingInterruptedError(
+                    f"interrupted at step {step}; checkpoint saved in {self.checkpoints.directory}"
+                    "; run the same command again to resume"
+                )
+        result = self._evaluate(step, dev_state)
+        result.update(step=step, **self._finish(dev_state))
+        self.checkpoints.close()
+        return result
+
+    def _check(self, pending: tuple[int, dict] | None, meter: Meter) -> None:
+        """Fetch one step's metrics; stop on a NaN/inf loss."""
+        if pending is None:
+            return
+        step, metrics = pending
+        values = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in metrics.items()}
+        if not math.isfinite(values["loss"]):
+            self.checkpoints.wait()
+            raise TrainingDivergedError(
+                f"loss is {values['loss']} at step {step}: training diverged and was stopped. "
+                f"Last good checkpoint: {self._last_checkpoint()}. Lower --lr or add warm-up."
+            )
+        meter.update(values, self.cfg.batch_size)
+
+    def _save(self, step: int, dev_state: TrainState, data_state: dict) -> None:
+        """Checkpoint step `step` (its loss already checked) if its parameters are finite."""
+        if step == self.saved_step:
+            return
+        state = self.form.canonical_state(dev_state)
+        if not is_finite((state.params, state.batch_stats)):
+            self.checkpoints.wait()
+            raise TrainingDivergedError(
+                f"parameters are NaN/inf at step {step}: training diverged and was stopped. "
+                f"Last good checkpoint: {self._last_checkpoint()}. Lower --lr or add warm-up."
+            )
+        self.checkpoints.save(step, state, data_state)
+        self.saved_step = step
+
+    def _last_checkpoint(self) -> str:
+        if self.saved_step is None:
+            return "none"
+        return str(self.checkpoints.directory / str(self.saved_step))
+
+    def _log_train(self, step: int, meter: Meter, bar: tqdm) -> None:
+        if meter.steps == 0:
+            return
+        record = {"step": step, "epoch": round(step / self.steps_per_epoch, 3), **meter.summary()}
+        record["lr"] = float(self.schedule(step - 1))
+        self.log.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", top1=f"{record['top1']:.3f}")
+
+    def _evaluate(self, step: int, dev_state: TrainState) -> dict[str, float]:
+        """Loss, top-1 and top-5 over the whole evaluation split, logged to metrics.jsonl."""
+        result = evaluate(
+            self.eval_fn,
+            self.form,
+            self.form.canonical_state(dev_state),
+            self.cfg,
+            local_batch=self.local_eval_batch,
+        )
+        self.log.write({"step": step, **result})
+        return result
+
+    def _finish(self, dev_state: TrainState) -> dict[str, str]:
+        """Save the final model and the plot (process 0)."""
+        model_dir, plot = self.workdir / "model", self.workdir / "metrics.png"
+        if self.is_main:
+            state = jax.device_get(self.form.canonical_state(dev_state))
+            model = nnx.merge(self.graphdef, state.params, state.batch_stats)
+            model.eval()
+            checkpoint.save(
+                model,
+                model_dir,
+                name=self.cfg.model,
+                constructor_args=self.model_args,
+                overwrite=True,
+            )
+            plot_curves(self.log.records(), plot, title=f"{self.cfg.model} on {self.cfg.dataset}")
+        return {"model_dir": str(model_dir), "plot": str(plot)}
+
+    def _print(self, text: str) -> None:
+        if self.is_main:
+            tqdm.write(text)
+
+
+def evaluate(
+    eval_fn: Callable,
+    form: MeshForm,
+    state: TrainState,
+    cfg: TrainConfig,
+    *,
+    local_batch: int,
+) -> dict[str, float]:
+    """{"eval_loss", "eval_top1", "eval_top5"} over the evaluation split of `cfg.dataset`.
+
+    Every process reads its shard; shards shorter than the longest are padded with masked rows,
+    so all processes run the same number of steps. `state` is the canonical state.
+    """
+    spec = data.get_spec(cfg.dataset)
+    size = len(data.data_source(cfg.dataset, spec.eval_split, cfg.data_dir))
+    num_batches = math.ceil(math.ceil(size / jax.process_count()) / local_batch)
+    ds = data.make_dataset(
+        cfg.dataset,
+        train=False,
+        batch_size=local_batch,
+        data_dir=cfg.data_dir,
+        image_size=cfg.image_size,
+    )
+    totals: dict[str, float] = {}
+    for i in tqdm(range(num_batches), desc="evaluate", leave=False, disable=not cfg.progress):
+        batch = _padded(ds[i] if i < len(ds) else None, local_batch, ds[0])
+        sums = jax.device_get(eval_fn(state, batch))
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    count = max(totals.pop("count"), 1.0)
+    return {f"eval_{k}": v / count for k, v in totals.items()}
+
+
+def _padded(batch: dict | None, rows: int, like: dict) -> dict[str, np.ndarray]:
+    """`batch` (or nothing) padded to `rows` rows with zeros, plus a float32 "mask" (rows,)."""
+    n = 0 if batch is None else len(batch["label"])
+    out = {}
+    for key, ref in like.items():
+        value = np.zeros((rows, *ref.shape[1:]), ref.dtype)
+        if batch is not None:
+            value[:n] = batch[key]
+        out[key] = value
+    out["mask"] = (np.arange(rows) < n).astype(np.float32)
+    return out
+
+
+def _local_batch(global_batch: int, form: MeshForm) -> int:
+    """This process's rows of a global batch; checks it splits evenly over devices."""
+    if global_batch % form.num_devices:
+        raise ValueError(
+            f"batch size {global_batch} does not split evenly over {form.num_devices} devices"
+        )
+    return global_batch // jax.process_count()
+
+
+class _StopOnInterrupt:
+    """First Ctrl-C asks the loop to stop after the current step (it then saves); a second
+    one interrupts at once. Only in the main thread (signals go there)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self) -> _StopOnInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+        tqdm.write("interrupt: saving a checkpoint after this step (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)

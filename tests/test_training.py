@@ -1,0 +1,319 @@
+"""Training: parallel forms agree, SGD matches PyTorch, resume is exact, the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import nnx
+from parity import assert_close
+from torch_models import TorchBasicBlock, TorchResNet, randomize_batchnorms_
+
+from flax_attention import checkpoint, data
+from flax_attention.convert import load_torch_state_dict, to_torch_state_dict
+from flax_attention.models import MODELS, BasicBlock, ModelSpec, ResNet
+from flax_attention.training import (
+    TrainCheckpointer,
+    TrainConfig,
+    create_train_state,
+    cross_entropy,
+    decay_mask,
+    fit,
+    make_optimizer,
+    make_parallel,
+    merge_model,
+    train_step,
+)
+from flax_attention.training.checkpointing import abstract_like
+from train.main import main
+
+MAKE_LOADER = data.make_loader
+TINY = "tiny_se_resnet"  # one SE BasicBlock stage: fast to compile and run on CPU
+
+
+@pytest.fixture(autouse=True)
+def tiny_model(monkeypatch):
+    spec = ModelSpec(TINY, BasicBlock, (1,), "test", "official", {"attention": "se"})
+    monkeypatch.setitem(MODELS, TINY, spec)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tfds")
+    data.build_digits(path)
+    return path
+
+
+def tiny_resnet(in_channels: int = 1, seed: int = 0) -> ResNet:
+    def build():
+        return ResNet(
+            BasicBlock,
+            [1],
+            num_classes=10,
+            in_channels=in_channels,
+            attention="se",
+            rngs=nnx.Rngs(seed),
+        )
+
+    return nnx.jit(build)()
+
+
+def run_steps(form_name: str, tx, batches, in_channels: int = 1, model=None):
+    """The canonical state (on host) after one step per batch in parallel form `form_name`."""
+    form = make_parallel(form_name)
+    model = model if model is not None else tiny_resnet(in_channels)
+    form.prepare_model(model)
+    graphdef, state = create_train_state(model, tx, seed=0)
+    dev = form.put_state(jax.device_put(state, form.replicated))
+    step = form.compile_train(partial(train_step, graphdef, tx))
+    for batch in batches:
+        dev, _ = step(dev, form.put_batch(batch))
+    return graphdef, jax.device_get(form.canonical_state(dev))
+
+
+def random_batches(n: int, batch: int = 16, size: int = 16, channels: int = 1, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "image": rng.standard_normal((batch, size, size, channels)).astype(np.float32),
+            "label": rng.integers(0, 10, batch).astype(np.int32),
+        }
+        for _ in range(n)
+    ]
+
+
+def flat(tree) -> dict:
+    return {
+        jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def test_parallel_forms_agree():
+    assert jax.device_count() == 8
+    tx = make_optimizer("sgd", 0.1, weight_decay=5e-4, momentum=0.9, nesterov=True)
+    batches = random_batches(3)
+    results = {name: run_steps(name, tx, batches)[1] for name in ("none", "jit", "pmap")}
+    ref = results["none"]
+    moved = flat(ref.params)
+    init = flat(nnx.state(tiny_resnet(), nnx.Param))
+    assert any(not np.allclose(moved[k], init[k]) for k in moved), "the steps changed nothing"
+    for name in ("jit", "pmap"):
+        got = results[name]
+        assert int(got.step) == 3
+        for part in ("params", "batch_stats", "opt_state"):
+            want_leaves, got_leaves = flat(getattr(ref, part)), flat(getattr(got, part))
+            assert want_leaves.keys() == got_leaves.keys()
+            for key, want in want_leaves.items():
+                np.testing.assert_allclose(
+                    got_leaves[key], want, rtol=1e-5, atol=1e-6, err_msg=f"{name} {part}{key}"
+                )
+
+
+def test_two_sgd_steps_match_pytorch():
+    torch.manual_seed(0)
+    ref = randomize_batchnorms_(TorchResNet(TorchBasicBlock, [1], num_classes=10, attention="se"))
+    model = tiny_resnet(in_channels=3)
+    load_torch_state_dict(model, ref.state_dict(), layout="official")
+    batches = random_batches(2, batch=8, size=16, channels=3, seed=1)
+
+    lr = 0.05
+    opt = torch.optim.SGD(ref.parameters(), lr=lr, momentum=0.9, weight_decay=0)
+    ref.train()
+    for batch in batches:
+        opt.zero_grad()
+        x = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy())
+        loss = F.cross_entropy(ref(x), torch.from_numpy(batch["label"]).long())
+        loss.backward()
+        opt.step()
+
+    tx = make_optimizer("sgd", lr, weight_decay=0.0, momentum=0.9, nesterov=False)
+    graphdef, state = run_steps("none", tx, batches, model=model)
+    ours = to_torch_state_dict(merge_model(graphdef, state, train=False), layout="official")
+    theirs = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+    for key, want in theirs.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        assert_close(ours[key], want, key)
+
+
+def test_label_smoothing_matches_pytorch():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((6, 10)).astype(np.float32)
+    labels = rng.integers(0, 10, 6)
+    want = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels), label_smoothing=0.1)
+    got = cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 0.1).mean()
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+
+
+def test_weight_decay_only_on_kernels():
+    params = nnx.state(tiny_resnet(), nnx.Param)
+    mask = flat(decay_mask(params))
+    assert mask and all(bool(v) == ("'kernel'" in k) for k, v in mask.items())
+    assert sum(map(bool, mask.values())) == 6  # stem, 2 block convs, 2 SE 1x1 convs, fc
+
+
+def config(data_dir, workdir, **kw) -> TrainConfig:
+    values = dict(
+        model=TINY,
+        dataset="digits",
+        data_dir=str(data_dir),
+        workdir=str(workdir),
+        steps=6,
+        batch_size=16,
+        lr=0.05,
+        warmup_steps=2,
+        parallel="none",
+        log_every=1,
+        checkpoint_every=2,
+        keep_checkpoints=5,
+        progress=False,
+    )
+    return TrainConfig(**{**values, **kw})
+
+
+class RecordingLoader:
+    """Wraps a grain iterator: records the labels it yields; `fail_at`-th batch raises
+    (a killed run) and `nan_at`-th batch is all NaN."""
+
+    def __init__(self, inner, seen: list, fail_at=None, nan_at=None):
+        self.inner, self.seen, self.fail_at, self.nan_at = inner, seen, fail_at, nan_at
+        self.count = 0
+
+    def __next__(self):
+        self.count += 1
+        if self.count == self.fail_at:
+            raise RuntimeError("killed")
+        batch = next(self.inner)
+        self.seen.append(batch["label"].tolist())
+        if self.count == self.nan_at:
+            batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+        return batch
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state):
+        self.inner.set_state(state)
+
+
+def patch_loader(monkeypatch, seen, **kw):
+    monkeypatch.setattr(
+        data, "make_loader", lambda *a, **k: RecordingLoader(MAKE_LOADER(*a, **k), seen, **kw)
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    seen = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(
+            MODELS, TINY, ModelSpec(TINY, BasicBlock, (1,), "t", "official", {"attention": "se"})
+        )
+        patch_loader(mp, seen)
+        result = fit(config(data_dir, workdir))
+    return workdir, seen, result
+
+
+def test_resume_after_kill_is_exact(data_dir, tmp_path, monkeypatch, uninterrupted):
+    ref_dir, ref_seen, ref_result = uninterrupted
+    seen = []
+    patch_loader(monkeypatch, seen, fail_at=6)  # dies fetching step 6's batch; newest ckpt 4
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(config(data_dir, tmp_path))
+    assert len(seen) == 5
+    seen_before = list(seen)
+    seen.clear()
+    patch_loader(monkeypatch, seen)
+    result = fit(config(data_dir, tmp_path))
+
+    # The data position came back with the state: the resumed run reads batches 5 and 6.
+    assert seen_before[:4] + seen == ref_seen
+    assert result == {**ref_result, "model_dir": result["model_dir"], "plot": result["plot"]}
+    want = flat(nnx.state(checkpoint.restore(None, ref_dir / "model")))
+    got = flat(nnx.state(checkpoint.restore(None, tmp_path / "model")))
+    assert want.keys() == got.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").open()) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_corrupt_latest_checkpoint_falls_back(uninterrupted, tmp_path, capsys):
+    ref_dir, _, _ = uninterrupted
+    ckpt_dir = tmp_path / "checkpoints"
+    shutil.copytree(ref_dir / "checkpoints", ckpt_dir)
+    for path in (ckpt_dir / "6").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage" * 10)
+    # A state of the same layout to restore into (a schedule: optax then counts steps).
+    tx = make_optimizer("sgd", lambda step: 0.1, weight_decay=5e-4, momentum=0.9, nesterov=True)
+    _, state = create_train_state(tiny_resnet(), tx, seed=0)
+    state = jax.device_put(state, make_parallel("none").replicated)
+    manager = TrainCheckpointer(ckpt_dir)
+    restored, data_state, step = manager.restore_latest(abstract_like(state))
+    manager.close()
+    assert step == 4 and int(restored.step) == 4 and data_state
+    err = capsys.readouterr().err
+    assert "refusing checkpoint" in err and "corrupt" in err and f"{ckpt_dir / '6'}" in err
+
+
+def test_cli_end_to_end(data_dir, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    argv = ["--model", TINY, "--data-dir", str(data_dir), "--workdir", str(workdir)]
+    argv += ["--steps", "3", "--batch-size", "16", "--log-every", "1", "--no-progress"]
+    assert main(argv) == 0  # default parallel form: jit over the 8 simulated devices
+    out = capsys.readouterr().out
+    assert "final test accuracy" in out and str(workdir / "model") in out
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in train)
+    assert any("eval_top1" in r for r in records)
+    assert (workdir / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model = checkpoint.restore(None, workdir / "model")
+    model.eval()
+    assert model(jnp.zeros((2, 16, 16, 1))).shape == (2, 10)
+
+
+def test_cli_nan_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    patch_loader(monkeypatch, [], nan_at=4)
+    argv = ["--model", TINY, "--data-dir", str(data_dir), "--workdir", str(tmp_path)]
+    argv += ["--steps", "6", "--batch-size", "16", "--checkpoint-every", "2", "--no-progress"]
+    argv += ["--parallel", "none", "--log-every", "1"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    # NaN inputs poison the BatchNorm statistics (ReLU and max pool may hide them from the loss).
+    assert "NaN" in err.replace("nan", "NaN") and "at step 4" in err and "diverged" in err
+    assert str(tmp_path / "checkpoints" / "2") in err
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    assert not (tmp_path / "model").exists()
+
+
+def test_cli_missing_dataset(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = ["--dataset", "cifar10", "--data-dir", str(empty), "--workdir", str(tmp_path / "w")]
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert "cifar10" in err and "not prepared" in err and "tfds build" in err
+
+
+def test_bf16_keeps_float32_parameters():
+    tx = make_optimizer("sgd", 0.1, weight_decay=5e-4, momentum=0.9)
+    model = nnx.jit(
+        lambda: ResNet(
+            BasicBlock, [1], num_classes=10, in_channels=1, rngs=nnx.Rngs(0), dtype=jnp.bfloat16
+        )
+    )()
+    _, state = run_steps("none", tx, random_batches(1), model=model)
+    leaves = jax.tree.leaves((state.params, state.batch_stats, state.opt_state))
+    assert all(x.dtype == jnp.float32 for x in leaves if jnp.issubdtype(x.dtype, jnp.floating))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))

@@ -1,0 +1,1 @@
+"""The `flax-attention-train` program (also `python -m train`); see `train.main`."""
