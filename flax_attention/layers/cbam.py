@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flax_attention.kernels import cbam_pallas, channel_gate_pallas, check_impl, resolve
+from flax_attention.kernels.cbam import SUPPORTED_POOLS, cbam_excite
 from flax_attention.layers.common import (
     BatchNorm,
     Dtype,
@@ -54,8 +56,21 @@ VARIANTS: dict[str, CBAMVariant] = {
 }
 
 
+def check_kernel_support(impl: str, pool_types: Sequence[str]) -> None:
+    """The fused kernels pool with avg and max only; raise a ValueError otherwise."""
+    check_impl(impl)
+    if impl != "xla" and not set(pool_types) <= set(SUPPORTED_POOLS):
+        raise ValueError(
+            f"impl={impl!r} supports pool_types within {list(SUPPORTED_POOLS)}, got "
+            f"{list(pool_types)}; use impl='xla'"
+        )
+
+
 class ChannelGate(nnx.Module):
-    """`x * sigmoid(sum_p mlp(pool_p(x)))` with one shared MLP; NHWC (N, H, W, C) -> same."""
+    """`x * sigmoid(sum_p mlp(pool_p(x)))` with one shared MLP; NHWC (N, H, W, C) -> same.
+
+    `impl` ("xla", "pallas", "pallas_triton", "auto") picks jax.numpy or the fused kernels.
+    """
 
     def __init__(
         self,
@@ -67,6 +82,7 @@ class ChannelGate(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        impl: str = "xla",
     ):
         check_choice("variant", variant, list(VARIANTS))
         check_positive("channels", channels)
@@ -75,6 +91,7 @@ class ChannelGate(nnx.Module):
             raise ValueError(f"pool_types must name at least one of {list(CHANNEL_POOLS)}")
         for pool in pool_types:
             check_choice("pool_types entry", pool, CHANNEL_POOLS)
+        check_kernel_support(impl, pool_types)
         spec = VARIANTS[variant]
         hidden = spec.hidden_width(channels, reduction)
         check_positive(
@@ -83,6 +100,7 @@ class ChannelGate(nnx.Module):
         self.channels = channels
         self.pool_types = tuple(pool_types)
         self.dtype = dtype
+        self.impl = impl
         kw = dict(bias=spec.mlp_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.fc1 = linear(channels, hidden, **kw)
         self.fc2 = linear(hidden, channels, **kw)
@@ -98,6 +116,10 @@ class ChannelGate(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         check_nhwc(x, self.channels, "ChannelGate")
         x = x.astype(self.dtype)
+        impl = resolve(self.impl)
+        if impl != "xla":
+            uses_max = "max" in self.pool_types
+            return channel_gate_pallas(self, x, impl=impl, excite=cbam_excite, uses_max=uses_max)
         return x * self.gate(x)[:, None, None, :].astype(self.dtype)
 
 
@@ -138,7 +160,10 @@ class SpatialGate(nnx.Module):
 
 
 class CBAM(nnx.Module):
-    """Channel gate followed by spatial gate (no residual of its own); NHWC -> same shape."""
+    """Channel gate followed by spatial gate (no residual of its own); NHWC -> same shape.
+
+    `impl` ("xla", "pallas", "pallas_triton", "auto") picks jax.numpy or the fused kernels.
+    """
 
     def __init__(
         self,
@@ -152,14 +177,19 @@ class CBAM(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        impl: str = "xla",
     ):
         kw = dict(variant=variant, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.channels = channels
-        self.channel_gate = ChannelGate(channels, reduction, pool_types=pool_types, **kw)
+        self.impl = impl
+        self.channel_gate = ChannelGate(channels, reduction, pool_types=pool_types, impl=impl, **kw)
         self.spatial_gate = SpatialGate(kernel_size, **kw) if spatial else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         check_nhwc(x, self.channels, "CBAM")
+        impl = resolve(self.impl)
+        if impl != "xla" and self.spatial_gate is not None:
+            return cbam_pallas(self, x.astype(self.channel_gate.dtype), impl=impl)
         x = self.channel_gate(x)
         if self.spatial_gate is not None:
             x = self.spatial_gate(x)

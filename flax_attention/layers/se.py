@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flax_attention.kernels import channel_gate_pallas, check_impl, resolve
 from flax_attention.layers.common import Dtype, check_nhwc, check_positive, global_mean, linear
 
 
@@ -26,7 +27,8 @@ class SE(nnx.Module):
     """`y = x * sigmoid(fc2(relu(fc1(mean_HW(x)))))` on NHWC input (N, H, W, C) -> same shape.
 
     `bias=True` is the Caffe original, `bias=False` senet.pytorch; `rd_divisor=8` gives timm's
-    hidden width `max(8, int(C/16 + 4) // 8 * 8)`.
+    hidden width `max(8, int(C/16 + 4) // 8 * 8)`. `impl` ("xla", "pallas", "pallas_triton",
+    "auto") picks the jax.numpy path or the fused Pallas kernels (flax_attention.kernels).
     """
 
     def __init__(
@@ -39,7 +41,9 @@ class SE(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        impl: str = "xla",
     ):
+        check_impl(impl)
         check_positive("channels", channels)
         check_positive("reduction", reduction)
         check_positive("rd_divisor", rd_divisor)
@@ -49,6 +53,7 @@ class SE(nnx.Module):
         )
         self.channels = channels
         self.dtype = dtype
+        self.impl = impl
         kw = dict(bias=bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.fc1 = linear(channels, hidden, **kw)
         self.fc2 = linear(hidden, channels, **kw)
@@ -62,4 +67,7 @@ class SE(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         check_nhwc(x, self.channels, "SE")
         x = x.astype(self.dtype)
+        impl = resolve(self.impl)
+        if impl != "xla":
+            return channel_gate_pallas(self, x, impl=impl)
         return x * self.gate(x)[:, None, None, :].astype(self.dtype)

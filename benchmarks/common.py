@@ -1,0 +1,309 @@
+"""Shared benchmark machinery: timing, device facts, copy bandwidth, JSON rows and PNG charts.
+
+Timing rules (METHOD.md): warm-up calls are excluded (compilation, autotuning, allocator growth),
+every sample ends with a device sync (`block_until_ready` / `torch.cuda.synchronize`), each sample
+runs `inner` back-to-back calls that rotate over several distinct random input sets (so caches
+do not flatter a repeated buffer; never zeros), and we report the median with p10/p90 over many
+samples, per call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "timm", "triton")
+
+
+@dataclass
+class Settings:
+    """How hard to measure. `quick` is the CPU smoke mode: tiny shapes, few samples."""
+
+    quick: bool = False
+    samples: int = 30
+    warmup: int = 3
+    sample_ms: float = 20.0  # target duration of one sample (inner calls are sized to it)
+    inputs: int = 4  # distinct input sets rotated through
+    out_dir: Path = RESULTS
+
+    @classmethod
+    def make(cls, quick: bool, out_dir: Path | None = None) -> Settings:
+        s = cls(quick=quick, out_dir=out_dir or RESULTS)
+        if quick:
+            s.samples, s.warmup, s.sample_ms, s.inputs = 3, 1, 1.0, 2
+        return s
+
+
+@dataclass
+class Timing:
+    """Per-call milliseconds over samples."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    samples: int
+    inner: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "median_ms": round(self.median_ms, 5),
+            "p10_ms": round(self.p10_ms, 5),
+            "p90_ms": round(self.p90_ms, 5),
+            "samples": self.samples,
+            "inner": self.inner,
+        }
+
+
+def time_fn(
+    fn: Callable[..., Any],
+    inputs: Sequence[tuple],
+    sync: Callable[[Any], None],
+    settings: Settings,
+) -> Timing:
+    """Time `fn(*inputs[i])` rotating over `inputs`; `sync(out)` waits for the device."""
+    n = len(inputs)
+    out = None
+    for i in range(settings.warmup):
+        out = fn(*inputs[i % n])
+    sync(out)
+    t0 = time.perf_counter()
+    out = fn(*inputs[0])
+    sync(out)
+    one_ms = max((time.perf_counter() - t0) * 1e3, 1e-3)
+    inner = max(1, min(200, round(settings.sample_ms / one_ms)))
+    per_call = []
+    for _ in range(settings.samples):
+        t0 = time.perf_counter()
+        for i in range(inner):
+            out = fn(*inputs[i % n])
+        sync(out)
+        per_call.append((time.perf_counter() - t0) * 1e3 / inner)
+    p10, med, p90 = np.percentile(per_call, [10, 50, 90])
+    return Timing(float(med), float(p10), float(p90), settings.samples, inner)
+
+
+def jax_sync(out: Any) -> None:
+    jax.block_until_ready(out)
+
+
+def torch_sync(_: Any) -> None:
+    import torch
+
+    torch.cuda.synchronize()
+
+
+def random_inputs(shape: Sequence[int], dtype, count: int, seed: int = 0) -> list[jax.Array]:
+    """`count` distinct standard-normal device arrays (never zeros)."""
+    keys = jax.random.split(jax.random.key(seed), count)
+    return [jax.random.normal(k, tuple(shape), jnp.float32).astype(dtype) for k in keys]
+
+
+# ---------------------------------------------------------------------------------------------
+# Device and versions
+
+
+def platform_name() -> str:
+    return jax.devices()[0].platform
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    return d.device_kind if d.platform != "cpu" else f"cpu ({platform.processor() or 'x86_64'})"
+
+
+def device_slug(quick: bool = False) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name().lower()).strip("-")
+    return f"{slug}-quick" if quick else slug
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    try:
+        import torch
+
+        out["torch_cuda"] = str(torch.version.cuda)
+    except ImportError:
+        pass
+    return out
+
+
+def torch_cuda() -> Any | None:
+    """The torch module when torch and a CUDA device are available, else None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+def torch_tests_path() -> None:
+    """Make the PyTorch reference modules in tests/ importable (torch_reference, torch_models)."""
+    tests = str(ROOT / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+
+
+# ---------------------------------------------------------------------------------------------
+# Copy bandwidth
+
+
+def copy_bandwidth(settings: Settings) -> dict[str, float]:
+    """Device-to-device copy bandwidth in GB/s (bytes read + bytes written), JAX and torch."""
+    size = 2**20 if settings.quick else 2**30  # elements of bf16: 2 GiB moved per copy
+    xs = random_inputs((size,), jnp.bfloat16, 2, seed=123)
+    copy = jax.jit(lambda x: -x)  # one read, one write; a plain copy can be elided
+    t = time_fn(copy, [(x,) for x in xs], jax_sync, settings)
+    out = {"jax_gbps": 2 * size * 2 / t.median_ms / 1e6}
+    torch = torch_cuda()
+    if torch is not None:
+        a = [torch.randn(size, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+        b = torch.empty_like(a[0])
+        t = time_fn(lambda x: b.copy_(x), [(x,) for x in a], torch_sync, settings)
+        out["torch_gbps"] = 2 * size * 2 / t.median_ms / 1e6
+        del a, b
+    out["gbps"] = max(out.values())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class Results:
+    """Rows of one suite, written after every row so a killed run keeps what it measured."""
+
+    suite: str
+    settings: Settings
+    meta: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        return self.settings.out_dir / device_slug(self.settings.quick) / f"{self.suite}.json"
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append({"suite": self.suite, **row})
+        print(format_row(self.rows[-1]), flush=True)
+        self.write()
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "suite": self.suite,
+            "device": device_name(),
+            "platform": platform_name(),
+            "device_count": jax.device_count(),
+            "versions": versions(),
+            "quick": self.settings.quick,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **self.meta,
+            "rows": self.rows,
+        }
+        self.path.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def format_row(row: dict[str, Any]) -> str:
+    keys = ("name", "impl", "framework", "mode", "shape", "batch", "n_devices")
+    head = " ".join(str(row[k]) for k in keys if k in row)
+    if "error" in row:
+        return f"{head:70s} ERROR {row['error'][:200]}"
+    vals = [f"{row['median_ms']:.3f} ms [{row['p10_ms']:.3f}, {row['p90_ms']:.3f}]"]
+    for k, fmt in (
+        ("img_per_s", "{:.0f} img/s"),
+        ("bw_frac", "{:.0%} of copy bw"),
+        ("tflops", "{:.1f} TFLOP/s"),
+        ("compile_s", "compile {:.1f}s"),
+    ):
+        if row.get(k) is not None:
+            vals.append(fmt.format(row[k]))
+    return f"{head:70s} " + "  ".join(vals)
+
+
+def error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+
+
+def chart(path: Path, suite: str, rows: list[dict[str, Any]]) -> Path | None:
+    """A grouped bar chart of one suite's rows (PNG next to the JSON); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    spec = CHARTS[suite]
+    rows = [r for r in rows if r.get(spec["value"]) is not None]
+    if not rows:
+        return None
+    groups = list(dict.fromkeys(spec["group"](r) for r in rows))
+    series = list(dict.fromkeys(spec["series"](r) for r in rows))
+    fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(groups) * max(1, len(series)) / 2), 5))
+    width = 0.8 / max(1, len(series))
+    for i, s in enumerate(series):
+        vals = []
+        for g in groups:
+            match = [
+                r[spec["value"]] for r in rows if spec["group"](r) == g and spec["series"](r) == s
+            ]
+            vals.append(match[0] if match else 0.0)
+        ax.bar(np.arange(len(groups)) + i * width, vals, width, label=s)
+    ax.set_xticks(
+        np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=45, ha="right", fontsize=7
+    )
+    ax.set_ylabel(spec["label"])
+    ax.set_title(f"{suite} on {device_name()}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _impl(r: dict[str, Any]) -> str:
+    return r.get("impl") or r.get("framework", "")
+
+
+CHARTS: dict[str, dict[str, Any]] = {
+    "modules": {
+        "value": "bw_frac",
+        "label": "fraction of copy bandwidth at minimal bytes (PSA: TFLOP/s / 100)",
+        "group": lambda r: f"{r['name']} {r['mode']} {r['shape'][1]}x{r['shape'][3]}",
+        "series": _impl,
+    },
+    "train": {
+        "value": "img_per_s",
+        "label": "images / s (training step)",
+        "group": lambda r: r["name"],
+        "series": _impl,
+    },
+    "scaling": {
+        "value": "img_per_s_per_device",
+        "label": "images / s per device",
+        "group": lambda r: f"{r['name']} x{r['n_devices']}",
+        "series": _impl,
+    },
+}

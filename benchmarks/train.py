@@ -1,0 +1,218 @@
+"""Full training steps: images/s of ResNet-50-class models, ours against PyTorch.
+
+Ours: `nnx.split` once, then a pure step (forward, cross-entropy, backward, SGD with momentum
+through optax) under `jax.jit` with the parameters, the other state and the optimizer state
+donated; bf16 compute, float32 parameters; synthetic NHWC data already on the device, several
+batches rotated; steps queued with no host sync in the loop. First-step compile time and the
+compiled step's memory (arguments + temporaries + outputs) are recorded.
+
+PyTorch: timm's resnet50/seresnet50 where timm imports, our tests/torch_models.py references for
+the others; channels_last, autocast bf16, SGD momentum, eager and torch.compile.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from benchmarks.common import (
+    Results,
+    Settings,
+    error_text,
+    jax_sync,
+    time_fn,
+    torch_cuda,
+    torch_sync,
+    torch_tests_path,
+)
+from flax_attention.layers import CBAM, SE
+from flax_attention.models import create_model
+
+MODELS = ("resnet50", "seresnet50", "cbam_resnet50", "bam_resnet50", "epsanet50_small")
+TIMM = {"resnet50": "resnet50", "seresnet50": "seresnet50"}
+BATCH, QUICK_BATCH = 256, 2
+IMAGE, QUICK_IMAGE = 224, 64
+NUM_CLASSES = 1000
+
+
+def _attention(name: str, impl: str) -> dict[str, Any]:
+    """Model keywords that route the model's gates through `impl` (no keywords for "xla")."""
+    if impl == "xla":
+        return {}
+    dt = dict(dtype=jnp.bfloat16)
+    factories: dict[str, Callable] = {
+        "seresnet50": lambda c, **kw: SE(c, 16, bias=True, rd_divisor=8, impl=impl, **dt, **kw),
+        "cbam_resnet50": lambda c, **kw: CBAM(c, 16, impl=impl, **dt, **kw),
+    }
+    return {"attention": factories[name]}
+
+
+def model_impls(name: str) -> tuple[str, ...]:
+    return ("xla", "pallas") if name in ("seresnet50", "cbam_resnet50") else ("xla",)
+
+
+def make_step(model: nnx.Module, tx: optax.GradientTransformation):
+    """A pure jitted step over (params, rest, opt_state, x, y) -> (params, rest, opt_state, loss)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(params, rest, x, y):
+        m = nnx.merge(graphdef, params, rest)
+        logits = m(x).astype(jnp.float32)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, nnx.split(m, nnx.Param, ...)[2]
+
+    def step(params, rest, opt_state, x, y):
+        grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+        (loss, rest), (grads, _) = grad_fn(params, rest, x, y)  # rest: zero grads, dropped
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), rest, opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1, 2)), (params, rest, tx.init(params))
+
+
+def flax_row(name: str, impl: str, settings: Settings, batch: int, image: int) -> dict:
+    model = create_model(
+        name,
+        num_classes=NUM_CLASSES,
+        rngs=nnx.Rngs(0),
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.float32,
+        **_attention(name, impl),
+    )
+    model.train()
+    step, state = make_step(model, optax.sgd(0.1, momentum=0.9))
+    del model
+    keys = jax.random.split(jax.random.key(0), settings.inputs)
+    data = [
+        (
+            jax.random.normal(k, (batch, image, image, 3), jnp.float32).astype(jnp.bfloat16),
+            jax.random.randint(k, (batch,), 0, NUM_CLASSES),
+        )
+        for k in keys
+    ]
+    t0 = time.perf_counter()
+    compiled = step.lower(*state, *data[0]).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    peak = None
+    if mem is not None:
+        peak = (
+            mem.argument_size_in_bytes
+            + mem.temp_size_in_bytes
+            + mem.output_size_in_bytes
+            - mem.alias_size_in_bytes
+        )
+    box = [state]
+
+    def run(x, y):
+        *s, loss = compiled(*box[0], x, y)
+        box[0] = s
+        return loss
+
+    timing = time_fn(run, data, jax_sync, settings)
+    return {
+        **timing.as_dict(),
+        "img_per_s": round(batch / timing.median_ms * 1e3, 1),
+        "compile_s": round(compile_s, 2),
+        "peak_mem_gb": round(peak / 2**30, 3) if peak else None,
+    }
+
+
+def torch_model(name: str, torch):
+    try:
+        import timm
+
+        if name in TIMM:
+            return timm.create_model(TIMM[name], num_classes=NUM_CLASSES), "timm"
+    except ImportError:
+        pass
+    torch_tests_path()
+    import torch_models
+
+    return torch_models.torch_model(name, NUM_CLASSES), "tests/torch_models.py"
+
+
+def torch_row(name: str, compiled: bool, settings: Settings, batch: int, image: int) -> dict:
+    torch = torch_cuda()
+    model, source = torch_model(name, torch)
+    model = model.to("cuda", memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    fwd = torch.compile(model) if compiled else model
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def run(x, y):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(fwd(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    data = [
+        (
+            torch.randn(batch, 3, image, image, device="cuda").contiguous(
+                memory_format=torch.channels_last
+            ),
+            torch.randint(0, NUM_CLASSES, (batch,), device="cuda"),
+        )
+        for _ in range(settings.inputs)
+    ]
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    run(*data[0])
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - t0
+    timing = time_fn(run, data, torch_sync, settings)
+    return {
+        **timing.as_dict(),
+        "img_per_s": round(batch / timing.median_ms * 1e3, 1),
+        "compile_s": round(first_s, 2),
+        "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+        "source": source,
+    }
+
+
+def run(
+    settings: Settings,
+    models: tuple[str, ...] = MODELS,
+    frameworks: tuple[str, ...] = ("flax", "torch", "torch.compile"),
+) -> Results:
+    """Measure every model in every framework; returns the suite's results."""
+    res = Results("train", settings)
+    batch = QUICK_BATCH if settings.quick else BATCH
+    image = QUICK_IMAGE if settings.quick else IMAGE
+    bases = {
+        name: {
+            "name": name,
+            "batch": batch,
+            "shape": [batch, image, image, 3],
+            "dtype": "bfloat16 compute, float32 params",
+        }
+        for name in models
+    }
+    if "flax" in frameworks:  # ours first: a run cut short keeps the rows that matter most
+        for name in models:
+            for impl in model_impls(name):
+                row = {**bases[name], "framework": "flax", "impl": impl}
+                try:
+                    row.update(flax_row(name, impl, settings, batch, image))
+                except Exception as e:
+                    row["error"] = error_text(e)
+                res.add(row)
+    for framework in ("torch", "torch.compile"):
+        if framework not in frameworks or torch_cuda() is None:
+            continue
+        for name in models:
+            row = {**bases[name], "framework": framework}
+            try:
+                row.update(torch_row(name, framework == "torch.compile", settings, batch, image))
+            except Exception as e:
+                row["error"] = error_text(e)
+            res.add(row)
+    return res
