@@ -106,7 +106,12 @@ def test_parameter_counts_match_spec(name):
         "seresnet18",
         "cbam_resnet18",
         "bam_resnet18",
+        "resnet50",
+        "se_resnet50",
+        "seresnet50",
         "cbam_resnet50",
+        "bam_resnet50",
+        "epsanet50_small",
         "epsanet_tiny",
     ],
 )
