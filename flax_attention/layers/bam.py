@@ -12,6 +12,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from flax_attention.layers.common import (
     BatchNorm,
@@ -41,6 +42,38 @@ class BAMChannelGate(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         s = global_mean(x).astype(x.dtype)
         return self.fc2(jax.nn.relu(self.bn(self.fc1(s))))
+
+
+def phase_conv3x3(conv: nnx.Conv, x: jax.Array) -> jax.Array:
+    """`conv` (3x3, dilation d, padding d) on NHWC (N, H, W, C) as an undilated 3x3 conv.
+
+    Polyphase identity: the dilated conv equals a 3x3 conv with padding 1 on each of the d*d
+    sub-images x[:, i::d, j::d], folded into the batch. H and W are zero-padded up to multiples
+    of d first (those rows lie in the original zero padding) and the output is cropped back.
+    XLA's backward of this form is much faster than of the dilated one. -> (N, H, W, C_out).
+    """
+    d = conv.kernel_dilation[0]
+    if d == 1:
+        return conv(x)
+    n, h, w, c = x.shape
+    hd, wd = -(-h // d), -(-w // d)
+    x = jnp.pad(x, ((0, 0), (0, hd * d - h), (0, wd * d - w), (0, 0)))
+    x = x.reshape(n, hd, d, wd, d, c).transpose(0, 2, 4, 1, 3, 5).reshape(n * d * d, hd, wd, c)
+    kernel = conv.kernel[...]
+    bias = conv.bias[...] if conv.bias is not None else None
+    x, kernel, bias = conv.promote_dtype((x, kernel, bias), dtype=conv.dtype)
+    y = lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(1, 1),
+        padding=((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=conv.precision,
+    )
+    if bias is not None:
+        y = y + bias
+    y = y.reshape(n, d, d, hd, wd, -1).transpose(0, 3, 1, 4, 2, 5).reshape(n, hd * d, wd * d, -1)
+    return y[:, :h, :w]
 
 
 class BAMSpatialGate(nnx.Module):
@@ -73,7 +106,7 @@ class BAMSpatialGate(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jax.nn.relu(self.reduce_bn(self.reduce(x)))
         for conv, bn in zip(self.dilated, self.dilated_bn, strict=True):
-            y = jax.nn.relu(bn(conv(y)))
+            y = jax.nn.relu(bn(phase_conv3x3(conv, y)))
         return self.final(y)
 
 
