@@ -40,6 +40,14 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def _host_local_checkpointer() -> ocp.StandardCheckpointer:
+    """A checkpointer involving only this process: model files are written and read by one host
+    (in a multi-host run, process 0 saves the final model alone; no cross-host barrier)."""
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.StandardCheckpointer(multiprocessing_options=options)
+
+
 def save(
     model: nnx.Module,
     directory: str | os.PathLike,
@@ -75,8 +83,8 @@ def save(
     tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(tmp / STATE_DIR, nnx.to_pure_dict(nnx.state(model)))
+        with _host_local_checkpointer() as checkpointer:
+            checkpointer.save(tmp / STATE_DIR, jax.device_get(nnx.to_pure_dict(nnx.state(model))))
             checkpointer.wait_until_finished()
         (tmp / METADATA_FILE).write_text(text)
         if directory.exists():
@@ -121,7 +129,7 @@ def restore(name_or_model: str | nnx.Module | None, directory: str | os.PathLike
         args = metadata.get("constructor_args", {})
         model = nnx.eval_shape(lambda: create_model(name, rngs=nnx.Rngs(0), **args))
 
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _host_local_checkpointer() as checkpointer:
         saved = checkpointer.restore(Path(directory).absolute() / STATE_DIR)
     state = nnx.state(model)
     nnx.replace_by_pure_dict(state, _checked(nnx.to_pure_dict(state), saved, directory))
