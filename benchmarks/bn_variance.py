@@ -34,7 +34,47 @@ def _one_pass(self: BatchNorm, x32: jax.Array, axes: tuple[int, ...]):
     return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
 
 
-VARIANTS: dict[str, Callable | None] = {"two_pass": None, "one_pass": _one_pass}
+def _merge(a, b):
+    """Chan et al.'s merge of two (count, mean, M2) partial statistics."""
+    (na, ma, qa), (nb, mb, qb) = a, b
+    n = na + nb
+    w = jnp.where(n > 0, nb / jnp.where(n > 0, n, 1.0), 0.0)
+    d = mb - ma
+    return n, ma + d * w, qa + qb + d * d * na * w
+
+
+@jax.custom_vjp
+def welford_stats(x32: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(mean, mean((x - mean)^2)) over all axes but the last, in one variadic reduction."""
+    axes = tuple(range(x32.ndim - 1))
+    operands = (jnp.ones_like(x32), x32, jnp.zeros_like(x32))
+    _, mean, m2 = jax.lax.reduce(operands, (0.0, 0.0, 0.0), _merge, axes)
+    return mean, m2 / (x32.size // x32.shape[-1])
+
+
+def _welford_fwd(x32):
+    mean, var = welford_stats(x32)
+    return (mean, var), (x32, mean)
+
+
+def _welford_bwd(res, g):
+    x32, mean = res
+    n = x32.size // x32.shape[-1]
+    return (g[0] / n + g[1] * 2.0 * (x32 - mean) / n,)
+
+
+welford_stats.defvjp(_welford_fwd, _welford_bwd)
+
+
+def _welford(self: BatchNorm, x32: jax.Array, axes: tuple[int, ...]):
+    return welford_stats(x32)
+
+
+VARIANTS: dict[str, Callable | None] = {
+    "two_pass": None,
+    "one_pass": _one_pass,
+    "welford": _welford,
+}
 
 
 @contextmanager
