@@ -1,9 +1,15 @@
-"""How much the exact BatchNorm variance costs a training step.
+"""What BatchNorm's formulation costs a training step.
 
-The library's BatchNorm computes the batch variance as mean((x - mean)^2) in float32 (two passes
-over the activation; what PyTorch parity needs). This measures the train-suite step of each
-model in `MODELS` with it and with the one-pass E[x^2] - E[x]^2 (Flax's `use_fast_variance`,
-less accurate: a reference point only, never used by the library), in one process.
+The library's BatchNorm (`flax_attention.layers.batch_norm`) is a custom VJP: the forward takes
+the exact two-pass variance mean((x - mean)^2) in float32 and keeps only x in its own dtype for
+the backward, which is one fused reduction and one elementwise pass. This times the train
+suite's step of each model in `MODELS` with it and with:
+- `autodiff_two_pass`: the same forward differentiated by plain autodiff (the library's
+  BatchNorm before the custom VJP; XLA then keeps x - mean in float32 for the backward);
+- `fused_one_pass`: the custom VJP with E[x^2] - E[x]^2 (one pass over x, cancels badly when
+  |mean| >> std: a reference point, never used by the library);
+- `fused_shifted`: the custom VJP with the variance of x - s, s = x[0, 0, 0] per channel (one
+  pass, exact up to rounding whenever s is within a few std of the mean; single device only).
 
 `python -m benchmarks.bn_variance [--quick] [--out DIR]` writes `<out>/bn_variance.json`.
 """
@@ -22,76 +28,69 @@ import jax.numpy as jnp
 from benchmarks import train
 from benchmarks.__main__ import SAMPLING
 from benchmarks.common import Settings, error_text, format_row
-from flax_attention.layers.common import BatchNorm
+from flax_attention.layers import batch_norm
+from flax_attention.layers.batch_norm import BatchNorm
 
 MODELS = ("resnet50", "seresnet50")
+F32 = jnp.float32
 
 
-def _one_pass(self: BatchNorm, x32: jax.Array, axes: tuple[int, ...]):
+def _autodiff_two_pass(self: BatchNorm, x: jax.Array, dtype) -> jax.Array:
+    axes = tuple(range(x.ndim - 1))
+    x32 = x.astype(F32)
+    mean = x32.mean(axes)
+    var = jnp.square(x32 - mean).mean(axes)
+    keep = self.momentum
+    n = x.size // x.shape[-1]
+    self.mean[...] = jax.lax.stop_gradient(keep * self.mean[...] + (1 - keep) * mean)
+    self.var[...] = jax.lax.stop_gradient(keep * self.var[...] + (1 - keep) * var * n / (n - 1))
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+    return (y * self.scale[...] + self.bias[...]).astype(dtype)
+
+
+def _one_pass_stats(x32: jax.Array, axis_name: str | None):
+    axes = tuple(range(x32.ndim - 1))
     mean, mean_sq = x32.mean(axes), jnp.square(x32).mean(axes)
-    if self.axis_name is not None:
-        mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name)
     return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
 
 
-def _merge(a, b):
-    """Chan et al.'s merge of two (count, mean, M2) partial statistics."""
-    (na, ma, qa), (nb, mb, qb) = a, b
-    n = na + nb
-    w = jnp.where(n > 0, nb / jnp.where(n > 0, n, 1.0), 0.0)
-    d = mb - ma
-    return n, ma + d * w, qa + qb + d * d * na * w
-
-
-@jax.custom_vjp
-def welford_stats(x32: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(mean, mean((x - mean)^2)) over all axes but the last, in one variadic reduction."""
+def _shifted_stats(x32: jax.Array, axis_name: str | None):
     axes = tuple(range(x32.ndim - 1))
-    operands = (jnp.ones_like(x32), x32, jnp.zeros_like(x32))
-    _, mean, m2 = jax.lax.reduce(operands, (0.0, 0.0, 0.0), _merge, axes)
-    return mean, m2 / (x32.size // x32.shape[-1])
+    shift = x32[(0,) * (x32.ndim - 1)]
+    xs = x32 - shift
+    mean_s, mean_sq = xs.mean(axes), jnp.square(xs).mean(axes)
+    return shift + mean_s, jnp.maximum(mean_sq - jnp.square(mean_s), 0.0)
 
 
-def _welford_fwd(x32):
-    mean, var = welford_stats(x32)
-    return (mean, var), (x32, mean)
-
-
-def _welford_bwd(res, g):
-    x32, mean = res
-    n = x32.size // x32.shape[-1]
-    return (g[0] / n + g[1] * 2.0 * (x32 - mean) / n,)
-
-
-welford_stats.defvjp(_welford_fwd, _welford_bwd)
-
-
-def _welford(self: BatchNorm, x32: jax.Array, axes: tuple[int, ...]):
-    return welford_stats(x32)
-
-
-VARIANTS: dict[str, Callable | None] = {
-    "two_pass": None,
-    "one_pass": _one_pass,
-    "welford": _welford,
+# variant -> (BatchNorm._normalize_batch replacement, batch_norm.batch_statistics replacement)
+VARIANTS: dict[str, tuple[Callable | None, Callable | None]] = {
+    "fused_two_pass": (None, None),
+    "autodiff_two_pass": (_autodiff_two_pass, None),
+    "fused_one_pass": (None, _one_pass_stats),
+    "fused_shifted": (None, _shifted_stats),
 }
 
 
 @contextmanager
-def variance(variant: str) -> Iterator[None]:
-    """Within the block, BatchNorm's batch statistics use `variant`."""
-    original = BatchNorm._batch_stats
-    if VARIANTS[variant] is not None:
-        BatchNorm._batch_stats = VARIANTS[variant]
+def formulation(variant: str) -> Iterator[None]:
+    """Within the block, BatchNorm's training mode uses `variant`."""
+    normalize, stats = VARIANTS[variant]
+    saved = BatchNorm._normalize_batch, batch_norm.batch_statistics
+    if normalize is not None:
+        BatchNorm._normalize_batch = normalize
+    if stats is not None:
+        batch_norm.batch_statistics = stats
     try:
         yield
     finally:
-        BatchNorm._batch_stats = original
+        BatchNorm._normalize_batch, batch_norm.batch_statistics = saved
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes, few samples (CPU smoke)")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated models")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
     p.add_argument("--out", type=Path, default=Path("."), help="folder for bn_variance.json")
     args = p.parse_args(argv)
     settings = Settings.make(args.quick)
@@ -101,12 +100,12 @@ def main(argv: list[str] | None = None) -> None:
     batch = train.QUICK_BATCH if args.quick else train.BATCH
     image = train.QUICK_IMAGE if args.quick else train.IMAGE
     rows = []
-    for name in MODELS:
-        for variant in VARIANTS:
+    for name in args.models.split(","):
+        for variant in args.variants.split(","):
             row = {"experiment": "bn_variance", "name": name, "variant": variant, "batch": batch}
             row.update(shape=[batch, image, image, 3], framework="flax", impl="xla")
             try:
-                with variance(variant):
+                with formulation(variant):
                     row.update(train.flax_row(name, "xla", settings, batch, image))
             except Exception as e:
                 row["error"] = error_text(e)

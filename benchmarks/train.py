@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -76,7 +77,23 @@ def make_step(model: nnx.Module, tx: optax.GradientTransformation):
     return jax.jit(step, donate_argnums=(0, 1, 2)), (params, rest, tx.init(params))
 
 
-def flax_row(name: str, impl: str, settings: Settings, batch: int, image: int) -> dict:
+@dataclass
+class FlaxStep:
+    """A compiled training step of one model with its state and rotated device batches."""
+
+    compiled: Any
+    state: list
+    data: list[tuple[jax.Array, jax.Array]]
+    compile_s: float
+    peak_bytes: int | None
+
+    def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        *self.state, loss = self.compiled(*self.state, x, y)
+        return loss
+
+
+def flax_step(name: str, impl: str, batch: int, image: int, inputs: int) -> FlaxStep:
+    """Build, compile (timed) and return the train suite's step for model `name`."""
     model = create_model(
         name,
         num_classes=NUM_CLASSES,
@@ -88,7 +105,7 @@ def flax_row(name: str, impl: str, settings: Settings, batch: int, image: int) -
     model.train()
     step, state = make_step(model, optax.sgd(0.1, momentum=0.9))
     del model
-    keys = jax.random.split(jax.random.key(0), settings.inputs)
+    keys = jax.random.split(jax.random.key(0), inputs)
     data = [
         (
             jax.random.normal(k, (batch, image, image, 3), jnp.float32).astype(jnp.bfloat16),
@@ -108,19 +125,17 @@ def flax_row(name: str, impl: str, settings: Settings, batch: int, image: int) -
             + mem.output_size_in_bytes
             - mem.alias_size_in_bytes
         )
-    box = [state]
+    return FlaxStep(compiled, list(state), data, compile_s, peak)
 
-    def run(x, y):
-        *s, loss = compiled(*box[0], x, y)
-        box[0] = s
-        return loss
 
-    timing = time_fn(run, data, jax_sync, settings)
+def flax_row(name: str, impl: str, settings: Settings, batch: int, image: int) -> dict:
+    step = flax_step(name, impl, batch, image, settings.inputs)
+    timing = time_fn(step, step.data, jax_sync, settings)
     return {
         **timing.as_dict(),
         "img_per_s": round(batch / timing.median_ms * 1e3, 1),
-        "compile_s": round(compile_s, 2),
-        "peak_mem_gb": round(peak / 2**30, 3) if peak else None,
+        "compile_s": round(step.compile_s, 2),
+        "peak_mem_gb": round(step.peak_bytes / 2**30, 3) if step.peak_bytes else None,
     }
 
 

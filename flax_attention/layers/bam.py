@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from flax_attention.layers.batch_norm import BatchNorm
 from flax_attention.layers.common import (
-    BatchNorm,
     Dtype,
     check_choice,
     check_nhwc,

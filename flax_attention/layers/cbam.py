@@ -17,8 +17,8 @@ from flax import nnx
 
 from flax_attention.kernels import cbam_pallas, channel_gate_pallas, check_impl, resolve
 from flax_attention.kernels.cbam import SUPPORTED_POOLS, cbam_excite
+from flax_attention.layers.batch_norm import BatchNorm
 from flax_attention.layers.common import (
-    BatchNorm,
     Dtype,
     check_choice,
     check_nhwc,

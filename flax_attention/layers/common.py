@@ -69,67 +69,6 @@ def linear(
     )
 
 
-class BatchNorm(nnx.BatchNorm):
-    """`nnx.BatchNorm` with PyTorch's training semantics.
-
-    `momentum` is PyTorch's (weight of the new batch, 0.1 by default). In training mode the input
-    is normalised with the biased batch variance, computed as mean((x - mean)^2) in float32, and
-    the running variance is updated with the unbiased one (times n/(n-1)), as PyTorch does.
-    Statistics are averaged over `axis_name` (pmap/shard_map) when it is given. Features last.
-    """
-
-    def __init__(
-        self,
-        num_features: int,
-        *,
-        momentum: float = 0.1,
-        eps: float = 1e-5,
-        axis_name: str | None = None,
-        rngs: nnx.Rngs,
-        dtype: Dtype = jnp.float32,
-        param_dtype: Dtype = jnp.float32,
-    ):
-        super().__init__(
-            num_features,
-            momentum=1.0 - momentum,
-            epsilon=eps,
-            axis_name=axis_name,
-            use_fast_variance=False,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
-
-    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
-        if use_running_average is None:
-            use_running_average = self.use_running_average
-        axes = tuple(range(x.ndim - 1))
-        x32 = x.astype(jnp.float32)
-        if use_running_average:
-            mean, var = self.mean[...], self.var[...]
-        else:
-            mean, var = self._batch_stats(x32, axes)
-            count = x.size // x.shape[-1]
-            if self.axis_name is not None:
-                count *= jax.lax.psum(1, self.axis_name)
-            unbiased = var * (count / jnp.maximum(count - 1, 1))
-            keep = self.momentum  # Flax convention: weight of the old value
-            self.mean[...] = jax.lax.stop_gradient(keep * self.mean[...] + (1 - keep) * mean)
-            self.var[...] = jax.lax.stop_gradient(keep * self.var[...] + (1 - keep) * unbiased)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype or x.dtype)
-
-    def _batch_stats(self, x32: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-        mean = x32.mean(axes)
-        if self.axis_name is not None:
-            mean = jax.lax.pmean(mean, self.axis_name)
-        var = jnp.square(x32 - mean).mean(axes)
-        if self.axis_name is not None:
-            var = jax.lax.pmean(var, self.axis_name)
-        return mean, var
-
-
 def check_nhwc(x: jax.Array, channels: int, module: str) -> None:
     """Raise a ValueError unless `x` is a rank-4 NHWC array with `channels` channels."""
     shape = tuple(x.shape)

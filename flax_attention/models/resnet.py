@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flax_attention.layers.batch_norm import BatchNorm
 from flax_attention.layers.common import (
-    BatchNorm,
     Dtype,
     check_nhwc,
     check_positive,
