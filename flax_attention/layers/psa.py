@@ -14,8 +14,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flax_attention.layers.branch_convs import FORMULATIONS, plan
+from flax_attention.layers.branch_convs import branch_convs as compute_branches
 from flax_attention.layers.common import (
     Dtype,
+    check_choice,
     check_nhwc,
     check_positive,
     conv2d,
@@ -39,7 +42,12 @@ class SEWeight(nnx.Module):
 
 
 class PSA(nnx.Module):
-    """Pyramid Squeeze Attention; NHWC (N, H, W, in) -> (N, ceil(H/s), ceil(W/s), out)."""
+    """Pyramid Squeeze Attention; NHWC (N, H, W, in) -> (N, ceil(H/s), ceil(W/s), out).
+
+    `branch_convs` says how the grouped branch convolutions run (a `branch_convs.FORMULATIONS`
+    name, or "auto": per-shape choice measured faster on GPU); parameters and results are the
+    same for every choice.
+    """
 
     def __init__(
         self,
@@ -50,13 +58,20 @@ class PSA(nnx.Module):
         stride: int = 1,
         *,
         reduction: int = 16,
+        branch_convs: str = "auto",
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
     ):
         kernel_sizes, groups = tuple(kernel_sizes), tuple(groups)
         _validate(in_channels, out_channels, kernel_sizes, groups, stride, reduction)
+        check_choice("branch_convs", branch_convs, ("auto", *FORMULATIONS))
         split = out_channels // len(kernel_sizes)
+        if branch_convs == "auto":
+            self.formulations = plan(in_channels, split, kernel_sizes, groups)
+        else:
+            self.formulations = (branch_convs,) * len(kernel_sizes)
+        self.groups, self.stride = groups, stride
         dt = dict(dtype=dtype, param_dtype=param_dtype)
         self.in_channels = in_channels
         self.dtype = dtype
@@ -71,7 +86,9 @@ class PSA(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         check_nhwc(x, self.in_channels, "PSA")
         x = x.astype(self.dtype)
-        feats = [conv(x) for conv in self.convs]
+        kernels = [conv.kernel[...].astype(self.dtype) for conv in self.convs]
+        branches = list(zip(kernels, self.groups, strict=True))
+        feats = compute_branches(x, branches, self.stride, self.formulations)
         pooled = jnp.stack([global_mean(f) for f in feats])  # (S, N, split), float32
         weights = jax.nn.softmax(self.se(pooled.astype(self.dtype)), axis=0)
         weighted = [

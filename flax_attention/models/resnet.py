@@ -20,11 +20,11 @@ from flax_attention.layers.common import (
     Dtype,
     check_nhwc,
     check_positive,
-    conv2d,
     global_mean,
     linear,
 )
 from flax_attention.models.blocks import AttentionFactory, make_attention
+from flax_attention.models.stem import StemConv
 
 STEM_WIDTH = 64
 
@@ -64,7 +64,7 @@ class ResNet(nnx.Module):
         block_kw = {} if attention is None else {"attention": attention}
         self.in_channels = in_channels
         self.dtype = dtype
-        self.conv1 = conv2d(in_channels, STEM_WIDTH, 7, stride=2, rngs=rngs, **dt)
+        self.conv1 = StemConv(in_channels, STEM_WIDTH, 7, stride=2, rngs=rngs, **dt)
         self.bn1 = BatchNorm(STEM_WIDTH, rngs=rngs, **dt)
         stages, width = [], STEM_WIDTH
         for i, depth in enumerate(layers):

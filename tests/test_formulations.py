@@ -1,0 +1,101 @@
+"""Faster formulations compute what the plain ones do: the ResNet stem and PSA's branch convs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from parity import assert_close
+
+from flax_attention.layers import PSA
+from flax_attention.layers.branch_convs import FORMULATIONS, branch_convs, plan
+from flax_attention.models.stem import StemConv, direct, space_to_depth
+
+
+def _normal(seed: int, shape) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (33, 30), (9, 8)])
+def test_space_to_depth_stem_equals_direct_conv(hw):
+    x, kernel = _normal(0, (2, *hw, 3)), _normal(1, (7, 7, 3, 8))
+
+    def loss(fn):
+        return lambda x, k: jnp.sum(fn(x, k, 2) * _normal(2, fn(x, k, 2).shape))
+
+    assert_close(space_to_depth(x, kernel, 2), direct(x, kernel, 2), "output", tol=1e-6)
+    got = jax.grad(loss(space_to_depth), argnums=(0, 1))(x, kernel)
+    want = jax.grad(loss(direct), argnums=(0, 1))(x, kernel)
+    assert_close(got[0], want[0], "dx", tol=1e-6)
+    assert_close(got[1], want[1], "dkernel", tol=1e-6)
+
+
+def test_stem_module_keeps_the_hwio_kernel():
+    stem = StemConv(3, 8, rngs=nnx.Rngs(0))
+    assert stem.kernel[...].shape == (7, 7, 3, 8)
+    x = _normal(3, (1, 16, 16, 3))
+    assert_close(stem(x), direct(x, stem.kernel[...], 2), "module output", tol=1e-6)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("formulation", sorted(FORMULATIONS))
+def test_branch_formulations_equal_grouped_convs(formulation: str, stride: int):
+    width, split = 32, 8
+    spec = ((3, 1), (5, 2), (7, 4), (9, 8))
+    branches = [(_normal(10 + i, (k, k, width // g, split)), g) for i, (k, g) in enumerate(spec)]
+    x = _normal(4, (2, 11, 10, width))
+
+    def loss(fn_name):
+        def f(x, kernels):
+            bs = [(k, g) for k, (_, g) in zip(kernels, branches, strict=True)]
+            outs = FORMULATIONS[fn_name](x, bs, stride)
+            return sum(jnp.sum(o * _normal(20 + i, o.shape)) for i, o in enumerate(outs))
+
+        return f
+
+    kernels = [k for k, _ in branches]
+    want_out = FORMULATIONS["grouped"](x, branches, stride)
+    for i, (got, want) in enumerate(
+        zip(FORMULATIONS[formulation](x, branches, stride), want_out, strict=True)
+    ):
+        assert_close(got, want, f"branch {i}", tol=1e-6)
+    got = jax.grad(loss(formulation), argnums=(0, 1))(x, kernels)
+    want = jax.grad(loss("grouped"), argnums=(0, 1))(x, kernels)
+    assert_close(got[0], want[0], "dx", tol=1e-6)
+    for i in range(len(spec)):
+        assert_close(got[1][i], want[1][i], f"dkernel {i}", tol=1e-6)
+
+
+def test_plan_on_epsanet50_stage_shapes():
+    sizes, groups = (3, 5, 7, 9), (1, 4, 8, 16)
+    assert plan(64, 16, sizes, groups) == ("merged",) * 4
+    assert plan(128, 32, sizes, groups) == ("merged",) * 4
+    assert plan(256, 64, sizes, groups) == ("grouped", "dense", "dense", "dense")
+    assert plan(512, 128, sizes, groups) == ("grouped", "dense", "grouped", "grouped")
+
+
+def test_mixed_plan_matches_grouped():
+    width, split = 32, 8
+    branches = [
+        (_normal(30 + i, (k, k, width // g, split)), g) for i, (k, g) in enumerate(((3, 1), (5, 4)))
+    ]
+    x = _normal(5, (1, 8, 8, width))
+    mixed = branch_convs(x, branches, 1, ("grouped", "dense"))
+    for got, want in zip(mixed, FORMULATIONS["grouped"](x, branches, 1), strict=True):
+        assert_close(got, want, "mixed plan", tol=1e-6)
+
+
+@pytest.mark.parametrize("formulation", sorted(FORMULATIONS))
+def test_psa_module_is_the_same_under_every_formulation(formulation: str):
+    kw = dict(stride=2, reduction=4, groups=(1, 2, 4, 8))
+    x = _normal(6, (2, 9, 9, 32))
+    base = PSA(32, 32, **kw, branch_convs="grouped", rngs=nnx.Rngs(0))
+    other = PSA(32, 32, **kw, branch_convs=formulation, rngs=nnx.Rngs(0))
+    assert_close(other(x), base(x), f"PSA with {formulation}", tol=1e-6)
+
+
+def test_psa_rejects_unknown_formulation():
+    with pytest.raises(ValueError, match="branch_convs"):
+        PSA(32, 32, groups=(1, 2, 4, 8), reduction=4, branch_convs="winograd", rngs=nnx.Rngs(0))
