@@ -1,4 +1,6 @@
-"""Run the benchmark suites: `python -m benchmarks [--quick] [--suites modules,train,scaling]`.
+"""Run the benchmark suites: `python -m benchmarks [--quick] [--suites train,modules,passes]`.
+
+The default is every one-GPU suite; `scaling` needs several GPUs (`--suites scaling`).
 
 Writes benchmarks/results/<device>/<suite>.json (and a PNG chart per suite when matplotlib is
 importable); `--quick` uses tiny shapes and writes under <device>-quick (a CPU smoke test).
@@ -8,20 +10,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import modules, scaling, train
+from benchmarks import modules, passes, scaling, train
 from benchmarks.common import RESULTS, Results, Settings, chart, device_name
 
 SUITES: dict[str, Callable[..., Results]] = {
-    "modules": modules.run,
     "train": train.run,
+    "modules": modules.run,
+    "passes": passes.run,
     "scaling": scaling.run,
 }
-# Per-suite sampling: whole training steps take ~50 ms, so fewer, longer samples.
+# Per-suite sampling, sized so the one-GPU suites fit one run: whole training steps take ~50 ms
+# (fewer, longer samples); a module or pass takes 0.05-1.5 ms.
 SAMPLING: dict[str, dict[str, float]] = {
-    "train": {"samples": 10, "sample_ms": 300.0},
+    "train": {"samples": 6, "sample_ms": 300.0},
+    "modules": {"samples": 10, "sample_ms": 20.0},
+    "passes": {"samples": 10, "sample_ms": 20.0},
     "scaling": {"samples": 10, "sample_ms": 300.0},
 }
 
@@ -29,11 +36,11 @@ SAMPLING: dict[str, dict[str, float]] = {
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument("--quick", action="store_true", help="tiny shapes, few samples (CPU smoke)")
-    p.add_argument("--suites", default="modules,train,scaling", help="comma-separated suites")
+    p.add_argument("--suites", default="train,modules,passes", help="comma-separated suites")
     p.add_argument("--modules", default=",".join(modules.CASES), help="modules suite: which")
     p.add_argument("--models", default=",".join(train.MODELS), help="train suite: which")
     p.add_argument(
-        "--frameworks", default="flax,torch,torch.compile", help="train suite: which frameworks"
+        "--frameworks", default="flax,torch,torch.compile", help="modules, train: which frameworks"
     )
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     p.add_argument("--charts-only", action="store_true", help="redraw PNGs from existing JSON")
@@ -60,10 +67,14 @@ def main(argv: list[str] | None = None) -> None:
         kwargs = {}
         if name == "modules":
             kwargs["names"] = tuple(args.modules.split(","))
+            kwargs["frameworks"] = tuple(args.frameworks.split(","))
         if name == "train":
             kwargs["models"] = tuple(args.models.split(","))
             kwargs["frameworks"] = tuple(args.frameworks.split(","))
+        start = time.perf_counter()
         res = SUITES[name](settings, **kwargs)
+        res.meta["suite_wall_s"] = round(time.perf_counter() - start, 1)
+        res.write()
         print(f"{name}: {res.path}  chart: {chart(res.path, name, res.rows)}", flush=True)
 
 

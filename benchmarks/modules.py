@@ -38,7 +38,7 @@ from flax_attention import BAM, CBAM, PSA, SE
 SHAPES = ((128, 56, 56, 256), (128, 28, 28, 512), (128, 14, 14, 1024), (128, 7, 7, 2048))
 QUICK_SHAPES = ((2, 8, 8, 64), (2, 5, 7, 128))
 MODES = ("fwd", "fwdbwd")
-KERNEL_IMPLS = ("xla", "pallas", "pallas_triton")
+KERNEL_IMPLS = ("xla", "xla_passes", "pallas")
 PASSES = {"fwd": 2, "fwdbwd": 5}  # full-tensor passes of the minimal-bytes floor
 
 
@@ -114,14 +114,18 @@ def torch_fn(module, mode: str, torch) -> Callable:
     return fwd_bwd
 
 
-def run(settings: Settings, names: tuple[str, ...] = tuple(CASES)) -> Results:
+def run(
+    settings: Settings,
+    names: tuple[str, ...] = tuple(CASES),
+    frameworks: tuple[str, ...] = ("flax", "torch", "torch.compile"),
+) -> Results:
     """Measure every module x shape x mode x impl/framework; returns the suite's results."""
     res = Results("modules", settings)
     bw = copy_bandwidth(settings)
     res.meta["copy_bandwidth_gbps"] = bw
     print(f"copy bandwidth {bw}", flush=True)
     gbps = bw["gbps"]
-    torch = torch_cuda()
+    torch = torch_cuda() if {"torch", "torch.compile"} & set(frameworks) else None
     torch_builders = _torch_modules() if torch is not None else {}
     shapes = QUICK_SHAPES if settings.quick else SHAPES
     for name in names:
@@ -134,7 +138,8 @@ def run(settings: Settings, names: tuple[str, ...] = tuple(CASES)) -> Results:
                 base = {"name": name, "mode": mode, "shape": list(shape), "batch": shape[0]}
                 base["dtype"] = "bfloat16"
                 base.update(_floor(case, name, shape, mode, gbps))
-                for impl in case.impls:
+                reference = None  # the first impl's outputs (xla), for the others' errors
+                for impl in case.impls if "flax" in frameworks else ():
                     row = {**base, "impl": impl, "framework": "flax"}
                     try:
                         module = case.flax(
@@ -143,6 +148,9 @@ def run(settings: Settings, names: tuple[str, ...] = tuple(CASES)) -> Results:
                         module.train()
                         fn, state = flax_fn(module, mode)
                         inputs = [(state, x, dy) for x, dy in zip(xs, dys, strict=False)]
+                        out = jax.device_get(fn(*inputs[0]))
+                        reference = out if reference is None else reference
+                        row["rel_err_vs_xla"] = _rel_error(out, reference)
                         timing = time_fn(fn, inputs, jax_sync, settings)
                         row.update(timing.as_dict())
                         row.update(_fractions(row))
@@ -154,6 +162,16 @@ def run(settings: Settings, names: tuple[str, ...] = tuple(CASES)) -> Results:
                         res.add(row)
             del xs, dys
     return res
+
+
+def _rel_error(out: Any, ref: Any) -> float:
+    """Largest |out - ref| over every output leaf, relative to that leaf's largest |ref|."""
+    worst = 0.0
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        if b.size:
+            worst = max(worst, float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30)))
+    return worst
 
 
 def _out_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -1,4 +1,9 @@
-"""The Pallas kernels (interpret mode on CPU) equal the XLA path, values and gradients."""
+"""The fused passes under every executor equal the XLA path, values and gradients.
+
+On CPU: XLA on whole tensors (`xla_passes`), `pl.pallas_call` in the interpreter (`pallas`), the
+same in Pallas' TPU-semantics interpreter, and the Mosaic GPU kernels in the Mosaic GPU
+interpreter (register layouts aside, the kernel that runs on H100: grid, TMA pipeline, carries).
+"""
 
 from __future__ import annotations
 
@@ -9,16 +14,25 @@ import pytest
 from flax import nnx
 
 from flax_attention import CBAM, SE, ChannelGate
-from flax_attention.kernels import dispatch, tiles
+from flax_attention.kernels import dispatch, passes
+from flax_attention.kernels.executors import (
+    MosaicGpu,
+    PallasCall,
+    Problem,
+    Xla,
+    mosaic_rows,
+    mosaic_split,
+    pallas_rows,
+)
 
 # (N, H, W, C): even, odd and non-square spatial sizes.
 SHAPES = [(2, 4, 4, 32), (2, 5, 7, 32), (1, 3, 9, 48)]
 
 BUILDERS = {
-    "se": lambda impl: SE(32, 8, impl=impl, rngs=nnx.Rngs(0)),
-    "channel_gate": lambda impl: ChannelGate(32, 8, impl=impl, rngs=nnx.Rngs(0)),
-    "cbam": lambda impl: CBAM(32, 8, impl=impl, rngs=nnx.Rngs(0)),
-    "cbam_timm": lambda impl: CBAM(32, 8, variant="timm", impl=impl, rngs=nnx.Rngs(0)),
+    "se": lambda c, impl: SE(c, 8, impl=impl, rngs=nnx.Rngs(0)),
+    "channel_gate": lambda c, impl: ChannelGate(c, 8, impl=impl, rngs=nnx.Rngs(0)),
+    "cbam": lambda c, impl: CBAM(c, 8, impl=impl, rngs=nnx.Rngs(0)),
+    "cbam_timm": lambda c, impl: CBAM(c, 8, variant="timm", impl=impl, rngs=nnx.Rngs(0)),
 }
 
 
@@ -31,9 +45,7 @@ def _randomize_bn(module: nnx.Module) -> None:
 
 
 def _run(build, shape, impl: str, train: bool):
-    module = build(impl)
-    if shape[-1] != 32:
-        module = type(module)(shape[-1], 8, impl=impl, rngs=nnx.Rngs(0))
+    module = build(shape[-1], impl)
     _randomize_bn(module)
     module.train() if train else module.eval()
     graphdef, state = nnx.split(module)
@@ -55,51 +67,121 @@ def _close(a, b, rtol=2e-5):
         np.testing.assert_allclose(np.asarray(v), np.asarray(u), rtol=0, atol=rtol * scale)
 
 
+def _gpu_interpreter() -> MosaicGpu:
+    try:  # public from jax 0.11 on; jax 0.10 keeps it private
+        from jax.experimental.pallas.mosaic_gpu import InterpretParams
+    except ImportError:
+        from jax._src.pallas.mosaic_gpu.interpret.params import (
+            InterpretGPUParams as InterpretParams,
+        )
+    return MosaicGpu(interpret=InterpretParams(), tma_stores=False)
+
+
+def _tpu_interpreter() -> PallasCall:
+    from jax.experimental.pallas import tpu as pltpu
+
+    return PallasCall("pallas_tpu_interpret", lambda: {"interpret": pltpu.InterpretParams()})
+
+
+@pytest.mark.parametrize("impl", ["xla_passes", "pallas"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("name", list(BUILDERS))
-def test_kernel_matches_xla(name, shape):
+def test_fused_matches_xla(name, shape, impl):
     build = BUILDERS[name]
     train = name != "cbam_timm"  # one case in eval mode (running statistics)
     ref = _run(build, shape, "xla", train)
-    got = _run(build, shape, "pallas", train)
+    got = _run(build, shape, impl, train)
     for a, b in zip(ref, got, strict=True):
         _close(a, b)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_mosaic_gpu_kernels_match_xla(name, monkeypatch):
+    """The Mosaic GPU kernels, run by the Mosaic GPU interpreter, inside each module."""
+    monkeypatch.setitem(dispatch.EXECUTORS, ("pallas", "cpu"), _gpu_interpreter)
+    ref = _run(BUILDERS[name], (2, 3, 6, 256), "xla", train=True)
+    got = _run(BUILDERS[name], (2, 3, 6, 256), "pallas", train=True)
+    for a, b in zip(ref, got, strict=True):
+        _close(a, b)
+
+
+def _pass_inputs(shape, executor) -> dict[str, jax.Array]:
+    """Inputs of every pass; the maxima come from `executor`'s own pools, as in the modules."""
+    n, hw, c = shape
+    k = iter(jax.random.split(jax.random.key(3), 8))
+    inputs = {name: jax.random.normal(next(k), shape) for name in ("x", "dy")}
+    inputs["x"] = jnp.round(inputs["x"] * 4) / 4  # ties in both max pools
+    for name, size in (("cg", c), ("d_sum", c), ("d_chan_max", c)):
+        inputs[name] = jax.nn.sigmoid(jax.random.normal(next(k), (n, size)))
+    for name in ("sg", "d_pix_max", "d_pix_sum"):
+        inputs[name] = jax.nn.sigmoid(jax.random.normal(next(k), (n, hw)))
+    problem = Problem(*shape, jnp.float32)
+    inputs["chan_max"] = executor(passes.CHANNEL_POOL, problem, x=inputs["x"])["max"]
+    pix = executor(passes.SPATIAL_POOL, problem, x=inputs["x"], cg=inputs["cg"])
+    inputs["pix_max"] = pix["max"]
+    return inputs
+
+
+EXECUTORS = {
+    "pallas_interpret": lambda: dispatch.executor("pallas"),
+    "pallas_tpu_interpret": _tpu_interpreter,
+    "mosaic_gpu_interpret": _gpu_interpreter,
+}
+PASSES = [v for v in vars(passes).values() if isinstance(v, passes.Pass)]
+
+
+@pytest.mark.parametrize("executor", list(EXECUTORS))
+def test_every_pass_matches_xla(executor):
+    shape = (2, 16, 256)
+    executor = EXECUTORS[executor]()
+    problem = Problem(*shape, jnp.float32)
+    ref_inputs, inputs = _pass_inputs(shape, Xla()), _pass_inputs(shape, executor)
+    _close(ref_inputs, inputs)
+    assert len(PASSES) == 9
+    for p in PASSES:
+        names = (*p.tiles, *p.channels, *p.pixels)
+        ref = Xla()(p, problem, **{k: ref_inputs[k] for k in names})
+        got = executor(p, problem, **{k: inputs[k] for k in names})
+        assert set(got) == {name for name, _ in p.outputs}, p.name
+        _close(ref, got)
 
 
 def test_ties_split_like_jax():
     """The max pools' gradients split ties evenly, as jnp.max's VJP does."""
     x = jnp.tile(jnp.arange(4.0).reshape(1, 2, 2, 1), (2, 1, 1, 32))  # every channel ties
     x = x.at[:, 1, 1].set(3.0)
-    module = CBAM(32, 8, impl="xla", rngs=nnx.Rngs(0))
-    _randomize_bn(module)
-    kernel = CBAM(32, 8, impl="pallas", rngs=nnx.Rngs(0))
-    _randomize_bn(kernel)
-    module.eval(), kernel.eval()  # no running-statistics update inside jax.grad
-    grads = [jax.grad(lambda x, m=m: jnp.sum(m(x) ** 2))(x) for m in (module, kernel)]
+    grads = []
+    for impl in ("xla", "xla_passes", "pallas"):
+        module = BUILDERS["cbam"](32, impl)
+        _randomize_bn(module)
+        module.eval()  # no running-statistics update inside jax.grad
+        grads.append(jax.grad(lambda x, m=module: jnp.sum(m(x) ** 2))(x))
     _close(grads[0], grads[1])
-
-
-def test_tpu_interpreter_runs_the_tiles():
-    """The tiling lowers in Pallas' TPU-semantics interpreter (block shapes, grid)."""
-    pltpu = pytest.importorskip("jax.experimental.pallas.tpu")
-    x = jax.random.normal(jax.random.key(0), (2, 16, 128))
-    cg = jax.random.uniform(jax.random.key(1), (2, 128))
-    t = tiles.Tiling(2, 16, 128, jnp.float32, interpret=pltpu.InterpretParams())
-    s, m = tiles.channel_pool(t, "pallas", x)
-    y = tiles.apply_gates(t, "pallas", x, cg, None)
-    _close(x.sum(1), s)
-    _close(x.max(1), m)
-    _close(x * cg[:, None], y)
+    _close(grads[0], grads[2])
 
 
 def test_impl_validation():
     with pytest.raises(ValueError, match="impl"):
-        SE(32, impl="cuda", rngs=nnx.Rngs(0))
+        SE(32, impl="pallas_triton", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="pool_types"):
         CBAM(32, pool_types=("avg", "lp"), impl="pallas", rngs=nnx.Rngs(0))
-    assert dispatch.resolve("auto") == "xla"  # CPU: XLA
+    assert dispatch.resolve("auto", Problem(2, 16, 256, jnp.bfloat16)) == "xla"  # CPU: XLA
 
 
-def test_tile_rows():
-    assert tiles.tile_rows(3136, 256, 2) == 64
-    assert tiles.tile_rows(49, 2048, 2) == 49  # no multiple of 8 divides 49: the whole axis
+def test_auto_falls_back_where_the_kernels_do_not_apply(monkeypatch):
+    monkeypatch.setitem(dispatch.AUTO, "cpu", ("pallas", "xla"))
+    monkeypatch.setitem(dispatch.EXECUTORS, ("pallas", "cpu"), _gpu_interpreter)
+    assert dispatch.resolve("auto", Problem(2, 16, 256, jnp.bfloat16)) == "pallas"
+    assert dispatch.resolve("auto", Problem(2, 16, 64, jnp.bfloat16)) == "xla"
+    with pytest.raises(ValueError, match="C=64 is not a multiple of 256"):
+        _gpu_interpreter()(
+            passes.CHANNEL_POOL, Problem(2, 16, 64, jnp.float32), x=jnp.ones((2, 16, 64))
+        )
+
+
+def test_tile_geometry():
+    assert pallas_rows(3136, 256, 2) == 64
+    assert pallas_rows(49, 2048, 2) == 49  # no multiple of 8 divides 49: the whole axis
+    assert mosaic_rows(3136, 2) == 32  # 16 KiB tiles of 256 bf16 channels
+    assert mosaic_rows(49, 2) == 7
+    assert mosaic_split(98, 128, 132) == 7  # divides 98, and 128 * 7 >= 2 * 132 blocks

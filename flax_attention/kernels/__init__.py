@@ -1,10 +1,19 @@
-"""Pallas fused kernels for the memory-bound gates (SE, CBAM), each with a custom VJP.
+"""Fused kernels for the memory-bound gates (SE, CBAM), each with a custom VJP.
 
-Selected by the modules' `impl=` argument; `dispatch` maps impl names to Pallas backends.
+`passes` holds the steps over one tile, `executors` runs them (XLA, `pl.pallas_call`, Mosaic
+GPU), `se` and `cbam` schedule them; the modules' `impl=` picks the executor (`dispatch`).
 """
 
-from flax_attention.kernels.cbam import cbam_pallas
-from flax_attention.kernels.dispatch import AUTO, IMPLS, check_impl, resolve
-from flax_attention.kernels.se import channel_gate_pallas
+from flax_attention.kernels.cbam import cbam_fused
+from flax_attention.kernels.dispatch import AUTO, IMPLS, check_impl, fused_executor, resolve
+from flax_attention.kernels.se import channel_gate_fused
 
-__all__ = ["AUTO", "IMPLS", "cbam_pallas", "channel_gate_pallas", "check_impl", "resolve"]
+__all__ = [
+    "AUTO",
+    "IMPLS",
+    "cbam_fused",
+    "channel_gate_fused",
+    "check_impl",
+    "fused_executor",
+    "resolve",
+]

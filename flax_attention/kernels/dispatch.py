@@ -1,26 +1,44 @@
-"""Choosing how a gate runs: `impl` names ("xla", "pallas", ...) and Pallas backends per platform.
+"""Choosing how a gate runs: `impl` names and the executor of each on each platform.
 
-`impl="xla"` is the reference path written in jax.numpy. `impl="pallas"` runs the fused kernels
-of this package with the platform's Pallas backend: Mosaic GPU on CUDA GPUs, Mosaic TPU on TPUs,
-the interpreter on CPU. `impl="pallas_triton"` forces the (deprecated from jax 0.11) Triton
-backend on GPU. `impl="auto"` picks the path measured faster on the platform (`AUTO`).
+- `"xla"`: the module's jax.numpy path, differentiated by JAX (the reference).
+- `"xla_passes"`: the fused schedule of kernels/se.py and kernels/cbam.py (custom VJP, one pass
+  per tensor read) with every pass run by XLA on whole tensors.
+- `"pallas"`: the same schedule with Pallas kernels: Mosaic GPU (`plgpu.kernel`) on CUDA GPUs,
+  `pl.pallas_call` on TPUs, `pl.pallas_call` in the interpreter on CPU.
+- `"auto"`: per platform and shape, the path measured faster (`AUTO`), else `"xla"`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import jax
-from jax.experimental import pallas as pl
 
-IMPLS = ("xla", "pallas", "pallas_triton", "auto")
+from flax_attention.kernels.executors import MosaicGpu, PallasCall, Problem, Xla
 
-# Platform -> impl that `impl="auto"` means there. benchmarks/results/nvidia-h100-80gb-hbm3
-# (jax 0.11.2): the Mosaic GPU lowering of these kernels failed, the Triton one ran slower than
-# XLA (SE fwd+bwd 0.65 vs 0.46 ms at 56x56x256), so auto is XLA everywhere measured.
-AUTO: dict[str, str] = {"cpu": "xla", "gpu": "xla", "cuda": "xla", "tpu": "xla"}
+IMPLS = ("xla", "xla_passes", "pallas", "auto")
+
+
+def _tpu() -> dict[str, Any]:
+    from jax.experimental.pallas import tpu as pltpu
+
+    semantics = ("parallel", "parallel", "parallel")
+    return {"compiler_params": pltpu.CompilerParams(dimension_semantics=semantics)}
+
+
+EXECUTORS: dict[tuple[str, str], Callable[[], Any]] = {
+    ("xla_passes", "cpu"): Xla,
+    ("xla_passes", "gpu"): Xla,
+    ("xla_passes", "tpu"): Xla,
+    ("pallas", "cpu"): lambda: PallasCall("pallas_interpret", lambda: {"interpret": True}),
+    ("pallas", "gpu"): MosaicGpu,
+    ("pallas", "tpu"): lambda: PallasCall("pallas_tpu", _tpu),
+}
+
+# Platform -> impls `"auto"` tries in order; the first whose executor takes the shape wins.
+# benchmarks/results/nvidia-h100-80gb-hbm3/modules.json (jax 0.11.2) holds the measurements.
+AUTO: dict[str, tuple[str, ...]] = {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)}
 
 
 def check_impl(impl: str) -> None:
@@ -29,77 +47,33 @@ def check_impl(impl: str) -> None:
         raise ValueError(f"impl={impl!r} is not supported; choose one of {list(IMPLS)}")
 
 
-def resolve(impl: str) -> str:
-    """The concrete impl for the default backend: "auto" becomes the platform's choice."""
+def platform() -> str:
+    backend = jax.default_backend()
+    return "gpu" if backend == "cuda" else backend
+
+
+def executor(impl: str) -> Any:
+    """The executor of a fused `impl` ("xla_passes", "pallas") on the default platform."""
+    key = (impl, platform())
+    if key not in EXECUTORS:
+        raise ValueError(f"impl={impl!r} has no executor on {key[1]!r}")
+    return EXECUTORS[key]()
+
+
+def resolve(impl: str, problem: Problem) -> str:
+    """The concrete impl for `problem` on the default platform: "auto" becomes the first impl
+    of `AUTO` whose executor takes the shape."""
     check_impl(impl)
     if impl != "auto":
         return impl
-    return AUTO.get(jax.default_backend(), "xla")
+    for choice in AUTO.get(platform(), ("xla",)):
+        if choice == "xla" or executor(choice).unsupported(problem) is None:
+            return choice
+    return "xla"
 
 
-@dataclass(frozen=True)
-class Backend:
-    """Keyword arguments that make `pl.pallas_call` run on one backend."""
-
-    kwargs: Callable[[], dict[str, Any]]
-
-
-def _mosaic_gpu() -> dict[str, Any]:
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    return {"compiler_params": plgpu.CompilerParams()}
-
-
-def _triton() -> dict[str, Any]:
-    from jax.experimental.pallas import triton as pltriton
-
-    return {"compiler_params": pltriton.CompilerParams(num_warps=4, num_stages=2)}
-
-
-def _tpu() -> dict[str, Any]:
-    from jax.experimental.pallas import tpu as pltpu
-
-    return {"compiler_params": pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))}
-
-
-BACKENDS: dict[tuple[str, str], Backend] = {
-    ("pallas", "cpu"): Backend(lambda: {"interpret": True}),
-    ("pallas", "gpu"): Backend(_mosaic_gpu),
-    ("pallas", "cuda"): Backend(_mosaic_gpu),
-    ("pallas", "tpu"): Backend(_tpu),
-    ("pallas_triton", "cpu"): Backend(lambda: {"interpret": True}),
-    ("pallas_triton", "gpu"): Backend(_triton),
-    ("pallas_triton", "cuda"): Backend(_triton),
-}
-
-
-def pallas_call(
-    kernel: Callable[..., None],
-    impl: str,
-    *,
-    grid: tuple[int, int],
-    in_specs: list[pl.BlockSpec],
-    out_specs: list[pl.BlockSpec],
-    out_shape: list[jax.ShapeDtypeStruct],
-    interpret: Any = None,
-) -> Callable[..., list[jax.Array]]:
-    """`pl.pallas_call` with the backend arguments of `impl` on the default platform.
-
-    `interpret` overrides the backend (e.g. `pltpu.InterpretParams()` to check TPU semantics).
-    """
-    if interpret is not None:
-        kwargs: dict[str, Any] = {"interpret": interpret}
-    else:
-        key = (impl, jax.default_backend())
-        if key not in BACKENDS:
-            raise ValueError(f"impl={impl!r} has no Pallas backend on {key[1]!r}")
-        kwargs = BACKENDS[key].kwargs()
-    return pl.pallas_call(
-        kernel,
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        name=kernel.__name__,
-        **kwargs,
-    )
+def fused_executor(impl: str, x: jax.Array) -> Any | None:
+    """The executor that runs `impl` on NHWC `x`, or None for the module's XLA path."""
+    n, h, w, c = x.shape
+    chosen = resolve(impl, Problem(n, h * w, c, x.dtype))
+    return None if chosen == "xla" else executor(chosen)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_attention.kernels import cbam_pallas, channel_gate_pallas, check_impl, resolve
+from flax_attention.kernels import cbam_fused, channel_gate_fused, check_impl, fused_executor
 from flax_attention.kernels.cbam import SUPPORTED_POOLS, cbam_excite
 from flax_attention.layers.batch_norm import BatchNorm
 from flax_attention.layers.common import (
@@ -69,7 +69,7 @@ def check_kernel_support(impl: str, pool_types: Sequence[str]) -> None:
 class ChannelGate(nnx.Module):
     """`x * sigmoid(sum_p mlp(pool_p(x)))` with one shared MLP; NHWC (N, H, W, C) -> same.
 
-    `impl` ("xla", "pallas", "pallas_triton", "auto") picks jax.numpy or the fused kernels.
+    `impl` ("xla", "xla_passes", "pallas", "auto") picks jax.numpy or the fused passes.
     """
 
     def __init__(
@@ -116,10 +116,9 @@ class ChannelGate(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         check_nhwc(x, self.channels, "ChannelGate")
         x = x.astype(self.dtype)
-        impl = resolve(self.impl)
-        if impl != "xla":
-            uses_max = "max" in self.pool_types
-            return channel_gate_pallas(self, x, impl=impl, excite=cbam_excite, uses_max=uses_max)
+        executor = fused_executor(self.impl, x)
+        if executor is not None:
+            return channel_gate_fused(self, x, executor=executor, excite=cbam_excite)
         return x * self.gate(x)[:, None, None, :].astype(self.dtype)
 
 
@@ -162,7 +161,7 @@ class SpatialGate(nnx.Module):
 class CBAM(nnx.Module):
     """Channel gate followed by spatial gate (no residual of its own); NHWC -> same shape.
 
-    `impl` ("xla", "pallas", "pallas_triton", "auto") picks jax.numpy or the fused kernels.
+    `impl` ("xla", "xla_passes", "pallas", "auto") picks jax.numpy or the fused passes.
     """
 
     def __init__(
@@ -187,9 +186,10 @@ class CBAM(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         check_nhwc(x, self.channels, "CBAM")
-        impl = resolve(self.impl)
-        if impl != "xla" and self.spatial_gate is not None:
-            return cbam_pallas(self, x.astype(self.channel_gate.dtype), impl=impl)
+        x = x.astype(self.channel_gate.dtype)
+        executor = fused_executor(self.impl, x)
+        if executor is not None and self.spatial_gate is not None:
+            return cbam_fused(self, x, executor=executor)
         x = self.channel_gate(x)
         if self.spatial_gate is not None:
             x = self.spatial_gate(x)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_attention.kernels import channel_gate_pallas, check_impl, resolve
+from flax_attention.kernels import channel_gate_fused, check_impl, fused_executor
 from flax_attention.layers.common import Dtype, check_nhwc, check_positive, global_mean, linear
 
 
@@ -27,8 +27,8 @@ class SE(nnx.Module):
     """`y = x * sigmoid(fc2(relu(fc1(mean_HW(x)))))` on NHWC input (N, H, W, C) -> same shape.
 
     `bias=True` is the Caffe original, `bias=False` senet.pytorch; `rd_divisor=8` gives timm's
-    hidden width `max(8, int(C/16 + 4) // 8 * 8)`. `impl` ("xla", "pallas", "pallas_triton",
-    "auto") picks the jax.numpy path or the fused Pallas kernels (flax_attention.kernels).
+    hidden width `max(8, int(C/16 + 4) // 8 * 8)`. `impl` ("xla", "xla_passes", "pallas",
+    "auto") picks the jax.numpy path or the fused passes (flax_attention.kernels).
     """
 
     def __init__(
@@ -67,7 +67,7 @@ class SE(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         check_nhwc(x, self.channels, "SE")
         x = x.astype(self.dtype)
-        impl = resolve(self.impl)
-        if impl != "xla":
-            return channel_gate_pallas(self, x, impl=impl)
+        executor = fused_executor(self.impl, x)
+        if executor is not None:
+            return channel_gate_fused(self, x, executor=executor)
         return x * self.gate(x)[:, None, None, :].astype(self.dtype)
