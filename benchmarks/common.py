@@ -300,6 +300,12 @@ CHARTS: dict[str, dict[str, Any]] = {
         "group": lambda r: r["name"],
         "series": _impl,
     },
+    "passes": {
+        "value": "bw_frac",
+        "label": "fraction of copy bandwidth at minimal bytes",
+        "group": lambda r: f"{r['name']} {r['shape'][1]}x{r['shape'][2]}",
+        "series": _impl,
+    },
     "scaling": {
         "value": "img_per_s_per_device",
         "label": "images / s per device",
