@@ -42,6 +42,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--frameworks", default="flax,torch,torch.compile", help="modules, train: which frameworks"
     )
+    p.add_argument(
+        "--train-impls", default="xla", help="train suite: gate impls of seresnet50, cbam_resnet50"
+    )
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     p.add_argument("--charts-only", action="store_true", help="redraw PNGs from existing JSON")
     return p.parse_args(argv)
@@ -71,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         if name == "train":
             kwargs["models"] = tuple(args.models.split(","))
             kwargs["frameworks"] = tuple(args.frameworks.split(","))
+            kwargs["kernel_impls"] = tuple(args.train_impls.split(","))
         start = time.perf_counter()
         res = SUITES[name](settings, **kwargs)
         res.meta["suite_wall_s"] = round(time.perf_counter() - start, 1)

@@ -3,7 +3,8 @@
 Runs the training library's own parallel forms (flax_attention.training.steps), so the numbers
 are those of `python -m train --parallel jit|pmap`: `jit` = one `jax.jit` step over a mesh of the
 first n devices (batch sharded on `data`, state replicated, global BatchNorm statistics), `pmap`
-= `jax.pmap` with cross-replica BatchNorm and `pmean`-ed gradients. Per-device batch 256, bf16
+= `jax.pmap` with cross-replica BatchNorm and `pmean`-ed gradients; `pmap_local_bn` (ablation)
+= `pmap` with per-replica BatchNorm statistics. Per-device batch 256, bf16
 compute, SGD momentum, synthetic data already on the devices. Device counts above what the
 machine has are listed under `not_run` in the JSON.
 """
@@ -26,7 +27,18 @@ from flax_attention.training.steps import MeshForm, PmapForm, train_step
 DEVICE_COUNTS = (1, 2, 4)
 MODELS = ("seresnet50",)
 PER_DEVICE_BATCH = 256
-FORMS = {"jit": MeshForm, "pmap": PmapForm}
+
+
+class PmapLocalBatchNorm(PmapForm):
+    """An ablation, not a training mode: `pmap` with each replica's own BatchNorm statistics,
+    so the step's only collective is the gradient `pmean`. Its gap to `pmap` is what the
+    cross-replica BatchNorm all-reduces cost."""
+
+    def prepare_model(self, model: nnx.Module) -> None:
+        pass
+
+
+FORMS = {"jit": MeshForm, "pmap": PmapForm, "pmap_local_bn": PmapLocalBatchNorm}
 
 
 def _batches(form: MeshForm, n_items: int, batch: int, image: int) -> list[tuple]:

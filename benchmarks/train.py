@@ -54,8 +54,9 @@ def _attention(name: str, impl: str) -> dict[str, Any]:
     return {"attention": factories[name]}
 
 
-def model_impls(name: str) -> tuple[str, ...]:
-    return ("xla", "pallas") if name in ("seresnet50", "cbam_resnet50") else ("xla",)
+def model_impls(name: str, kernel_impls: tuple[str, ...]) -> tuple[str, ...]:
+    """The gate impls to run for `name`: `kernel_impls` for the models with SE / CBAM gates."""
+    return kernel_impls if name in ("seresnet50", "cbam_resnet50") else ("xla",)
 
 
 def make_step(model: nnx.Module, tx: optax.GradientTransformation):
@@ -197,8 +198,10 @@ def run(
     settings: Settings,
     models: tuple[str, ...] = MODELS,
     frameworks: tuple[str, ...] = ("flax", "torch", "torch.compile"),
+    kernel_impls: tuple[str, ...] = ("xla",),
 ) -> Results:
-    """Measure every model in every framework; returns the suite's results."""
+    """Measure every model in every framework (ours with each of `kernel_impls` for the gated
+    models); returns the suite's results."""
     res = Results("train", settings)
     batch = QUICK_BATCH if settings.quick else BATCH
     image = QUICK_IMAGE if settings.quick else IMAGE
@@ -213,7 +216,7 @@ def run(
     }
     if "flax" in frameworks:  # ours first: a run cut short keeps the rows that matter most
         for name in models:
-            for impl in model_impls(name):
+            for impl in model_impls(name, kernel_impls):
                 row = {**bases[name], "framework": "flax", "impl": impl}
                 try:
                     row.update(flax_row(name, impl, settings, batch, image))
