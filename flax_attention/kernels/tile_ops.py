@@ -31,7 +31,11 @@ class ArrayOps:
         self.dtype = jnp.dtype(dtype)
 
     def round(self, v: jax.Array) -> jax.Array:
-        return v.astype(self.dtype).astype(F32)
+        """`v` rounded to the compute dtype, kept in float32. `reduce_precision` because XLA
+        may drop a float32 -> bf16 -> float32 round trip (excess precision), and the passes
+        must round alike for the maxima they compare to match."""
+        info = jnp.finfo(self.dtype)
+        return lax.reduce_precision(v, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
     def per_channel(self, v: jax.Array) -> jax.Array:
         return v
@@ -91,6 +95,9 @@ class MosaicOps(ArrayOps):
         self.channels = self.tile.reduce(0)
         self.pixels = self.tile.reduce(1)
         self._cast = plgpu.layout_cast
+
+    def round(self, v: jax.Array) -> jax.Array:
+        return v.astype(self.dtype).astype(F32)
 
     def per_channel(self, v: jax.Array) -> jax.Array:
         return self._cast(lax.broadcast_in_dim(v, self.shape, (1,)), self.tile)
