@@ -1,6 +1,8 @@
 """Run the benchmark suites: `python -m benchmarks [--quick] [--suites train,modules,passes]`.
 
-The default is every one-GPU suite; `scaling` needs several GPUs (`--suites scaling`).
+The default is every one-GPU suite; `scaling` needs several GPUs (`--suites scaling`). First
+every case is compiled by parallel worker processes into persistent caches (benchmarks/warm.py;
+`--no-warm` skips this), then the suites are timed in this process.
 
 Writes benchmarks/results/<device>/<suite>.json (and a PNG chart per suite when matplotlib is
 importable); `--quick` uses tiny shapes and writes under <device>-quick (a CPU smoke test).
@@ -10,12 +12,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import modules, passes, scaling, train
-from benchmarks.common import RESULTS, Results, Settings, chart, device_name
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
+
+from benchmarks import modules, passes, scaling, train, warm
+from benchmarks.common import (
+    RESULTS,
+    Results,
+    Settings,
+    chart,
+    device_name,
+    enable_caches,
+    gpu_memory_gb,
+)
 
 SUITES: dict[str, Callable[..., Results]] = {
     "train": train.run,
@@ -31,6 +45,7 @@ SAMPLING: dict[str, dict[str, float]] = {
     "passes": {"samples": 10, "sample_ms": 20.0},
     "scaling": {"samples": 10, "sample_ms": 300.0},
 }
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flax-attention-bench"
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,6 +54,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--suites", default="train,modules,passes", help="comma-separated suites")
     p.add_argument("--modules", default=",".join(modules.CASES), help="modules suite: which")
     p.add_argument("--models", default=",".join(train.MODELS), help="train suite: which")
+    p.add_argument("--passes", default=",".join(passes.PASSES), help="passes suite: which")
     p.add_argument(
         "--frameworks", default="flax,torch,torch.compile", help="modules, train: which frameworks"
     )
@@ -47,7 +63,40 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     p.add_argument("--charts-only", action="store_true", help="redraw PNGs from existing JSON")
+    p.add_argument("--cache", type=Path, default=CACHE, help="persistent compilation caches")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+        help="parallel compile workers",
+    )
+    p.add_argument("--no-warm", action="store_true", help="no parallel compile phase")
+    p.add_argument("--warm-only", action="store_true", help="(worker) compile and run once each")
     return p.parse_args(argv)
+
+
+def warm_phase(args: argparse.Namespace, suites: list[str]) -> tuple[dict, Path]:
+    """Compile every case of `suites` in parallel workers; returns their summary and folder."""
+    work = args.cache / "warm"
+    shutil.rmtree(work, ignore_errors=True)
+    split = lambda text: [s for s in text.split(",") if s]  # noqa: E731
+    shard_list = warm.shards(
+        suites,
+        split(args.models),
+        split(args.modules),
+        split(args.passes),
+        split(args.frameworks),
+        args.train_impls,
+    )
+    if args.quick:
+        shard_list = [
+            warm.Shard(s.label, (*s.args, "--quick"), s.gpu_gb, s.solo) for s in shard_list
+        ]
+    budget = gpu_memory_gb()
+    print(f"warm: {len(shard_list)} shards, {args.jobs} at once, {budget:.0f} GB", flush=True)
+    summary = warm.run(shard_list, args.cache, work, args.jobs, budget)
+    print(f"warm: {summary['wall_s']} s, {len(summary['failed'])} failed", flush=True)
+    return summary, work
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,9 +105,15 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         if name not in SUITES:
             raise SystemExit(f"unknown suite {name!r}; choose from {list(SUITES)}")
+    enable_caches(args.cache)
     print(f"device: {device_name()}", flush=True)
+    start = time.perf_counter()
+    warmed = None
+    if not (args.no_warm or args.warm_only or args.charts_only):
+        warmed = warm_phase(args, [n for n in names if n != "scaling"])
     for name in names:
         settings = Settings.make(args.quick, args.out)
+        settings.warm_only = args.warm_only
         if not args.quick:
             for key, value in SAMPLING.get(name, {}).items():
                 setattr(settings, key, value)
@@ -71,13 +126,24 @@ def main(argv: list[str] | None = None) -> None:
         if name == "modules":
             kwargs["names"] = tuple(args.modules.split(","))
             kwargs["frameworks"] = tuple(args.frameworks.split(","))
+        if name == "passes":
+            kwargs["names"] = tuple(args.passes.split(","))
         if name == "train":
             kwargs["models"] = tuple(args.models.split(","))
             kwargs["frameworks"] = tuple(args.frameworks.split(","))
             kwargs["kernel_impls"] = tuple(args.train_impls.split(","))
-        start = time.perf_counter()
+        suite_start = time.perf_counter()
         res = SUITES[name](settings, **kwargs)
-        res.meta["suite_wall_s"] = round(time.perf_counter() - start, 1)
+        res.meta["suite_wall_s"] = round(time.perf_counter() - suite_start, 1)
+        if warmed is not None:
+            summary, work = warmed
+            res.meta["warm"] = summary
+            cold = warm.cold_compile_s(work, name)
+            for row in res.rows:
+                if warm.row_key(row) in cold:
+                    row["cached_compile_s"] = row.get("compile_s")
+                    row["compile_s"] = cold[warm.row_key(row)]
+        res.meta["run_wall_s"] = round(time.perf_counter() - start, 1)
         res.write()
         print(f"{name}: {res.path}  chart: {chart(res.path, name, res.rows)}", flush=True)
 

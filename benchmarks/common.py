@@ -40,6 +40,7 @@ class Settings:
     sample_ms: float = 20.0  # target duration of one sample (inner calls are sized to it)
     inputs: int = 4  # distinct input sets rotated through
     out_dir: Path = RESULTS
+    warm_only: bool = False  # compile and run each case once, time nothing (benchmarks/warm.py)
 
     @classmethod
     def make(cls, quick: bool, out_dir: Path | None = None) -> Settings:
@@ -75,7 +76,12 @@ def time_fn(
     sync: Callable[[Any], None],
     settings: Settings,
 ) -> Timing:
-    """Time `fn(*inputs[i])` rotating over `inputs`; `sync(out)` waits for the device."""
+    """Time `fn(*inputs[i])` rotating over `inputs`; `sync(out)` waits for the device.
+
+    With `settings.warm_only`, `fn` runs once and the timing is NaN."""
+    if settings.warm_only:
+        sync(fn(*inputs[0]))
+        return Timing(float("nan"), float("nan"), float("nan"), 0, 0)
     n = len(inputs)
     out = None
     for i in range(settings.warmup):
@@ -113,6 +119,27 @@ def random_inputs(shape: Sequence[int], dtype, count: int, seed: int = 0) -> lis
     return [jax.random.normal(k, tuple(shape), jnp.float32).astype(dtype) for k in keys]
 
 
+def enable_caches(cache_dir: Path) -> None:
+    """Persistent compilation caches under `cache_dir`: JAX's (every entry, however small or
+    quick to compile) and Inductor's FX-graph and AOTAutograd caches. Call before torch imports."""
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(cache_dir / "triton")
+    os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
+    os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "1"
+
+
+def torch_compile(module: Any) -> Any:
+    """`torch.compile(module)` after clearing Dynamo's per-code caches, so compiles of earlier
+    cases never count against its recompile limit (the compiled artifacts stay cached)."""
+    import torch
+
+    torch._dynamo.reset()
+    return torch.compile(module)
+
+
 # ---------------------------------------------------------------------------------------------
 # Device and versions
 
@@ -124,6 +151,12 @@ def platform_name() -> str:
 def device_name() -> str:
     d = jax.devices()[0]
     return d.device_kind if d.platform != "cpu" else f"cpu ({platform.processor() or 'x86_64'})"
+
+
+def gpu_memory_gb() -> float:
+    """The first device's memory limit in GB (16 where the platform does not say)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit", 16 * 2**30) / 2**30
 
 
 def device_slug(quick: bool = False) -> str:
@@ -169,6 +202,8 @@ def torch_tests_path() -> None:
 
 def copy_bandwidth(settings: Settings) -> dict[str, float]:
     """Device-to-device copy bandwidth in GB/s (bytes read + bytes written), JAX and torch."""
+    if settings.warm_only:
+        return {"gbps": float("nan")}
     size = 2**20 if settings.quick else 2**30  # elements of bf16: 2 GiB moved per copy
     xs = random_inputs((size,), jnp.bfloat16, 2, seed=123)
     copy = jax.jit(lambda x: -x)  # one read, one write; a plain copy can be elided
@@ -197,13 +232,17 @@ class Results:
     settings: Settings
     meta: dict[str, Any] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
+    last_add: float = field(default_factory=time.perf_counter)  # for each row's wall time
 
     @property
     def path(self) -> Path:
         return self.settings.out_dir / device_slug(self.settings.quick) / f"{self.suite}.json"
 
     def add(self, row: dict[str, Any]) -> None:
-        self.rows.append({"suite": self.suite, **row})
+        """Append `row` with `row_wall_s`, the seconds since the previous row (or the start)."""
+        now, wall = time.perf_counter(), round(time.perf_counter() - self.last_add, 1)
+        self.last_add = now
+        self.rows.append({"suite": self.suite, **row, "row_wall_s": wall})
         print(format_row(self.rows[-1]), flush=True)
         self.write()
 
@@ -229,7 +268,9 @@ def format_row(row: dict[str, Any]) -> str:
     head = " ".join(str(row[k]) for k in keys if k in row)
     if "error" in row:
         return f"{head:70s} ERROR {row['error'][:200]}"
-    vals = [f"{row['median_ms']:.3f} ms [{row['p10_ms']:.3f}, {row['p90_ms']:.3f}]"]
+    vals = []
+    if "median_ms" in row:
+        vals.append(f"{row['median_ms']:.3f} ms [{row['p10_ms']:.3f}, {row['p90_ms']:.3f}]")
     for k, fmt in (
         ("img_per_s", "{:.0f} img/s"),
         ("bw_frac", "{:.0%} of copy bw"),

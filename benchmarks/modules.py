@@ -29,6 +29,7 @@ from benchmarks.common import (
     jax_sync,
     random_inputs,
     time_fn,
+    torch_compile,
     torch_cuda,
     torch_sync,
     torch_tests_path,
@@ -158,7 +159,8 @@ def run(
                         row["error"] = error_text(e)
                     res.add(row)
                 if torch is not None:
-                    for row in _torch_rows(torch, torch_builders[name], base, xs, dys, settings):
+                    build = torch_builders[name]
+                    for row in _torch_rows(torch, build, base, xs, dys, settings, frameworks):
                         res.add(row)
             del xs, dys
     return res
@@ -193,8 +195,9 @@ def _fractions(row: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _torch_rows(torch, build, base, xs, dys, settings: Settings):
-    """Eager and torch.compile rows for one case (NCHW tensors in channels_last, bf16)."""
+def _torch_rows(torch, build, base, xs, dys, settings: Settings, frameworks: tuple[str, ...]):
+    """The eager / torch.compile rows of `frameworks` for one case (NCHW tensors in
+    channels_last, bf16)."""
 
     def to_torch(a, grad):
         t = torch.from_numpy(np.asarray(jax.device_get(a).astype("float32")))
@@ -207,10 +210,11 @@ def _torch_rows(torch, build, base, xs, dys, settings: Settings):
     torch.manual_seed(0)
     module = build(base["shape"][-1]).to("cuda", torch.bfloat16)
     module = module.to(memory_format=torch.channels_last).train()
-    for framework, wrap in (("torch", lambda m: m), ("torch.compile", torch.compile)):
+    wraps = {"torch": lambda m: m, "torch.compile": torch_compile}
+    for framework in (f for f in wraps if f in frameworks):
         row = {**base, "framework": framework}
         try:
-            fn = torch_fn(wrap(module), base["mode"], torch)
+            fn = torch_fn(wraps[framework](module), base["mode"], torch)
             row.update(time_fn(fn, inputs, torch_sync, settings).as_dict())
             row.update(_fractions(row))
         except Exception as e:

@@ -7,8 +7,8 @@ Kernels, on x = an NHWC tensor viewed as (N, HW, C) in bf16:
 
 Each (kernel, variant, shape) runs in its own try/except: a failure is a row with its stage
 (build, tile, lower, compile, run, check, time), the exception head and the innermost frames.
-Variants (VARIANTS) combine an entry point, `pl.pallas_call` + plgpu.CompilerParams (as
-kernels/tiles.py does; in jax 0.11.2 no lowering rule is registered for it) or `plgpu.kernel` +
+Variants (VARIANTS) combine an entry point, `pl.pallas_call` + plgpu.CompilerParams (in jax
+0.11.2 no lowering rule is registered for it) or `plgpu.kernel` +
 `plgpu.emit_pipeline` (TMA tiles; one tile per thread block, a pipelined HW axis, or register
 accumulators carried across tiles), with a register layout: plain `ref[...]` (Lane or Warpgroup
 semantics, layouts inferred), Layout.WGMMA, or COLS, a Layout.TILED whose warps and lanes split
@@ -192,7 +192,7 @@ def grad_body(layout, optimized: bool) -> Callable:
 # the same bodies and BlockSpecs:
 #   "pallas_call": pl.pallas_call(..., compiler_params=plgpu.CompilerParams(...)). In jax 0.11.2
 #     pallas_call.py's gpu_lowering finds no lowering rule registered for plgpu.CompilerParams
-#     (`assert rule is not None`): this is the AssertionError tiles.py hit.
+#     (`assert rule is not None`): the AssertionError every pallas_call formulation hits.
 #   "kernel": the same grid rebuilt from public pieces, as jax 0.11's testing shim
 #     jax/_src/pallas/mosaic_gpu/pallas_call.py does: plgpu.kernel over the parallel grid axes
 #     and plgpu.emit_pipeline (TMA GMEM<->SMEM copies) over the trailing sequential ones
@@ -325,15 +325,6 @@ def pool_transposed(p: Problem):
         return s.sum(1), m.max(1)
 
     return channel_pool
-
-
-def tiles_py(p: Problem):
-    """flax_attention.kernels.tiles.channel_pool as it is (pl.pallas_call, grid (N, T),
-    (1, rows, C) blocks, CompilerParams())."""
-    from flax_attention.kernels import tiles
-
-    t = tiles.Tiling(p.n, p.hw, p.c, BF16)
-    return lambda x: tiles.channel_pool(t, "pallas", x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,9 +488,6 @@ class Variant:
 WG, COLS, WGMMA = wg_params, cols_layout, wgmma_layout
 VARIANTS: dict[tuple[str, str], Variant] = {
     ("channel_pool", "xla"): Variant(lambda p: pool_xla, "jax.numpy", mosaic=False),
-    ("channel_pool", "tiles_py"): Variant(
-        tiles_py, "flax_attention.kernels.tiles.channel_pool: pl.pallas_call, (1,rows,C) blocks"
-    ),
     ("channel_pool", "call_cols"): Variant(
         lambda p: pool_grid(p, "pallas_call", COLS, 1),
         "pl.pallas_call grid (N,G,T), 2D (rows,256) blocks, CompilerParams(), TILED cols",
