@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
@@ -81,17 +82,10 @@ def warm_phase(args: argparse.Namespace, suites: list[str]) -> tuple[dict, Path]
     shutil.rmtree(work, ignore_errors=True)
     split = lambda text: [s for s in text.split(",") if s]  # noqa: E731
     shard_list = warm.shards(
-        suites,
-        split(args.models),
-        split(args.modules),
-        split(args.passes),
-        split(args.frameworks),
-        args.train_impls,
+        suites, split(args.models), split(args.modules), split(args.frameworks), args.train_impls
     )
     if args.quick:
-        shard_list = [
-            warm.Shard(s.label, (*s.args, "--quick"), s.gpu_gb, s.solo) for s in shard_list
-        ]
+        shard_list = [replace(s, args=(*s.args, "--quick")) for s in shard_list]
     budget = gpu_memory_gb()
     print(f"warm: {len(shard_list)} shards, {args.jobs} at once, {budget:.0f} GB", flush=True)
     summary = warm.run(shard_list, args.cache, work, args.jobs, budget)
@@ -110,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     warmed = None
     if not (args.no_warm or args.warm_only or args.charts_only):
-        warmed = warm_phase(args, [n for n in names if n != "scaling"])
+        warmed = warm_phase(args, names)
     for name in names:
         settings = Settings.make(args.quick, args.out)
         settings.warm_only = args.warm_only

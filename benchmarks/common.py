@@ -125,6 +125,9 @@ def enable_caches(cache_dir: Path) -> None:
     jax.config.update("jax_compilation_cache_dir", str(cache_dir / "jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    # Whole executables only: XLA's per-fusion autotuning cache would let one model's compile
+    # reuse another's conv autotuning, and a cold compile time would no longer be cold.
+    jax.config.update("jax_persistent_cache_enable_xla_caches", "")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")
     os.environ["TRITON_CACHE_DIR"] = str(cache_dir / "triton")
     os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
@@ -154,7 +157,11 @@ def device_name() -> str:
 
 
 def gpu_memory_gb() -> float:
-    """The first device's memory limit in GB (16 where the platform does not say)."""
+    """GB of device memory that processes may share: 85% of a CUDA device's total, else JAX's
+    allocator limit (16 where the platform does not say)."""
+    torch = torch_cuda()
+    if torch is not None:
+        return 0.85 * torch.cuda.mem_get_info()[1] / 2**30
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("bytes_limit", 16 * 2**30) / 2**30
 

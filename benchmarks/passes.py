@@ -64,27 +64,34 @@ def executors(quick: bool) -> dict[str, Callable]:
     return {"xla": Xla(), "mosaic_tma": MosaicGpu(), "mosaic_direct": MosaicGpu(tma_stores=False)}
 
 
-def make_inputs(shape: tuple[int, int, int], seed: int, executor, problem) -> dict:
-    """Every input any pass takes; the maxima come from `executor`'s own pools, as in the
-    modules (so ties are counted against the maxima the same kernels found)."""
+def make_inputs(shape: tuple[int, int, int], count: int, executor, problem) -> list[dict]:
+    """`count` sets of every input any pass takes; the maxima come from `executor`'s own pools,
+    as in the modules (so ties are counted against the maxima the same kernels found)."""
     n, hw, c = shape
-    k = iter(jax.random.split(jax.random.key(seed), 8))
-    x = jax.random.normal(next(k), shape, jnp.float32).astype(jnp.bfloat16)
-    cg = jax.nn.sigmoid(jax.random.normal(next(k), (n, c)))
-    inputs = {
-        "x": x,
-        "dy": jax.random.normal(next(k), shape, jnp.float32).astype(jnp.bfloat16),
-        "cg": cg,
-        "sg": jax.nn.sigmoid(jax.random.normal(next(k), (n, hw))),
-        "d_sum": jax.random.normal(next(k), (n, c)) * 1e-3,
-        "d_chan_max": jax.random.normal(next(k), (n, c)) * 1e-2,
-        "d_pix_max": jax.random.normal(next(k), (n, hw)) * 1e-2,
-        "d_pix_sum": jax.random.normal(next(k), (n, hw)) * 1e-3,
-    }
-    inputs["chan_max"] = jax.jit(lambda x: executor(passes.CHANNEL_POOL, problem, x=x)["max"])(x)
-    spatial = jax.jit(lambda x, cg: executor(passes.SPATIAL_POOL, problem, x=x, cg=cg)["max"])
-    inputs["pix_max"] = spatial(x, cg)
-    return inputs
+
+    @jax.jit
+    def maxima(x, cg):
+        chan = executor(passes.CHANNEL_POOL, problem, x=x)["max"]
+        return chan, executor(passes.SPATIAL_POOL, problem, x=x, cg=cg)["max"]
+
+    sets = []
+    for seed in range(count):
+        k = iter(jax.random.split(jax.random.key(seed), 8))
+        x = jax.random.normal(next(k), shape, jnp.float32).astype(jnp.bfloat16)
+        cg = jax.nn.sigmoid(jax.random.normal(next(k), (n, c)))
+        inputs = {
+            "x": x,
+            "dy": jax.random.normal(next(k), shape, jnp.float32).astype(jnp.bfloat16),
+            "cg": cg,
+            "sg": jax.nn.sigmoid(jax.random.normal(next(k), (n, hw))),
+            "d_sum": jax.random.normal(next(k), (n, c)) * 1e-3,
+            "d_chan_max": jax.random.normal(next(k), (n, c)) * 1e-2,
+            "d_pix_max": jax.random.normal(next(k), (n, hw)) * 1e-2,
+            "d_pix_sum": jax.random.normal(next(k), (n, hw)) * 1e-3,
+        }
+        inputs["chan_max"], inputs["pix_max"] = maxima(x, cg)
+        sets.append(inputs)
+    return sets
 
 
 def pass_fn(executor, p: passes.Pass, problem: Problem) -> Callable:
@@ -112,6 +119,7 @@ def run(settings: Settings, names: tuple[str, ...] = tuple(PASSES)) -> Results:
     execs = executors(settings.quick)
     for shape in QUICK_SHAPES if settings.quick else SHAPES:
         problem = Problem(*shape, jnp.bfloat16)
+        input_sets: dict[str, list[dict]] = {}  # per executor, made on first use
         for name in names:
             p = PASSES[name]
             tile_outs = sum(kind == "tile" for _, kind in p.outputs)
@@ -124,10 +132,9 @@ def run(settings: Settings, names: tuple[str, ...] = tuple(PASSES)) -> Results:
                     continue  # same kernel as mosaic_tma
                 row = {**base, "impl": ex_name}
                 try:
-                    sets = [
-                        make_inputs(shape, seed, executor, problem)
-                        for seed in range(settings.inputs)
-                    ]
+                    if ex_name not in input_sets:
+                        input_sets[ex_name] = make_inputs(shape, settings.inputs, executor, problem)
+                    sets = input_sets[ex_name]
                     fn = pass_fn(executor, p, problem)
                     out = jax.device_get(fn(sets[0]))
                     if ref is None:
