@@ -103,6 +103,23 @@ def time_fn(
     return Timing(float(med), float(p10), float(p90), settings.samples, inner)
 
 
+@jax.jit
+def _leaf_rel_error(a: jax.Array, b: jax.Array) -> jax.Array:
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30)
+
+
+def max_rel_error(out: Any, ref: Any) -> float:
+    """Largest |out - ref| over the leaves of two same-structured pytrees, each relative to that
+    leaf's largest |ref|; computed on the device."""
+    errors = [
+        _leaf_rel_error(a, b)
+        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True)
+        if b.size
+    ]
+    return max((float(e) for e in errors), default=0.0)
+
+
 def jax_sync(out: Any) -> None:
     jax.block_until_ready(out)
 

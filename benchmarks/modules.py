@@ -12,13 +12,13 @@ PSA is convolution-bound: its rows carry TFLOP/s instead.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from benchmarks.common import (
@@ -27,6 +27,7 @@ from benchmarks.common import (
     copy_bandwidth,
     error_text,
     jax_sync,
+    max_rel_error,
     random_inputs,
     time_fn,
     torch_compile,
@@ -149,9 +150,9 @@ def run(
                         module.train()
                         fn, state = flax_fn(module, mode)
                         inputs = [(state, x, dy) for x, dy in zip(xs, dys, strict=False)]
-                        out = jax.device_get(fn(*inputs[0]))
+                        out = fn(*inputs[0])
                         reference = out if reference is None else reference
-                        row["rel_err_vs_xla"] = _rel_error(out, reference)
+                        row["rel_err_vs_xla"] = max_rel_error(out, reference)
                         timing = time_fn(fn, inputs, jax_sync, settings)
                         row.update(timing.as_dict())
                         row.update(_fractions(row))
@@ -166,22 +167,12 @@ def run(
     return res
 
 
-def _rel_error(out: Any, ref: Any) -> float:
-    """Largest |out - ref| over every output leaf, relative to that leaf's largest |ref|."""
-    worst = 0.0
-    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
-        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        if b.size:
-            worst = max(worst, float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30)))
-    return worst
-
-
 def _out_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape  # every module here keeps the input shape (PSA: in = out channels, stride 1)
 
 
 def _floor(case: ModuleCase, name: str, shape, mode: str, gbps: float) -> dict[str, float]:
-    n_bytes = PASSES[mode] * 2 * int(jnp.prod(jnp.array(shape)))
+    n_bytes = PASSES[mode] * 2 * math.prod(shape)
     out = {"min_bytes": n_bytes, "floor_ms": n_bytes / gbps / 1e6}
     if case.flops is not None:
         out["flops"] = case.flops(shape) * (1 if mode == "fwd" else 3)
@@ -199,11 +190,9 @@ def _torch_rows(torch, build, base, xs, dys, settings: Settings, frameworks: tup
     """The eager / torch.compile rows of `frameworks` for one case (NCHW tensors in
     channels_last, bf16)."""
 
-    def to_torch(a, grad):
-        t = torch.from_numpy(np.asarray(jax.device_get(a).astype("float32")))
-        t = t.permute(0, 3, 1, 2).to("cuda", torch.bfloat16)
-        t = t.contiguous(memory_format=torch.channels_last)
-        return t.requires_grad_(grad)
+    def to_torch(a, grad):  # NHWC on the device is NCHW in channels_last: a view, then a copy
+        t = torch.from_dlpack(a).permute(0, 3, 1, 2)
+        return t.clone(memory_format=torch.channels_last).requires_grad_(grad)
 
     grad = base["mode"] == "fwdbwd"
     inputs = [(to_torch(x, grad), to_torch(dy, False)) for x, dy in zip(xs, dys, strict=False)]

@@ -28,6 +28,7 @@ from benchmarks.common import (
     copy_bandwidth,
     error_text,
     jax_sync,
+    max_rel_error,
     time_fn,
 )
 from flax_attention.kernels import passes
@@ -104,14 +105,6 @@ def pass_fn(executor, p: passes.Pass, problem: Problem) -> Callable:
     return fn
 
 
-def rel_error(out: dict, ref: dict) -> float:
-    worst = 0.0
-    for name, r in ref.items():
-        a, b = np.asarray(out[name], np.float32), np.asarray(r, np.float32)
-        worst = max(worst, float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30)))
-    return worst
-
-
 def run(settings: Settings, names: tuple[str, ...] = tuple(PASSES)) -> Results:
     res = Results("passes", settings)
     gbps = copy_bandwidth(settings)["gbps"]
@@ -136,10 +129,10 @@ def run(settings: Settings, names: tuple[str, ...] = tuple(PASSES)) -> Results:
                         input_sets[ex_name] = make_inputs(shape, settings.inputs, executor, problem)
                     sets = input_sets[ex_name]
                     fn = pass_fn(executor, p, problem)
-                    out = jax.device_get(fn(sets[0]))
+                    out = fn(sets[0])
                     if ref is None:
                         ref = out
-                    row["rel_err"] = rel_error(out, ref)
+                    row["rel_err"] = max_rel_error(out, ref)
                     row.update(time_fn(fn, [(s,) for s in sets], jax_sync, settings).as_dict())
                     row["bw_frac"] = round(row["floor_ms"] / row["median_ms"], 4)
                 except Exception as e:  # a pass that fails to lower is a result too

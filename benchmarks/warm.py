@@ -70,8 +70,11 @@ def shards(
 
 
 def run(shard_list: list[Shard], cache_dir: Path, out_dir: Path, jobs: int, gpu_gb: float) -> dict:
-    """Run the shards, at most `jobs` at once within `gpu_gb` of GPU memory; returns a summary
-    (wall time, jobs, each shard's seconds, the failed ones with their log tails)."""
+    """Run the shards in order, at most `jobs` at once within `gpu_gb` of GPU memory; returns a
+    summary (wall time, jobs, each shard's seconds, the failed ones with their log tails).
+
+    The first `jobs // 2` shards, the longest, decide the phase's length: the others run at a
+    lower CPU priority (nice 10) so that they take only the cores those leave idle."""
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["TORCHINDUCTOR_COMPILE_THREADS"] = str(max(1, (os.cpu_count() or 2) // jobs))
@@ -90,7 +93,15 @@ def run(shard_list: list[Shard], cache_dir: Path, out_dir: Path, jobs: int, gpu_
             cmd = [sys.executable, "-m", "benchmarks", "--warm-only", "--cache", str(cache_dir)]
             cmd += ["--out", str(work), *shard.args]
             log = (work / "log.txt").open("w")
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            lead = len(shard_list) - len(pending) <= max(1, jobs // 2)
+            proc = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=None if lead else lambda: os.nice(10),
+            )
             running[proc] = (shard, work, time.perf_counter())
             used += shard.gpu_gb
         time.sleep(0.5)
