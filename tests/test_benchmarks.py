@@ -1,0 +1,86 @@
+"""The benchmark runner's machinery: the warm phase's shards and bookkeeping, and one end-to-end
+`python -m benchmarks --quick` run on CPU (a worker process compiles, the timed process loads)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks import warm
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shards_solo_first_then_longest_and_no_eager_torch():
+    shards = warm.shards(
+        ["train", "modules", "passes"],
+        ["resnet50", "seresnet50", "epsanet50_small"],
+        ["se", "psa"],
+        ["flax", "torch", "torch.compile"],
+        "xla",
+    )
+    labels = [s.label for s in shards]
+    assert labels[0] == "train resnet50 flax" and shards[0].solo
+    assert not any(s.solo for s in shards[1:])
+    assert [s.est_s for s in shards[1:]] == sorted((s.est_s for s in shards[1:]), reverse=True)
+    assert len(labels) == 2 * 3 + 2 * 2  # (flax, torch.compile) x (models + modules)
+    assert not any(label.endswith(" torch") for label in labels)
+    assert not any(label.startswith("passes") for label in labels)
+    psa = next(s for s in shards if s.label == "modules psa torch.compile")
+    assert psa.args[:6] == (
+        "--suites",
+        "modules",
+        "--modules",
+        "psa",
+        "--frameworks",
+        "torch.compile",
+    )
+    train_tc = next(s for s in shards if s.label == "train seresnet50 torch.compile")
+    assert train_tc.gpu_gb > psa.gpu_gb  # a torch.compile step runs at batch 256
+
+
+def test_cold_compile_times_are_found_by_row(tmp_path):
+    rows = [
+        {"name": "seresnet50", "framework": "flax", "impl": "xla", "compile_s": 12.5},
+        {"name": "seresnet50", "framework": "torch", "compile_s": None},
+    ]
+    shard = tmp_path / "train-seresnet50-flax" / "some-device"
+    shard.mkdir(parents=True)
+    (shard / "train.json").write_text(json.dumps({"rows": rows}))
+    found = warm.cold_compile_s(tmp_path, "train")
+    assert found == {warm.row_key(rows[0]): 12.5}
+    timed = {"name": "seresnet50", "framework": "flax", "impl": "xla", "compile_s": 2.0}
+    assert found[warm.row_key(timed)] == 12.5
+    assert warm.cold_compile_s(tmp_path, "modules") == {}
+
+
+def test_merge_and_cpu_busy_fraction():
+    first = {"wall_s": 10.0, "jobs": 1, "shard_s": {"a": 10.0}, "failed": []}
+    then = {"wall_s": 5.5, "jobs": 8, "shard_s": {"b": 5.0}, "failed": [{"shard": "b"}]}
+    merged = warm.merge(first, then)
+    assert merged["wall_s"] == 15.5 and merged["jobs"] == 8
+    assert merged["shard_s"] == {"a": 10.0, "b": 5.0} and merged["failed"] == [{"shard": "b"}]
+    # /proc/stat fields: user nice system idle iowait ...; 30 busy of 100
+    assert warm.cpu_busy_frac([0] * 8, [20, 0, 10, 60, 10, 0, 0, 0]) == 0.3
+    assert warm.cpu_busy_frac(None, [1] * 8) is None
+
+
+def test_one_command_run_warms_then_times(tmp_path):
+    """The whole runner on CPU: resnet50's step compiles in a worker (cold), then the timed
+    process loads it from the persistent cache and reports both compile times."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--suites", "train"]
+    cmd += ["--models", "resnet50", "--frameworks", "flax", "--jobs", "1"]
+    cmd += ["--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (path,) = (tmp_path / "out").glob("*/train.json")
+    doc = json.loads(path.read_text())
+    assert doc["warm"]["failed"] == [] and doc["warm"]["shard_s"].keys() == {"train resnet50 flax"}
+    (row,) = doc["rows"]
+    assert row["name"] == "resnet50" and row["img_per_s"] > 0
+    assert row["compile_s"] > row["cached_compile_s"] > 0  # cold in the worker, loaded here
+    assert list((tmp_path / "cache" / "jax").iterdir())
