@@ -22,13 +22,15 @@ from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
 
-from benchmarks import modules, passes, scaling, train, warm
+from benchmarks import autotune, modules, passes, scaling, train, warm
 from benchmarks.common import (
     RESULTS,
+    ROOT,
     Results,
     Settings,
     chart,
     device_name,
+    device_slug,
     enable_caches,
     gpu_memory_gb,
 )
@@ -76,7 +78,32 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-warm", action="store_true", help="no parallel compile phase")
     p.add_argument("--keep-cache", action="store_true", help="start from the caches of a last run")
     p.add_argument("--warm-only", action="store_true", help="(worker) compile and run once each")
+    p.add_argument(
+        "--record-autotune",
+        action="store_true",
+        help="compile our cases one at a time and keep XLA's autotuning (benchmarks/autotune.py)",
+    )
     return p.parse_args(argv)
+
+
+def shard_list(args: argparse.Namespace, suites: list[str], frameworks: list[str]) -> list:
+    """The warm phase's shards for `suites` and `frameworks`, longest first."""
+    split = lambda text: [s for s in text.split(",") if s]  # noqa: E731
+    out = warm.shards(suites, split(args.models), split(args.modules), frameworks, args.train_impls)
+    return [replace(s, args=(*s.args, "--quick")) for s in out] if args.quick else out
+
+
+def record_autotune(args: argparse.Namespace, suites: list[str]) -> None:
+    """Compile our train and modules cases one at a time, adding XLA's autotuning results to
+    benchmarks/autotune/<device>.json after each (an interrupted run keeps what it measured)."""
+    store = autotune.store_path(device_slug(args.quick))
+    budget = gpu_memory_gb()
+    for shard in [s for suite in suites for s in shard_list(args, [suite], ["flax"])]:
+        summary = warm.run([shard], args.cache, args.cache / "warm", 1, budget)
+        count = autotune.save(autotune.cache_dir(args.cache), store)
+        print(
+            f"autotune: {store} holds {count} entries, {len(summary['failed'])} failed", flush=True
+        )
 
 
 def warm_phase(args: argparse.Namespace, suites: list[str]) -> tuple[dict, Path]:
@@ -84,17 +111,15 @@ def warm_phase(args: argparse.Namespace, suites: list[str]) -> tuple[dict, Path]
     work = args.cache / "warm"
     shutil.rmtree(work, ignore_errors=True)
     split = lambda text: [s for s in text.split(",") if s]  # noqa: E731
-    shard_list = warm.shards(
-        suites, split(args.models), split(args.modules), split(args.frameworks), args.train_impls
-    )
-    if args.quick:
-        shard_list = [replace(s, args=(*s.args, "--quick")) for s in shard_list]
+    all_shards = shard_list(args, suites, split(args.frameworks))
     budget = gpu_memory_gb() - MAIN_GPU_GB
-    print(f"warm: {len(shard_list)} shards, {args.jobs} at once, {budget:.0f} GB", flush=True)
-    solo = [s for s in shard_list if s.solo]
-    summary = warm.run(solo, args.cache, work, 1, budget)
+    print(f"warm: {len(all_shards)} shards, {args.jobs} at once, {budget:.0f} GB", flush=True)
+    summary = warm.run([s for s in all_shards if s.solo], args.cache, work, 1, budget)
+    store = autotune.store_path(device_slug(args.quick))
+    seeded = autotune.seed(store, autotune.cache_dir(args.cache))
+    print(f"warm: {seeded} autotuning results from {store.relative_to(ROOT)}", flush=True)
     with ThreadPoolExecutor(1) as pool:
-        rest = [s for s in shard_list if not s.solo]
+        rest = [s for s in all_shards if not s.solo]
         workers = pool.submit(warm.run, rest, args.cache, work, args.jobs, budget)
         if {"passes", "modules"} & set(suites):
             # Mosaic GPU kernels compile in each process, not into the caches: compile the
@@ -103,6 +128,7 @@ def warm_phase(args: argparse.Namespace, suites: list[str]) -> tuple[dict, Path]
             settings.warm_only = True
             passes.run(settings, tuple(split(args.passes)))
         summary = warm.merge(summary, workers.result())
+    summary["autotune_seeded"] = {"from": str(store.relative_to(ROOT)), "entries": seeded}
     print(f"warm: {summary['wall_s']} s, {len(summary['failed'])} failed", flush=True)
     return summary, work
 
@@ -117,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(args.cache, ignore_errors=True)  # compile times are cold ones
     enable_caches(args.cache)
     print(f"device: {device_name()}", flush=True)
+    if args.record_autotune:
+        record_autotune(args, names)
+        return
     start = time.perf_counter()
     warmed = None
     if not (args.no_warm or args.warm_only or args.charts_only):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import warm
+from benchmarks import autotune, warm
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,6 +68,25 @@ def test_merge_and_cpu_busy_fraction():
     assert warm.cpu_busy_frac(None, [1] * 8) is None
 
 
+def test_autotune_store_round_trip_keeps_entries_already_cached(tmp_path):
+    measured = tmp_path / "measured"
+    (measured / "sub").mkdir(parents=True)
+    (measured / "a.textproto").write_text("algorithm: 3")
+    (measured / "sub" / "b.textproto").write_text("tiling: 64")
+    store = tmp_path / "store" / "gpu.json"
+    assert autotune.save(measured, store) == 2
+    (measured / "c.textproto").write_text("algorithm: 1")
+    assert autotune.save(measured, store) == 3  # added to, not replaced
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "a.textproto").write_text("algorithm: 7")  # this run's own result wins
+    assert autotune.seed(store, fresh) == 2
+    assert (fresh / "a.textproto").read_text() == "algorithm: 7"
+    assert (fresh / "sub" / "b.textproto").read_text() == "tiling: 64"
+    assert autotune.seed(tmp_path / "store" / "other-gpu.json", fresh) == 0
+
+
 def test_one_command_run_warms_then_times(tmp_path):
     """The whole runner on CPU: resnet50's step compiles in a worker (cold), then the timed
     process loads it from the persistent cache and reports both compile times."""
@@ -80,6 +99,7 @@ def test_one_command_run_warms_then_times(tmp_path):
     (path,) = (tmp_path / "out").glob("*/train.json")
     doc = json.loads(path.read_text())
     assert doc["warm"]["failed"] == [] and doc["warm"]["shard_s"].keys() == {"train resnet50 flax"}
+    assert doc["warm"]["autotune_seeded"]["entries"] == 0  # no store for a CPU
     (row,) = doc["rows"]
     assert row["name"] == "resnet50" and row["img_per_s"] > 0
     assert row["compile_s"] > row["cached_compile_s"] > 0  # cold in the worker, loaded here
