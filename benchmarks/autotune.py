@@ -4,16 +4,18 @@ XLA picks convolution algorithms and fusion tilings by timing the candidates on 
 warm phase (warm.py) other compiles share the GPU, and the timings can pick slower kernels: two
 of four runs on 2026-11-22 gave seresnet50's step a 6-7% slower executable. So
 `python -m benchmarks --record-autotune` compiles our cases one at a time on an otherwise idle
-GPU and keeps XLA's per-fusion autotuning cache as benchmarks/autotune/<device>.json, and every
-run copies these entries into its fresh cache once our resnet50 step has compiled (cold, its
-compile time is a target): the parallel workers then look their fusions up instead of timing
-them. An entry's file name hashes the GPU's description with the fusion's HLO, so entries of
-another GPU or XLA version are never used, and those fusions are autotuned as before.
+GPU and keeps XLA's per-fusion autotuning cache (binary protos, a folder per GPU description and
+a file per fusion's HLO hash) as benchmarks/autotune/<device>.tar.gz. Every run copies these
+entries into its fresh cache once our resnet50 step has compiled (cold: its compile time is a
+target), so the parallel workers look their fusions up instead of timing them under contention.
+Fusions without an entry (another GPU, changed code) are autotuned as before; record again after
+changing jax or the GPU image.
 """
 
 from __future__ import annotations
 
-import json
+import io
+import tarfile
 from pathlib import Path
 
 from benchmarks.common import ROOT
@@ -27,30 +29,40 @@ def cache_dir(compile_cache: Path) -> Path:
 
 
 def store_path(device_slug: str) -> Path:
-    return STORE / f"{device_slug}.json"
+    return STORE / f"{device_slug}.tar.gz"
+
+
+def read_store(store: Path) -> dict[str, bytes]:
+    """`store`'s entries, relative file name -> contents (empty when there is no store)."""
+    if not store.exists():
+        return {}
+    with tarfile.open(store) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
 
 
 def save(cache: Path, store: Path) -> int:
-    """Add every entry of the autotuning folder `cache` to `store` (a JSON object, relative
-    file name -> the file's text); returns how many entries `store` holds."""
-    entries = json.loads(store.read_text()) if store.exists() else {}
+    """Add every file of the autotuning folder `cache` to the archive `store` (same bytes for
+    the same entries: sorted, no timestamps); returns how many entries `store` holds."""
+    entries = read_store(store)
     for path in sorted(p for p in cache.rglob("*") if p.is_file()):
-        entries[path.relative_to(cache).as_posix()] = path.read_text()
+        entries[path.relative_to(cache).as_posix()] = path.read_bytes()
     store.parent.mkdir(parents=True, exist_ok=True)
-    store.write_text(json.dumps(entries, indent=0, sort_keys=True) + "\n")
+    with tarfile.open(store, "w:gz") as tar:
+        for name in sorted(entries):
+            info = tarfile.TarInfo(name)
+            info.size = len(entries[name])
+            tar.addfile(info, io.BytesIO(entries[name]))
     return len(entries)
 
 
 def seed(store: Path, cache: Path) -> int:
     """Write `store`'s entries into the autotuning folder `cache`, keeping entries already
     there; returns how many were written (0 when there is no store for this device)."""
-    if not store.exists():
-        return 0
     written = 0
-    for name, text in json.loads(store.read_text()).items():
+    for name, data in read_store(store).items():
         path = cache / name
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+            path.write_bytes(data)
             written += 1
     return written

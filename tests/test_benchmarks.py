@@ -72,8 +72,8 @@ def test_autotune_store_round_trip_keeps_entries_already_cached(tmp_path):
     measured = tmp_path / "measured"
     (measured / "sub").mkdir(parents=True)
     (measured / "a.textproto").write_text("algorithm: 3")
-    (measured / "sub" / "b.textproto").write_text("tiling: 64")
-    store = tmp_path / "store" / "gpu.json"
+    (measured / "sub" / "b.pb").write_bytes(b"\x83\x00tiling")
+    store = tmp_path / "store" / "gpu.tar.gz"
     assert autotune.save(measured, store) == 2
     (measured / "c.textproto").write_text("algorithm: 1")
     assert autotune.save(measured, store) == 3  # added to, not replaced
@@ -83,8 +83,8 @@ def test_autotune_store_round_trip_keeps_entries_already_cached(tmp_path):
     (fresh / "a.textproto").write_text("algorithm: 7")  # this run's own result wins
     assert autotune.seed(store, fresh) == 2
     assert (fresh / "a.textproto").read_text() == "algorithm: 7"
-    assert (fresh / "sub" / "b.textproto").read_text() == "tiling: 64"
-    assert autotune.seed(tmp_path / "store" / "other-gpu.json", fresh) == 0
+    assert (fresh / "sub" / "b.pb").read_bytes() == b"\x83\x00tiling"
+    assert autotune.seed(tmp_path / "store" / "other-gpu.tar.gz", fresh) == 0
 
 
 def test_one_command_run_warms_then_times(tmp_path):
