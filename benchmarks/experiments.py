@@ -10,8 +10,11 @@
   plain dilated convolutions (the old formulation), default flags.
 * `gate`: the BAM module forward+backward (NHWC bf16, training mode, batch 128) at the four
   ResNet-50 stage shapes, `phase` (the library's polyphase form) against `dilated`.
+* `scaling` (`--experiment scaling`, a multi-GPU host): seresnet50's data-parallel step
+  (scaling.measure) with `jit` on 1 and 4 devices and `pmap` on 4, under each flag set in
+  `SCALING_FLAG_SETS`: ways to overlap or cheapen the step's collectives.
 
-Writes `<out>/experiments.json` (rows as in the suites, plus `experiment`, `flags`, `variant`)
+Writes `<out>/experiments.json` (`experiments_scaling.json`; rows as in the suites, plus `experiment`, `flags`, `variant`)
 and prints a table. `--quick` is a CPU smoke test with tiny shapes.
 """
 
@@ -34,6 +37,17 @@ FLAG_SETS: dict[str, str] = {
     "autotune4": "--xla_gpu_autotune_level=4",
     "no_command_buffer": "--xla_gpu_enable_command_buffer=",
 }
+# "+X" adds X to XLA's default list of what runs inside CUDA graphs.
+SCALING_FLAG_SETS: dict[str, str] = {
+    "default": "",
+    "collectives_in_graphs": "--xla_gpu_enable_command_buffer=+COLLECTIVES",
+    "lhs_4mb_buckets": "--xla_gpu_enable_latency_hiding_scheduler=true "
+    "--xla_gpu_all_reduce_combine_threshold_bytes=4194304",
+    "lhs_4mb_buckets_in_graphs": "--xla_gpu_enable_latency_hiding_scheduler=true "
+    "--xla_gpu_all_reduce_combine_threshold_bytes=4194304 "
+    "--xla_gpu_enable_command_buffer=+COLLECTIVES",
+}
+SCALING_CASES = (("jit", 1), ("jit", 4), ("pmap", 4))
 MODELS = ("resnet50", "seresnet50", "bam_resnet50")
 VARIANTS = ("phase", "dilated")
 
@@ -122,13 +136,46 @@ def gate_rows(quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def scaling_rows(quick: bool, flags: str) -> list[dict[str, Any]]:
+    """seresnet50's parallel step per (form, device count) in `SCALING_CASES` the host has."""
+    import jax
+
+    from benchmarks import scaling
+    from benchmarks.__main__ import SAMPLING
+    from benchmarks.common import Settings, error_text, format_row
+
+    settings = Settings.make(quick)
+    if not quick:
+        for key, value in SAMPLING["scaling"].items():
+            setattr(settings, key, value)
+    batch = scaling.QUICK_BATCH if quick else scaling.PER_DEVICE_BATCH
+    image = scaling.QUICK_IMAGE if quick else 224
+    rows = []
+    for form, n in (c for c in SCALING_CASES if c[1] <= jax.device_count()):
+        row = {"experiment": "scaling", "name": "seresnet50", "flags": flags, "variant": form}
+        row.update(impl=form, n_devices=n, batch=batch, shape=[batch, image, image, 3])
+        try:
+            compile_s, timing = scaling.measure("seresnet50", form, n, settings, batch, image)
+            row.update(timing.as_dict(), compile_s=round(compile_s, 2))
+            row["img_per_s_per_device"] = round(batch / timing.median_ms * 1e3, 1)
+            row["img_per_s"] = round(row["img_per_s_per_device"] * n, 1)
+        except Exception as e:
+            row["error"] = error_text(e)
+        print(format_row(row), flags, flush=True)
+        rows.append(row)
+    return rows
+
+
 def child(args: argparse.Namespace) -> None:
     """One flag set, in this process (XLA_FLAGS already set by the parent)."""
     from benchmarks.common import device_name
 
     flags = os.environ.get("XLA_FLAGS", "")
-    rows = gate_rows(args.quick) if args.extras else []
-    rows += train_rows(args.quick, flags, args.extras)
+    if args.experiment == "scaling":
+        rows = scaling_rows(args.quick, flags)
+    else:
+        rows = gate_rows(args.quick) if args.extras else []
+        rows += train_rows(args.quick, flags, args.extras)
     rows = [{**row, "device": device_name()} for row in rows]
     args.child_out.write_text(json.dumps(rows, indent=1) + "\n")
 
@@ -136,10 +183,11 @@ def child(args: argparse.Namespace) -> None:
 def run_flag_set(name: str, args: argparse.Namespace, timeout_s: float) -> list[dict[str, Any]]:
     """Run one flag set in a subprocess; its rows, or one error row."""
     out = args.out / f"rows_{name}.json"
+    flags = flag_sets(args.experiment)[name]
     cmd = [sys.executable, "-m", "benchmarks.experiments", "--child-out", str(out)]
-    cmd += ["--quick"] if args.quick else []
+    cmd += ["--experiment", args.experiment] + (["--quick"] if args.quick else [])
     cmd += ["--extras"] if name == "default" else []
-    env = {**os.environ, "XLA_FLAGS": FLAG_SETS[name]}
+    env = {**os.environ, "XLA_FLAGS": flags}
     try:
         proc = subprocess.run(cmd, env=env, timeout=timeout_s, check=False)
         rc = proc.returncode
@@ -149,7 +197,7 @@ def run_flag_set(name: str, args: argparse.Namespace, timeout_s: float) -> list[
         rows = json.loads(out.read_text())
         out.unlink()
     else:
-        rows = [{"experiment": "train", "flags": FLAG_SETS[name], "error": f"exit {rc}"}]
+        rows = [{"experiment": args.experiment, "flags": flags, "error": f"exit {rc}"}]
     return [{**row, "flag_set": name} for row in rows]
 
 
@@ -167,11 +215,20 @@ def summary(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def stem(experiment: str) -> str:
+    return "experiments" if experiment == "train" else f"experiments_{experiment}"
+
+
+def flag_sets(experiment: str) -> dict[str, str]:
+    return SCALING_FLAG_SETS if experiment == "scaling" else FLAG_SETS
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.experiments", description=__doc__)
     p.add_argument("--quick", action="store_true", help="tiny shapes, few samples (CPU smoke)")
+    p.add_argument("--experiment", choices=("train", "scaling"), default="train")
     p.add_argument("--out", type=Path, default=Path("."), help="folder for experiments.json")
-    p.add_argument("--flag-sets", default=",".join(FLAG_SETS), help="comma-separated names")
+    p.add_argument("--flag-sets", help="comma-separated names (default: all of the experiment's)")
     p.add_argument("--budget-s", type=float, default=500.0, help="stop starting flag sets after")
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--extras", action="store_true", help=argparse.SUPPRESS)
@@ -188,16 +245,17 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     from benchmarks.common import versions
 
-    doc: dict[str, Any] = {"suite": "experiments", "versions": versions(), "flag_sets": FLAG_SETS}
+    sets = flag_sets(args.experiment)
+    doc: dict[str, Any] = {"suite": "experiments", "versions": versions(), "flag_sets": sets}
     doc["rows"] = rows
-    for name in args.flag_sets.split(","):
+    for name in (args.flag_sets or ",".join(sets)).split(","):
         left = args.budget_s - (time.perf_counter() - t0)
         if left < 30:
             rows.append({"flag_set": name, "experiment": "train", "error": "not run: budget"})
             continue
         rows += run_flag_set(name, args, left)
         doc["time_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        (args.out / "experiments.json").write_text(json.dumps(doc, indent=1) + "\n")
+        (args.out / f"{stem(args.experiment)}.json").write_text(json.dumps(doc, indent=1) + "\n")
     print(summary(rows), flush=True)
 
 
