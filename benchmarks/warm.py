@@ -12,11 +12,11 @@ compile in each process, not into the caches: the main process compiles them dur
 and the modules' "pallas" rows use the same kernels; its XLA passes compile in under a second).
 
 XLA autotunes convolutions by timing them on the GPU, so a compile that shares the GPU can pick
-slower kernels (one of four parallel runs on 2026-11-22 gave seresnet50 a 7% slower step). Our
-resnet50 step therefore compiles first, alone: its compile time is a target, and its convolutions'
-autotuning, shared through XLA's per-fusion autotuning cache, covers most convolutions of the
-other ResNet-50s. `--jobs 1` compiles everything alone. The workers' rows carry the cold compile
-times (`cold_compile_s`); those of the later ResNet-50s reuse resnet50's autotuning.
+slower kernels (two of four parallel runs on 2026-11-22 gave seresnet50 a 6-7% slower step).
+Our resnet50 step therefore compiles first, alone and cold (its compile time is a target); then
+the autotuning results recorded on an idle GPU (autotune.py) are copied into the cache, so the
+workers look their fusions up. `--jobs 1` compiles everything alone. The workers' rows carry the
+compile times (`cold_compile_s`): cold in the caches, but with the recorded autotuning.
 """
 
 from __future__ import annotations
@@ -32,26 +32,26 @@ from pathlib import Path
 
 from benchmarks.common import ROOT
 
-# Seconds each shard took on an H100 with 8 at once (2026-11-22), only to start the longest
-# first; a shard not listed counts as DEFAULT_EST_S.
+# Seconds each shard took on an H100 with 8 at once and the autotuning seeded (2026-11-22),
+# only to start the longest first; a shard not listed counts as DEFAULT_EST_S.
 EST_S = {
-    "train cbam_resnet50 torch.compile": 189,
-    "train epsanet50_small flax": 179,
-    "train epsanet50_small torch.compile": 162,
-    "train bam_resnet50 torch.compile": 137,
-    "modules bam torch.compile": 118,
-    "modules psa flax": 116,
-    "modules cbam torch.compile": 116,
-    "modules cbam flax": 115,
-    "train seresnet50 torch.compile": 112,
-    "train cbam_resnet50 flax": 95,
-    "modules bam flax": 89,
-    "train resnet50 torch.compile": 85,
-    "modules psa torch.compile": 85,
-    "train bam_resnet50 flax": 83,
-    "train seresnet50 flax": 80,
-    "modules se flax": 75,
-    "modules se torch.compile": 70,
+    "train cbam_resnet50 torch.compile": 159,
+    "train epsanet50_small torch.compile": 149,
+    "train bam_resnet50 torch.compile": 116,
+    "train seresnet50 torch.compile": 110,
+    "train resnet50 torch.compile": 82,
+    "modules bam torch.compile": 81,
+    "modules psa torch.compile": 68,
+    "modules cbam torch.compile": 66,
+    "modules cbam flax": 51,
+    "train epsanet50_small flax": 43,
+    "modules se torch.compile": 40,
+    "modules psa flax": 36,
+    "modules se flax": 29,
+    "train cbam_resnet50 flax": 28,
+    "train bam_resnet50 flax": 26,
+    "modules bam flax": 25,
+    "train seresnet50 flax": 21,
 }
 DEFAULT_EST_S = 60
 GPU_GB = {("train", "torch.compile"): 15.0}  # a step runs at batch 256; ours only compiles
