@@ -83,6 +83,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="compile our cases one at a time and keep XLA's autotuning (benchmarks/autotune.py)",
     )
+    p.add_argument(
+        "--autotune-dir", type=Path, default=autotune.STORE, help="recorded autotuning, per device"
+    )
     return p.parse_args(argv)
 
 
@@ -96,7 +99,7 @@ def shard_list(args: argparse.Namespace, suites: list[str], frameworks: list[str
 def record_autotune(args: argparse.Namespace, suites: list[str]) -> None:
     """Compile our train and modules cases one at a time, adding XLA's autotuning results to
     benchmarks/autotune/<device>.json after each (an interrupted run keeps what it measured)."""
-    store = autotune.store_path(device_slug(args.quick))
+    store = autotune.store_path(args.autotune_dir, device_slug(args.quick))
     budget = gpu_memory_gb()
     for shard in [s for suite in suites for s in shard_list(args, [suite], ["flax"])]:
         summary = warm.run([shard], args.cache, args.cache / "warm", 1, budget)
@@ -115,9 +118,9 @@ def warm_phase(args: argparse.Namespace, suites: list[str]) -> tuple[dict, Path]
     budget = gpu_memory_gb() - MAIN_GPU_GB
     print(f"warm: {len(all_shards)} shards, {args.jobs} at once, {budget:.0f} GB", flush=True)
     summary = warm.run([s for s in all_shards if s.solo], args.cache, work, 1, budget)
-    store = autotune.store_path(device_slug(args.quick))
+    store = autotune.store_path(args.autotune_dir, device_slug(args.quick))
     seeded = autotune.seed(store, autotune.cache_dir(args.cache))
-    print(f"warm: {seeded} autotuning results from {store.relative_to(ROOT)}", flush=True)
+    print(f"warm: {seeded} autotuning results from {store}", flush=True)
     with ThreadPoolExecutor(1) as pool:
         rest = [s for s in all_shards if not s.solo]
         workers = pool.submit(warm.run, rest, args.cache, work, args.jobs, budget)
@@ -128,7 +131,8 @@ def warm_phase(args: argparse.Namespace, suites: list[str]) -> tuple[dict, Path]
             settings.warm_only = True
             passes.run(settings, tuple(split(args.passes)))
         summary = warm.merge(summary, workers.result())
-    summary["autotune_seeded"] = {"from": str(store.relative_to(ROOT)), "entries": seeded}
+    source = store.relative_to(ROOT) if store.is_relative_to(ROOT) else store
+    summary["autotune_seeded"] = {"from": str(source), "entries": seeded}
     print(f"warm: {summary['wall_s']} s, {len(summary['failed'])} failed", flush=True)
     return summary, work
 

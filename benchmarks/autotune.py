@@ -28,8 +28,8 @@ def cache_dir(compile_cache: Path) -> Path:
     return compile_cache / "jax" / "xla_gpu_per_fusion_autotune_cache_dir"
 
 
-def store_path(device_slug: str) -> Path:
-    return STORE / f"{device_slug}.tar.gz"
+def store_path(folder: Path, device_slug: str) -> Path:
+    return folder / f"{device_slug}.tar.gz"
 
 
 def read_store(store: Path) -> dict[str, bytes]:

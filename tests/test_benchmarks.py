@@ -87,6 +87,21 @@ def test_autotune_store_round_trip_keeps_entries_already_cached(tmp_path):
     assert autotune.seed(tmp_path / "store" / "other-gpu.tar.gz", fresh) == 0
 
 
+def test_record_autotune_compiles_alone_and_writes_the_device_archive(tmp_path):
+    """`--record-autotune` on CPU: the shard compiles in a worker and the device's archive is
+    written (empty: XLA autotunes only on GPUs), nothing is timed."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--record-autotune", "--suites", "train"]
+    cmd += ["--models", "resnet50", "--autotune-dir", str(tmp_path / "autotune")]
+    cmd += ["--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (archive,) = (tmp_path / "autotune").glob("*-quick.tar.gz")
+    assert autotune.read_store(archive) == {}
+    assert "warm 1/1 train resnet50 flax: ok" in done.stdout
+    assert not (tmp_path / "out").exists()
+
+
 def test_one_command_run_warms_then_times(tmp_path):
     """The whole runner on CPU: resnet50's step compiles in a worker (cold), then the timed
     process loads it from the persistent cache and reports both compile times."""
