@@ -50,6 +50,7 @@ FLAGS: dict[str, tuple[Any, str]] = {
     "--checkpoint-every": (int, "steps between checkpoints"),
     "--keep-checkpoints": (int, "how many checkpoints to keep"),
     "--num-workers": (int, "data loading worker processes (0: threads in this process)"),
+    "--decoder": (str, "JPEG decoding: cpu, gpu (nvImageCodec) or auto (gpu when available)"),
 }
 SWITCHES: dict[str, str] = {
     "--resume": "resume from the newest checkpoint in --workdir (default: yes)",

@@ -37,6 +37,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     num_workers: int = 0
+    decoder: str = "auto"
     distributed: bool = False
     progress: bool = True
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
