@@ -154,12 +154,18 @@ class TestPreprocess:
         assert out.shape == (224, 224, 1)
         assert out[2:-2, 2:-2].min() == 255
 
-    def test_random_resized_crop_full_scale_is_a_resize(self):
-        image = _image(64, 64)
-        out = preprocess.random_resized_crop(
-            image, 32, np.random.default_rng(0), scale=(1, 1), ratio=(1, 1)
+    def test_random_resized_crop_full_scale_is_the_whole_image(self):
+        box = preprocess.random_resized_crop_box(
+            64, 48, np.random.default_rng(0), scale=(1, 1), ratio=(0.75, 0.75)
         )
-        np.testing.assert_array_equal(out, preprocess.resize(image, 32, 32))
+        assert box == (0, 0, 64, 48)
+
+    def test_random_resized_crop_boxes_fit_and_cover_scale(self):
+        rng = np.random.default_rng(0)
+        for _ in range(200):
+            top, left, h, w = preprocess.random_resized_crop_box(375, 500, rng)
+            assert top >= 0 and top + h <= 375 and left >= 0 and left + w <= 500
+            assert 0.08 * 0.9 <= h * w / (375 * 500) <= 1.0
 
     def test_pad_random_crop_is_a_shift(self):
         image = _image(16, 16, 1)
@@ -182,25 +188,25 @@ class TestPreprocess:
         assert all(np.array_equal(o, image) or np.array_equal(o, image[:, ::-1]) for o in outs)
         assert any(np.array_equal(o, image[:, ::-1]) for o in outs)
 
-    def test_preprocess_callables_normalise_to_float32(self):
+    def test_preprocess_callables_give_uint8(self):
         record = {"image": np.full((8, 8, 1), 255, np.uint8), "label": np.int64(3)}
-        train = preprocess.TrainPreprocess(preprocess.digits_train, 16, (0.5,), (0.25,))
-        evaluate = preprocess.EvalPreprocess(preprocess.resize_square, 16, (0.5,), (0.25,))
+        train = preprocess.TrainPreprocess(preprocess.digits_train, 16, 1)
+        evaluate = preprocess.EvalPreprocess(preprocess.resize_square, 16, 1)
         for out in (train(record, np.random.default_rng(0)), evaluate(record)):
             assert out["image"].shape == (16, 16, 1)
-            assert out["image"].dtype == np.float32
+            assert out["image"].dtype == np.uint8
             assert out["label"].dtype == np.int32 and out["label"] == 3
-        np.testing.assert_allclose(evaluate(record)["image"], 2.0)
+        np.testing.assert_array_equal(evaluate(record)["image"], 255)
 
 
 @needs_data_deps
 class TestPipeline:
-    def test_train_batches_are_nhwc_float32_and_reproducible(self, data_dir):
+    def test_train_batches_are_nhwc_uint8_and_reproducible(self, data_dir):
         kwargs = {"train": True, "batch_size": 32, "data_dir": data_dir, "seed": 1}
         first = _take(data.make_loader("digits", **kwargs), 3)
         for batch in first:
             assert batch["image"].shape == (32, 16, 16, 1)
-            assert batch["image"].dtype == np.float32
+            assert batch["image"].dtype == np.uint8
             assert batch["label"].shape == (32,)
             assert batch["label"].dtype == np.int32
             assert batch["label"].min() >= 0 and batch["label"].max() < 10
@@ -353,12 +359,18 @@ class TestRegisteredDatasets:
         spec = data.get_spec("cifar10")
         train = _take(data.make_loader("cifar10", train=True, batch_size=8, data_dir=tmp_path), 3)
         assert train[0]["image"].shape == (8, 32, 32, 3)
-        assert train[0]["image"].dtype == np.float32
+        assert train[0]["image"].dtype == np.uint8
         batches = list(data.make_dataset("cifar10", train=False, batch_size=8, data_dir=tmp_path))
         assert [b["image"].shape[0] for b in batches] == [8, 2]
         source = data.data_source("cifar10", "test", tmp_path)
-        first = (source[0]["image"].astype(np.float32) / 255 - spec.mean) / spec.std
-        np.testing.assert_allclose(batches[0]["image"][0], first, rtol=1e-5, atol=1e-5)
+        from PIL import Image
+
+        stored = np.asarray(Image.open(io.BytesIO(source[0]["image"])))  # The PNG, decoded.
+        np.testing.assert_array_equal(batches[0]["image"][0], stored)
+        # What the float32 host pipeline gave before is what the step now computes on device.
+        before = (stored.astype(np.float32) / 255 - spec.mean) / spec.std
+        on_device = data.normalize_images(jnp.asarray(stored), spec.mean, spec.std)
+        np.testing.assert_allclose(on_device, before, rtol=1e-6, atol=1e-6)
 
 
 # Synthetic source.

@@ -193,7 +193,7 @@ class RecordingLoader:
         batch = next(self.inner)
         self.seen.append(batch["label"].tolist())
         if self.count == self.nan_at:
-            batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+            batch = {**batch, "image": np.full(batch["image"].shape, np.nan, np.float32)}
         return batch
 
     def get_state(self):

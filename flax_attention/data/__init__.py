@@ -4,6 +4,7 @@ grain, tensorflow-datasets, scikit-learn and Pillow are imported only by the fun
 or build real data, so ``synthetic_batches`` works without them. TensorFlow is never needed.
 """
 
+from flax_attention.data.device import normalize_images, prefetch_to_device
 from flax_attention.data.embedded import build_digits
 from flax_attention.data.pipeline import make_dataset, make_loader
 from flax_attention.data.preprocess import EvalPreprocess, TrainPreprocess
@@ -23,5 +24,7 @@ __all__ = [
     "get_spec",
     "make_dataset",
     "make_loader",
+    "normalize_images",
+    "prefetch_to_device",
     "synthetic_batches",
 ]

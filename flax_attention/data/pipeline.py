@@ -9,7 +9,7 @@ Typical training loop::
 
     it = make_loader("digits", train=True, batch_size=128, seed=0)
     state = it.get_state()        # small JSON-able dict: store it with the model checkpoint
-    batch = next(it)              # {"image": float32 (128, 16, 16, 1) NHWC, "label": int32 (128,)}
+    batch = next(it)              # {"image": uint8 (128, 16, 16, 1) NHWC, "label": int32 (128,)}
     it.set_state(state)           # resumes with exactly the same batches
 """
 
@@ -40,7 +40,10 @@ def make_dataset(
     shard_index: int | None = None,
     shard_count: int | None = None,
 ) -> "grain.MapDataset":
-    """Batched random-access dataset of {"image": float32 (B, S, S, C) NHWC, "label": int32 (B,)}.
+    """Batched random-access dataset of {"image": uint8 (B, S, S, C) NHWC, "label": int32 (B,)}.
+
+    Images stay uint8 (normalise them on the device: ``device.normalize_images`` with the
+    spec's mean/std; the training steps do).
 
     train=True: the spec's train split, reshuffled every epoch (seeded), augmented, repeated
     ``num_epochs`` times (None: forever), incomplete last batch dropped. train=False: the eval
@@ -66,10 +69,10 @@ def make_dataset(
         augment_seed = int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
         ds = ds.shuffle(seed=seed).repeat(num_epochs)
         ds = ds.random_map(
-            TrainPreprocess(spec.train_transform, size, spec.mean, spec.std), seed=augment_seed
+            TrainPreprocess(spec.train_transform, size, spec.channels), seed=augment_seed
         )
     else:
-        ds = ds.map(EvalPreprocess(spec.eval_transform, size, spec.mean, spec.std))
+        ds = ds.map(EvalPreprocess(spec.eval_transform, size, spec.channels))
     return ds.batch(batch_size, drop_remainder=train)
 
 

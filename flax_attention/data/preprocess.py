@@ -1,44 +1,62 @@
-"""Image preprocessing as pure numpy functions on single uint8 HWC images.
+"""Image preprocessing as pure numpy/OpenCV functions on single uint8 HWC images.
 
 Augmentations draw from an explicit ``np.random.Generator``. The grain pipeline derives that
 generator from ``(seed, global record index)``; the global index keeps growing across epochs, so
 every epoch sees fresh but reproducible augmentations. ``TrainPreprocess`` and ``EvalPreprocess``
-wrap a transform plus mean/std normalisation into the callables that grain's ``random_map`` and
-``map`` expect; batching them stacks the float32 HWC images into NHWC.
+wrap a transform into the callables that grain's ``random_map`` and ``map`` expect: records in
+(uint8 arrays or encoded image bytes), uint8 (size, size, C) crops out. Mean/std normalisation
+is not done here: it runs on the accelerator, inside the jitted step
+(``flax_attention.data.device.normalize_images``), so a batch crosses to the device as uint8.
+
+Resampling is OpenCV's: ``INTER_AREA`` (pixel-area averaging, an antialiasing filter) when the
+image shrinks in both directions, ``INTER_LINEAR`` otherwise. Against Pillow's antialiased
+bilinear (what torchvision's ``RandomResizedCrop`` uses on PIL images, and this pipeline used
+before) it differs by 0.55 uint8 levels on average (99th percentile 2, max 7) on random-resized
+crops of photos, at about a third of the cost with the decode's own copies removed.
 """
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
+
+from flax_attention.data.decode import decode_image
 
 # (image uint8 HWC, output size, rng) -> uint8 (size, size, C)
 TrainTransform = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
 # (image uint8 HWC, output size) -> uint8 (size, size, C)
 EvalTransform = Callable[[np.ndarray, int], np.ndarray]
 
-Box = tuple[float, float, float, float]
+# (top, left, height, width) of a crop, in pixels.
+Box = tuple[int, int, int, int]
 
 
-def resize(image: np.ndarray, height: int, width: int, box: Box | None = None) -> np.ndarray:
-    """Bilinear resize of ``image`` (uint8 HWC) to (height, width, C).
+def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize ``image`` (uint8 HWC) to (height, width, C): area averaging when it shrinks in both
+    directions, bilinear otherwise; the same array when it already has that size."""
+    import cv2
 
-    ``box`` = (left, top, right, bottom) in pixels selects the source region (default: all of it),
-    so cropping and resizing happen in a single resampling step.
-    """
-    from PIL import Image  # Pillow is also what tfds uses to decode images without TensorFlow.
+    in_height, in_width, channels = image.shape
+    if (in_height, in_width) == (height, width):
+        return image
+    shrinks = height <= in_height and width <= in_width
+    out = cv2.resize(
+        image,
+        (width, height),
+        interpolation=cv2.INTER_AREA if shrinks else cv2.INTER_LINEAR,
+    )
+    return out.reshape(height, width, channels)
 
-    channels = image.shape[-1]
-    pil = Image.fromarray(image[..., 0] if channels == 1 else image)
-    out = pil.resize((width, height), Image.Resampling.BILINEAR, box=box)
-    return np.asarray(out).reshape(height, width, channels)
+
+def crop(image: np.ndarray, box: Box) -> np.ndarray:
+    """The (height, width) window of ``image`` (HWC) at (top, left) of ``box``: a view."""
+    top, left, height, width = box
+    return image[top : top + height, left : left + width]
 
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     """Resize ``image`` (uint8 HWC) to (size, size, C); a no-op when it already has that shape."""
-    if image.shape[:2] == (size, size):
-        return image
     return resize(image, size, size)
 
 
@@ -56,18 +74,18 @@ def pad_random_crop(image: np.ndarray, pad: int, rng: np.random.Generator) -> np
     return padded[top : top + height, left : left + width]
 
 
-def random_resized_crop(
-    image: np.ndarray,
-    size: int,
+def random_resized_crop_box(
+    height: int,
+    width: int,
     rng: np.random.Generator,
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     attempts: int = 10,
-) -> np.ndarray:
-    """Inception-style crop: a random region covering ``scale`` of the area with aspect ratio in
-    ``ratio`` (log-uniform), resized to (size, size, C). Falls back to the largest central crop
-    with a clamped ratio, as torchvision's ``RandomResizedCrop`` does."""
-    height, width = image.shape[:2]
+) -> Box:
+    """Inception-style crop of a (height, width) image: a random region covering ``scale`` of
+    the area with aspect ratio in ``ratio`` (log-uniform). Falls back to the largest central
+    crop with a clamped ratio, as torchvision's ``RandomResizedCrop`` does. Needs only the
+    image's size, so the crop can be chosen before decoding (the GPU decoder does)."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(attempts):
@@ -78,7 +96,7 @@ def random_resized_crop(
         if 0 < w <= width and 0 < h <= height:
             top = int(rng.integers(0, height - h + 1))
             left = int(rng.integers(0, width - w + 1))
-            return resize(image, size, size, box=(left, top, left + w, top + h))
+            return top, left, h, w
     in_ratio = width / height
     if in_ratio < ratio[0]:
         w, h = width, round(width / ratio[0])
@@ -86,8 +104,13 @@ def random_resized_crop(
         w, h = round(height * ratio[1]), height
     else:
         w, h = width, height
-    top, left = (height - h) // 2, (width - w) // 2
-    return resize(image, size, size, box=(left, top, left + w, top + h))
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A ``random_resized_crop_box`` of ``image`` (uint8 HWC) resized to (size, size, C)."""
+    box = random_resized_crop_box(*image.shape[:2], rng)
+    return resize(crop(image, box), size, size)
 
 
 def center_crop(image: np.ndarray, size: int, crop_fraction: float = 0.875) -> np.ndarray:
@@ -100,8 +123,7 @@ def center_crop(image: np.ndarray, size: int, crop_fraction: float = 0.875) -> n
     else:
         new_h, new_w = round(height * short / width), short
     resized = resize(image, new_h, new_w)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return resized[top : top + size, left : left + size]
+    return crop(resized, ((new_h - size) // 2, (new_w - size) // 2, size, size))
 
 
 def imagenet_train(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -125,41 +147,38 @@ def digits_train(image: np.ndarray, size: int, rng: np.random.Generator) -> np.n
     return pad_random_crop(resize_square(image, size), size // 8, rng)
 
 
-def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 HWC in [0, 255] -> float32 HWC ``(x / 255 - mean) / std`` (mean/std per channel)."""
-    scaled = image.astype(np.float32) / 255.0
-    return (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-
-
-def _output(image: np.ndarray, label: int, mean: Sequence[float], std: Sequence[float]) -> dict:
-    return {"image": normalize(image, mean, std), "label": np.int32(label)}
+def record_image(record: dict, channels: int) -> np.ndarray:
+    """The uint8 (H, W, channels) image of a tfds record: stored as an array (tfds ``Tensor``)
+    or as encoded bytes (tfds ``Image`` read with decoding skipped)."""
+    image = record["image"]
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+        return image
+    return decode_image(bytes(image), channels)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainPreprocess:
-    """grain ``random_map`` callable: record {"image": uint8 HWC, "label": int} ->
-    {"image": float32 (size, size, C) normalised, "label": int32}, augmented with ``rng``."""
+    """grain ``random_map`` callable: record {"image": uint8 HWC or bytes, "label": int} ->
+    {"image": uint8 (size, size, C), "label": int32}, augmented with ``rng``."""
 
     transform: TrainTransform
     size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    channels: int
 
     def __call__(self, record: dict, rng: np.random.Generator) -> dict:
-        image = self.transform(record["image"], self.size, rng)
-        return _output(image, record["label"], self.mean, self.std)
+        image = self.transform(record_image(record, self.channels), self.size, rng)
+        return {"image": np.ascontiguousarray(image), "label": np.int32(record["label"])}
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalPreprocess:
-    """grain ``map`` callable: record {"image": uint8 HWC, "label": int} ->
-    {"image": float32 (size, size, C) normalised, "label": int32}, deterministic."""
+    """grain ``map`` callable: record {"image": uint8 HWC or bytes, "label": int} ->
+    {"image": uint8 (size, size, C), "label": int32}, deterministic."""
 
     transform: EvalTransform
     size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    channels: int
 
     def __call__(self, record: dict) -> dict:
-        image = self.transform(record["image"], self.size)
-        return _output(image, record["label"], self.mean, self.std)
+        image = self.transform(record_image(record, self.channels), self.size)
+        return {"image": np.ascontiguousarray(image), "label": np.int32(record["label"])}

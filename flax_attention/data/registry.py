@@ -28,8 +28,9 @@ _IMAGENET_BUILD = (
 class DatasetSpec:
     """One image-classification dataset stored as a tfds array_record dataset.
 
-    Images are uint8 HWC in the store; ``train_transform`` / ``eval_transform`` turn them into
-    (image_size, image_size, C) crops that are then normalised with ``mean`` / ``std``.
+    Images are uint8 HWC in the store, as arrays or encoded (``encoded_images``: tfds ``Image``
+    features, JPEG/PNG bytes); ``train_transform`` / ``eval_transform`` turn them into uint8
+    (image_size, image_size, C) crops, normalised on the device with ``mean`` / ``std``.
     ``build`` writes the dataset into a data_dir with no download (embedded datasets only);
     otherwise ``prepare_hint`` says how a user prepares it (formatted with tfds_name, data_dir).
     """
@@ -44,6 +45,7 @@ class DatasetSpec:
     eval_transform: preprocess.EvalTransform
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    encoded_images: bool = True
     prepare_hint: str = _TFDS_BUILD
     build: Callable[[Path], None] | None = None
 
@@ -60,6 +62,7 @@ DATASETS: dict[str, DatasetSpec] = {
         eval_transform=preprocess.resize_square,
         mean=(0.3054,),
         std=(0.3760,),
+        encoded_images=False,
         build=build_digits,
     ),
     "cifar10": DatasetSpec(

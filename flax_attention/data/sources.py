@@ -33,7 +33,10 @@ def is_prepared(tfds_name: str, data_dir: Path) -> bool:
 
 def data_source(name: str, split: str, data_dir: str | Path | None = None) -> Sequence[dict]:
     """Random-access tfds source for a registered dataset: ``source[i]`` is
-    {"image": uint8 (H, W, C), "label": int}.
+    {"image": uint8 (H, W, C) or the encoded image bytes, "label": int}.
+
+    Datasets whose images are stored encoded (``spec.encoded_images``: JPEG/PNG) are read with
+    tfds' decoding skipped; ``preprocess.record_image`` decodes them (libjpeg-turbo / OpenCV).
 
     ``split`` takes tfds split syntax ("train", "test[:10%]"). Embedded datasets are built into
     ``data_dir`` on first use; for the others a missing dataset raises ``DatasetNotFoundError``.
@@ -52,4 +55,7 @@ def data_source(name: str, split: str, data_dir: str | Path | None = None) -> Se
 
     import tensorflow_datasets as tfds
 
-    return tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)
+    decoders = {"image": tfds.decode.SkipDecoding()} if spec.encoded_images else None
+    return tfds.data_source(
+        spec.tfds_name, split=split, data_dir=data_dir, download=False, decoders=decoders
+    )

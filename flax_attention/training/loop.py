@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -106,10 +106,17 @@ class _Run:
         )
         self.graphdef, state = create_train_state(model, tx, cfg.seed)
         self.state = jax.device_put(state, self.form.replicated)  # canonical
+        normalization = {"mean": self.spec.mean, "std": self.spec.std}
         self.train_fn = self.form.compile_train(
-            partial(train_step, self.graphdef, tx, label_smoothing=cfg.label_smoothing)
+            partial(
+                train_step,
+                self.graphdef,
+                tx,
+                label_smoothing=cfg.label_smoothing,
+                **normalization,
+            )
         )
-        self.eval_fn = self.form.compile_eval(partial(eval_step, self.graphdef))
+        self.eval_fn = self.form.compile_eval(partial(eval_step, self.graphdef, **normalization))
         self.loader = data.make_loader(
             cfg.dataset,
             train=True,
@@ -152,6 +159,8 @@ class _Run:
         step = int(self.state.step)
         dev_state = self.form.put_state(self.state)
         data_state = self.loader.get_state()
+        # Each device batch comes with the loader position after it: what a checkpoint records.
+        batches = data.prefetch_to_device(_with_positions(self.loader), self.form.put_batch)
         meter, pending = Meter(), None
         bar = tqdm(
             total=self.total_steps,
@@ -162,9 +171,8 @@ class _Run:
         )
         with _StopOnInterrupt() as interrupt:
             while step < self.total_steps and not interrupt.requested:
-                batch = next(self.loader)
-                data_state = self.loader.get_state()
-                dev_state, metrics = self.train_fn(dev_state, self.form.put_batch(batch))
+                batch, data_state = next(batches)
+                dev_state, metrics = self.train_fn(dev_state, batch)
                 step += 1
                 # Read the previous step's metrics: the device is already busy with this one.
                 self._check(pending, meter)
@@ -300,6 +308,13 @@ def evaluate(
             totals[k] = totals.get(k, 0.0) + float(v)
     count = max(totals.pop("count"), 1.0)
     return {f"eval_{k}": v / count for k, v in totals.items()}
+
+
+def _with_positions(loader: Any) -> Iterator[tuple[dict, dict]]:
+    """(batch, loader state after it) for the endless training loader."""
+    while True:
+        batch = next(loader)
+        yield batch, loader.get_state()
 
 
 def _padded(batch: dict | None, rows: int, like: dict) -> dict[str, np.ndarray]:

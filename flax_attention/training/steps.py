@@ -2,7 +2,8 @@
 
 A step is a pure function of (TrainState, batch) closed over the static graphdef and optimizer;
 each form compiles it once (`jax.jit` or `jax.pmap`), never `nnx.jit` per step. Batches are
-{"image": float (B, H, W, C) NHWC, "label": int32 (B,)}, B the global batch; a process passes
+{"image": uint8 (B, H, W, C) NHWC, "label": int32 (B,)}, B the global batch, normalised in the
+step with the dataset's `mean`/`std` (float images pass through as they are); a process passes
 its local rows (B / process_count) and the form assembles the global array.
 
 Forms, same numerics (the mean over the global batch; BatchNorm statistics over the global batch):
@@ -15,7 +16,7 @@ Forms, same numerics (the mean over the global batch; BatchNorm statistics over 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -27,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from flax_attention.data.device import normalize_images
 from flax_attention.training.loss import cross_entropy, top_k_correct
 from flax_attention.training.state import TrainState, merge_model, set_batchnorm_axis_name
 
@@ -42,19 +44,24 @@ def train_step(
     batch: Batch,
     *,
     label_smoothing: float = 0.0,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     axis_name: str | None = None,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer update on `batch`; metrics are the batch means of loss, top1, top5.
 
-    With `axis_name` (pmap) the batch is this replica's part, and gradients and metrics are
-    averaged over the axis (BatchNorm averages its statistics itself).
+    uint8 images are normalised with the dataset's `mean`/`std` (per channel, on the 0..1
+    scale; None keeps the 0..255 values). With `axis_name` (pmap) the batch is this
+    replica's part, and gradients and metrics are averaged over the axis (BatchNorm averages
+    its statistics itself).
     """
+    images = normalize_images(batch["image"], mean, std)
 
     def loss_fn(params, batch_stats):
         model = merge_model(
             graphdef, state.replace(params=params, batch_stats=batch_stats), train=True
         )
-        logits = model(batch["image"]).astype(jnp.float32)
+        logits = model(images).astype(jnp.float32)
         loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
         return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
 
@@ -77,11 +84,19 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(graphdef: nnx.GraphDef, state: TrainState, batch: Batch) -> Metrics:
+def eval_step(
+    graphdef: nnx.GraphDef,
+    state: TrainState,
+    batch: Batch,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Metrics:
     """Sums over the rows of `batch` where `batch["mask"]` (float (B,)) is 1: loss, top1, top5,
-    count. Evaluation mode (BatchNorm running statistics)."""
+    count. Evaluation mode (BatchNorm running statistics); uint8 images normalised as in
+    `train_step`."""
     model = merge_model(graphdef, state, train=False)
-    logits = model(batch["image"]).astype(jnp.float32)
+    logits = model(normalize_images(batch["image"], mean, std)).astype(jnp.float32)
     mask = batch["mask"]
     return {
         "loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
@@ -158,8 +173,13 @@ class PmapForm(MeshForm):
         return jax.device_put(jax.tree.map(lambda x: np.asarray(x[0]), state), self.replicated)
 
     def put_batch(self, local_batch: dict[str, np.ndarray]) -> Batch:
+        """This process's rows split over its devices on a leading replica axis, copied."""
         n = len(self.local_devices)
-        return {k: np.asarray(v).reshape(n, -1, *v.shape[1:]) for k, v in local_batch.items()}
+        placed = NamedSharding(Mesh(self.local_devices, (AXIS,)), P(AXIS))
+        return {
+            k: jax.device_put(np.asarray(v).reshape(n, -1, *v.shape[1:]), placed)
+            for k, v in local_batch.items()
+        }
 
     def compile_train(self, step: Callable) -> Callable:
         return jax.pmap(
