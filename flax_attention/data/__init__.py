@@ -6,7 +6,8 @@ or build real data, so ``synthetic_batches`` works without them. TensorFlow is n
 
 from flax_attention.data.device import normalize_images, prefetch_to_device
 from flax_attention.data.embedded import build_digits
-from flax_attention.data.pipeline import make_dataset, make_loader
+from flax_attention.data.gpu_decode import GpuJpegDecoder, gpu_decoding_available
+from flax_attention.data.pipeline import DECODERS, choose_decoder, make_dataset, make_loader
 from flax_attention.data.preprocess import EvalPreprocess, TrainPreprocess
 from flax_attention.data.registry import DATASETS, DatasetSpec, get_spec
 from flax_attention.data.sources import DatasetNotFoundError, data_source, default_data_dir
@@ -14,14 +15,18 @@ from flax_attention.data.synthetic import synthetic_batches
 
 __all__ = [
     "DATASETS",
+    "DECODERS",
     "DatasetNotFoundError",
     "DatasetSpec",
     "EvalPreprocess",
+    "GpuJpegDecoder",
     "TrainPreprocess",
     "build_digits",
+    "choose_decoder",
     "data_source",
     "default_data_dir",
     "get_spec",
+    "gpu_decoding_available",
     "make_dataset",
     "make_loader",
     "normalize_images",

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
+from flax_attention.data.gpu_decode import CropPlan, collate_plans, gpu_decoding_available
 from flax_attention.data.preprocess import EvalPreprocess, TrainPreprocess
 from flax_attention.data.registry import get_spec
 from flax_attention.data.sources import data_source
@@ -39,6 +40,7 @@ def make_dataset(
     num_epochs: int | None = None,
     shard_index: int | None = None,
     shard_count: int | None = None,
+    decoder: str = "cpu",
 ) -> "grain.MapDataset":
     """Batched random-access dataset of {"image": uint8 (B, S, S, C) NHWC, "label": int32 (B,)}.
 
@@ -51,6 +53,9 @@ def make_dataset(
     ``split`` overrides the split (tfds syntax), ``image_size`` the spec's S. The data is
     sharded record-wise over ``shard_count`` processes (default ``jax.process_count()``), this
     process reading shard ``shard_index`` (default ``jax.process_index()``).
+
+    ``decoder="gpu"`` (training split of a JPEG dataset): batches hold the JPEG bytes and the
+    drawn crops instead of pixels (``gpu_decode.collate_plans``), for ``GpuJpegDecoder``.
     """
     import grain
 
@@ -68,6 +73,9 @@ def make_dataset(
         # augmentation rng depends on (seed, shard, index in this shard's endless stream).
         augment_seed = int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
         ds = ds.shuffle(seed=seed).repeat(num_epochs)
+        if decoder == "gpu":
+            ds = ds.random_map(CropPlan(), seed=augment_seed)
+            return ds.batch(batch_size, drop_remainder=True, batch_fn=collate_plans)
         ds = ds.random_map(
             TrainPreprocess(spec.train_transform, size, spec.channels), seed=augment_seed
         )
@@ -90,6 +98,7 @@ def make_loader(
     shard_count: int | None = None,
     num_workers: int = 0,
     num_threads: int = 4,
+    decoder: str = "cpu",
 ) -> "grain.DatasetIterator":
     """Iterator over the batches of ``make_dataset(...)`` (same arguments, same batches).
 
@@ -112,6 +121,7 @@ def make_loader(
         num_epochs=num_epochs,
         shard_index=shard_index,
         shard_count=shard_count,
+        decoder=decoder,
     )
     ids = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads)
@@ -129,3 +139,33 @@ def _mark_absl_flags_parsed() -> None:
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+
+
+DECODERS = ("cpu", "gpu", "auto")
+
+
+def choose_decoder(name: str, dataset: str) -> str:
+    """Resolve ``--decoder`` for the training split of ``dataset``: "cpu" or "gpu".
+
+    "auto" is "gpu" where it applies (a JPEG dataset, one process, a CUDA GPU with nvImageCodec
+    and CuPy) and "cpu" elsewhere; "gpu" where it cannot apply is a ``ValueError`` saying why.
+    """
+    if name not in DECODERS:
+        raise ValueError(f"unknown decoder {name!r}; choose one of {list(DECODERS)}")
+    if name == "cpu":
+        return "cpu"
+    problems = []
+    if not get_spec(dataset).gpu_decodable:
+        problems.append(f"dataset {dataset!r} is not stored as JPEG")
+    if jax.process_count() > 1:
+        problems.append("it runs in a single process only")
+    if not gpu_decoding_available():
+        problems.append(
+            "it needs a CUDA GPU with nvImageCodec and CuPy "
+            "(pip install 'flax-attention[gpu-decode]')"
+        )
+    if not problems:
+        return "gpu"
+    if name == "auto":
+        return "cpu"
+    raise ValueError(f"--decoder gpu cannot be used: {'; '.join(problems)}")

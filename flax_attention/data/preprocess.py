@@ -107,12 +107,6 @@ def random_resized_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A ``random_resized_crop_box`` of ``image`` (uint8 HWC) resized to (size, size, C)."""
-    box = random_resized_crop_box(*image.shape[:2], rng)
-    return resize(crop(image, box), size, size)
-
-
 def center_crop(image: np.ndarray, size: int, crop_fraction: float = 0.875) -> np.ndarray:
     """Resize the shorter side of ``image`` (HWC) to ``round(size / crop_fraction)`` keeping the
     aspect ratio, then take the central (size, size, C) crop (standard ImageNet evaluation)."""
@@ -126,9 +120,19 @@ def center_crop(image: np.ndarray, size: int, crop_fraction: float = 0.875) -> n
     return crop(resized, ((new_h - size) // 2, (new_w - size) // 2, size, size))
 
 
+def imagenet_train_plan(height: int, width: int, rng: np.random.Generator) -> tuple[Box, bool]:
+    """The random choices of ``imagenet_train`` for a (height, width) image: the crop box and
+    whether to mirror. Needs no pixels, so the GPU decoder draws the same choices before
+    decoding."""
+    box = random_resized_crop_box(height, width, rng)
+    return box, bool(rng.random() < 0.5)
+
+
 def imagenet_train(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """Random-resized crop (scale (0.08, 1), ratio (3/4, 4/3)) + horizontal flip."""
-    return random_flip(random_resized_crop(image, size, rng), rng)
+    box, flip = imagenet_train_plan(*image.shape[:2], rng)
+    out = resize(crop(image, box), size, size)
+    return out[:, ::-1] if flip else out
 
 
 def imagenet_eval(image: np.ndarray, size: int) -> np.ndarray:

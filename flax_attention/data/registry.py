@@ -31,7 +31,8 @@ class DatasetSpec:
     Images are uint8 HWC in the store, as arrays or encoded (``encoded_images``: tfds ``Image``
     features, JPEG/PNG bytes); ``train_transform`` / ``eval_transform`` turn them into uint8
     (image_size, image_size, C) crops, normalised on the device with ``mean`` / ``std``.
-    ``build`` writes the dataset into a data_dir with no download (embedded datasets only);
+    ``gpu_decodable``: JPEG images with ``imagenet_train`` augmentation, which
+    ``gpu_decode.GpuJpegDecoder`` can decode and augment on the GPU. ``build`` writes the dataset into a data_dir with no download (embedded datasets only);
     otherwise ``prepare_hint`` says how a user prepares it (formatted with tfds_name, data_dir).
     """
 
@@ -46,6 +47,7 @@ class DatasetSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     encoded_images: bool = True
+    gpu_decodable: bool = False
     prepare_hint: str = _TFDS_BUILD
     build: Callable[[Path], None] | None = None
 
@@ -100,6 +102,7 @@ DATASETS: dict[str, DatasetSpec] = {
         eval_transform=preprocess.imagenet_eval,
         mean=(0.485, 0.456, 0.406),
         std=(0.229, 0.224, 0.225),
+        gpu_decodable=True,
         prepare_hint=_IMAGENET_BUILD,
     ),
 }

@@ -117,6 +117,7 @@ class _Run:
             )
         )
         self.eval_fn = self.form.compile_eval(partial(eval_step, self.graphdef, **normalization))
+        self.decoder = data.choose_decoder(cfg.decoder, cfg.dataset)
         self.loader = data.make_loader(
             cfg.dataset,
             train=True,
@@ -125,6 +126,7 @@ class _Run:
             image_size=cfg.image_size,
             seed=cfg.seed,
             num_workers=cfg.num_workers,
+            decoder=self.decoder,
         )
         self.checkpoints = TrainCheckpointer(
             self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints
@@ -160,7 +162,7 @@ class _Run:
         dev_state = self.form.put_state(self.state)
         data_state = self.loader.get_state()
         # Each device batch comes with the loader position after it: what a checkpoint records.
-        batches = data.prefetch_to_device(_with_positions(self.loader), self.form.put_batch)
+        batches = data.prefetch_to_device(_with_positions(self.loader), self._input_to_device())
         meter, pending = Meter(), None
         bar = tqdm(
             total=self.total_steps,
@@ -201,6 +203,13 @@ class _Run:
         result.update(step=step, **self._finish(dev_state))
         self.checkpoints.close()
         return result
+
+    def _input_to_device(self) -> Callable[[dict], dict]:
+        """Host batch -> device batch: a copy, or (GPU decoding) decode, crop and resize there."""
+        if self.decoder == "cpu":
+            return self.form.put_batch
+        decode = data.GpuJpegDecoder(self.cfg.image_size or self.spec.image_size)
+        return lambda batch: self.form.put_batch(decode(batch))
 
     def _check(self, pending: tuple[int, dict] | None, meter: Meter) -> None:
         """Fetch one step's metrics; stop on a NaN/inf loss."""

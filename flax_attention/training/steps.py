@@ -129,12 +129,15 @@ class MeshForm:
         """This form's state as the canonical (mesh-replicated) state."""
         return state
 
-    def put_batch(self, local_batch: dict[str, np.ndarray]) -> Batch:
-        """Global batch sharded on `data` from this process's rows (B / process_count, ...)."""
-        return {
-            k: jax.make_array_from_process_local_data(self.sharded, np.asarray(v))
-            for k, v in local_batch.items()
-        }
+    def put_batch(self, local_batch: dict[str, np.ndarray | jax.Array]) -> Batch:
+        """Global batch sharded on `data` from this process's rows (B / process_count, ...),
+        host arrays or (single process) device arrays."""
+        return {k: self._put(v) for k, v in local_batch.items()}
+
+    def _put(self, value: np.ndarray | jax.Array) -> jax.Array:
+        if isinstance(value, jax.Array):  # Already on a device (GPU decoding, one process).
+            return jax.device_put(value, self.sharded)
+        return jax.make_array_from_process_local_data(self.sharded, np.asarray(value))
 
     def compile_train(self, step: Callable) -> Callable:
         return jax.jit(
@@ -172,12 +175,12 @@ class PmapForm(MeshForm):
     def canonical_state(self, state: TrainState) -> TrainState:
         return jax.device_put(jax.tree.map(lambda x: np.asarray(x[0]), state), self.replicated)
 
-    def put_batch(self, local_batch: dict[str, np.ndarray]) -> Batch:
+    def put_batch(self, local_batch: dict[str, np.ndarray | jax.Array]) -> Batch:
         """This process's rows split over its devices on a leading replica axis, copied."""
         n = len(self.local_devices)
         placed = NamedSharding(Mesh(self.local_devices, (AXIS,)), P(AXIS))
         return {
-            k: jax.device_put(np.asarray(v).reshape(n, -1, *v.shape[1:]), placed)
+            k: jax.device_put(v.reshape(n, -1, *v.shape[1:]), placed)
             for k, v in local_batch.items()
         }
 

@@ -1,0 +1,153 @@
+"""JPEG decoding on the GPU: the host reads records and draws the crops, the GPU decodes them.
+
+The training split of a JPEG dataset (ImageNet) goes through three stages:
+
+1. Host, per record (grain ``random_map``, ``CropPlan``): read the JPEG header for the image's
+   size and draw the augmentation, ``imagenet_train_plan`` with the same generator the CPU path
+   uses, so both decoders choose the same crop and flip for a record. No pixel is decoded.
+2. Host, per batch (``collate_plans``): the batch's JPEG bytes concatenated into one uint8 array
+   with offsets, plus boxes, flips and labels. Only arrays: cheap to pass between processes.
+3. GPU (``GpuJpegDecoder``): nvImageCodec decodes the batch with each crop box as the region of
+   interest (only the crop's pixels are produced), CuPy copies the crops into one zero-padded
+   (B, H, W, 3) canvas, which JAX takes over through DLPack without a copy; ``resize_crops``
+   (one jitted program per canvas size) resamples every crop to (size, size) with an
+   antialiased bilinear filter (Pillow's and torchvision's ``antialias=True``) as two batched
+   matrix products, mirrors, and rounds back to uint8. Normalisation stays in the training step.
+
+GPU decoding needs ``nvidia-nvimgcodec-cu13`` (with ``nvidia-nvjpeg``) and ``cupy-cuda13x``:
+``pip install 'flax-attention[gpu-decode]'``. It serves the training split of JPEG datasets on a
+single process; evaluation decodes on the CPU.
+"""
+
+import dataclasses
+import functools
+import importlib.util
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_attention.data.decode import image_size
+from flax_attention.data.preprocess import imagenet_train_plan
+
+CANVAS_ALIGN = 64  # Canvas sides are rounded up to this, so few canvas shapes get compiled.
+
+
+def gpu_decoding_available() -> bool:
+    """Whether JAX runs on a CUDA GPU and nvImageCodec and CuPy can be imported."""
+    modules = ("nvidia.nvimgcodec", "cupy")
+    try:
+        found = all(importlib.util.find_spec(m) is not None for m in modules)
+    except ModuleNotFoundError:  # The "nvidia" namespace itself is missing.
+        found = False
+    return found and jax.default_backend() == "gpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class CropPlan:
+    """grain ``random_map`` callable: record {"image": JPEG bytes, "label": int} ->
+    {"jpeg": uint8 (n,), "box": int32 (4,) (top, left, height, width), "flip": bool,
+    "label": int32}; the random choices are ``imagenet_train``'s for the same ``rng``."""
+
+    def __call__(self, record: dict, rng: np.random.Generator) -> dict:
+        payload = bytes(record["image"])
+        box, flip = imagenet_train_plan(*image_size(payload), rng)
+        return {
+            "jpeg": np.frombuffer(payload, np.uint8),
+            "box": np.asarray(box, np.int32),
+            "flip": np.bool_(flip),
+            "label": np.int32(record["label"]),
+        }
+
+
+def collate_plans(plans: Sequence[dict]) -> dict[str, np.ndarray]:
+    """grain ``batch_fn``: B plans -> {"jpeg": uint8 (sum n,), "offsets": int64 (B + 1,),
+    "box": int32 (B, 4), "flip": bool (B,), "label": int32 (B,)}."""
+    lengths = [len(p["jpeg"]) for p in plans]
+    return {
+        "jpeg": np.concatenate([p["jpeg"] for p in plans]),
+        "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        "box": np.stack([p["box"] for p in plans]),
+        "flip": np.stack([p["flip"] for p in plans]),
+        "label": np.stack([p["label"] for p in plans]),
+    }
+
+
+def _antialiased_bilinear_weights(lengths: jax.Array, size: int, canvas: int) -> jax.Array:
+    """(B, size, canvas) float32 rows that resample the first ``lengths[b]`` samples of a
+    canvas line to ``size`` samples: the triangle filter widened by the downscale factor
+    (antialiasing), pixel centres aligned, each row normalised to sum 1."""
+    scale = lengths.astype(jnp.float32)[:, None, None] / size  # (B, 1, 1)
+    support = jnp.maximum(scale, 1.0)
+    centre = (jnp.arange(size, dtype=jnp.float32)[None, :, None] + 0.5) * scale
+    source = jnp.arange(canvas, dtype=jnp.float32)[None, None, :] + 0.5
+    weights = jnp.maximum(0.0, 1.0 - jnp.abs(source - centre) / support)
+    weights = jnp.where(source < lengths[:, None, None], weights, 0.0)
+    return weights / jnp.sum(weights, axis=-1, keepdims=True)
+
+
+@functools.partial(jax.jit, static_argnames="size")
+def resize_crops(
+    canvas: jax.Array, heights: jax.Array, widths: jax.Array, flips: jax.Array, size: int
+) -> jax.Array:
+    """Resample each crop of a zero-padded batch to uint8 (B, size, size, C).
+
+    canvas: uint8 (B, H, W, C), crop b in ``canvas[b, :heights[b], :widths[b]]``; flips: bool
+    (B,), mirror left-right. Antialiased bilinear, as Pillow's ``BILINEAR`` resize.
+    """
+    _, height, width, _ = canvas.shape
+    rows = _antialiased_bilinear_weights(heights, size, height)  # (B, size, H)
+    cols = _antialiased_bilinear_weights(widths, size, width)  # (B, size, W)
+    cols = jnp.where(flips[:, None, None], cols[:, ::-1], cols)
+    pixels = canvas.astype(jnp.float32)
+    out = jnp.einsum("bsh,bhwc->bswc", rows, pixels)
+    out = jnp.einsum("btw,bswc->bstc", cols, out)
+    return jnp.clip(jnp.round(out), 0, 255).astype(jnp.uint8)
+
+
+class GpuJpegDecoder:
+    """Decodes a collated batch of crop plans on the GPU into {"image": uint8 (B, size, size,
+    3), "label": int32 (B,)} device arrays (see the module docstring)."""
+
+    def __init__(self, size: int):
+        import cupy
+        from nvidia import nvimgcodec
+
+        self.size = size
+        self._cupy = cupy
+        self._nvimgcodec = nvimgcodec
+        self._decoder = nvimgcodec.Decoder()
+        # sRGB uint8, interleaved (the defaults); EXIF orientation ignored as on the CPU path.
+        self._params = nvimgcodec.DecodeParams(apply_exif_orientation=False)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        codec, cupy = self._nvimgcodec, self._cupy
+        boxes = batch["box"]
+        streams = []
+        for i, (top, left, height, width) in enumerate(boxes.tolist()):
+            payload = batch["jpeg"][batch["offsets"][i] : batch["offsets"][i + 1]].tobytes()
+            region = codec.Region(top, left, top + height, left + width)
+            streams.append(codec.CodeStream(payload).get_sub_code_stream(region=region))
+        crops = self._decoder.decode(streams, params=self._params)
+        if any(crop is None for crop in crops):
+            failed = [i for i, crop in enumerate(crops) if crop is None]
+            raise ValueError(f"nvImageCodec could not decode images {failed} of the batch")
+        canvas_h = _round_up(int(boxes[:, 2].max()), CANVAS_ALIGN)
+        canvas_w = _round_up(int(boxes[:, 3].max()), CANVAS_ALIGN)
+        canvas = cupy.zeros((len(crops), canvas_h, canvas_w, 3), cupy.uint8)
+        for i, crop in enumerate(crops):
+            pixels = cupy.asarray(crop)
+            canvas[i, : pixels.shape[0], : pixels.shape[1]] = pixels
+        images = resize_crops(
+            jnp.from_dlpack(canvas),
+            jnp.asarray(boxes[:, 2]),
+            jnp.asarray(boxes[:, 3]),
+            jnp.asarray(batch["flip"]),
+            self.size,
+        )
+        return {"image": images, "label": jnp.asarray(batch["label"])}
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
