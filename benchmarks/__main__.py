@@ -22,7 +22,7 @@ from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
 
-from benchmarks import autotune, modules, passes, scaling, train, warm
+from benchmarks import autotune, input_pipeline, modules, passes, scaling, train, warm
 from benchmarks.common import (
     RESULTS,
     ROOT,
@@ -40,6 +40,7 @@ SUITES: dict[str, Callable[..., Results]] = {
     "modules": modules.run,
     "passes": passes.run,
     "scaling": scaling.run,
+    "input": input_pipeline.run,
 }
 # Per-suite sampling, sized so the one-GPU suites fit one run: whole training steps take ~50 ms
 # (fewer, longer samples); a module or pass takes 0.05-1.5 ms.

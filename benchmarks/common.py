@@ -369,6 +369,12 @@ CHARTS: dict[str, dict[str, Any]] = {
         "group": lambda r: f"{r['name']} {r['shape'][1]}x{r['shape'][2]}",
         "series": _impl,
     },
+    "input": {
+        "value": "img_per_s",
+        "label": "images / s (host: per CPU core)",
+        "group": lambda r: r["name"],
+        "series": _impl,
+    },
     "scaling": {
         "value": "img_per_s_per_device",
         "label": "images / s per device",

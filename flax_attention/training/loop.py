@@ -199,10 +199,17 @@ class _Run:
                     f"interrupted at step {step}; checkpoint saved in {self.checkpoints.directory}"
                     "; run the same command again to resume"
                 )
+        self._close_loader()
         result = self._evaluate(step, dev_state)
         result.update(step=step, **self._finish(dev_state))
         self.checkpoints.close()
         return result
+
+    def _close_loader(self) -> None:
+        """Stop the loader's worker processes and free their shared memory."""
+        close = getattr(self.loader, "close", None)
+        if close is not None:
+            close()
 
     def _input_to_device(self) -> Callable[[dict], dict]:
         """Host batch -> device batch: a copy, or (GPU decoding) decode, crop and resize there."""

@@ -1,0 +1,322 @@
+"""The `input` suite: can the ImageNet input path keep the accelerator busy?
+
+On a photo-like JPEG dataset in tfds `imagenet2012` layout (`flax_attention.data.photos`:
+1000 training images of 333-500 x 375-500 px at quality 90; `--quick`: 48 small ones), in one
+run:
+
+- `host` rows: the host pipeline's images per CPU-second (one core, one process, no prefetch:
+  `process_time` over every record of a pass), for the pipeline before this suite existed
+  (`pil-float32`: tfds/Pillow decode, Pillow resize, float32 normalisation and batch), the CPU
+  decoder (`cpu`: libjpeg-turbo + OpenCV, uint8 batches) and the host half of GPU decoding
+  (`gpu-plan`: JPEG headers, crop draws, batching of the bytes); with the bytes a batch of 256
+  carries to the device.
+- `gpu-decode` row (CUDA only): `GpuJpegDecoder` on batches of 256, decoded images per second
+  and the host CPU it takes; its difference from the CPU decoder's crops.
+- `train` rows: `flax-attention-train`'s loop (`fit`) on that dataset with each decoder, images
+  per second after warm-up and the CPU cores the run used, next to the same training step on a
+  device-resident synthetic batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import psutil
+
+from benchmarks.common import Results, Settings, error_text
+from flax_attention import data
+from flax_attention.data import photos, preprocess
+
+DATASET = "imagenet2012"
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """Sizes of one run of the suite."""
+
+    num_train: int
+    heights: tuple[int, int]
+    widths: tuple[int, int]
+    image_size: int
+    batch: int
+    model: str
+    steps: int
+    log_every: int
+    cpu_workers: int
+    gpu_workers: int
+
+
+FULL = Shape(1000, (333, 500), (375, 500), 224, 256, "seresnet50", 60, 10, 14, 3)
+QUICK = Shape(48, (60, 90), (70, 100), 32, 8, "resnet18", 6, 2, 1, 1)
+
+
+def pil_float32_transform(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The augmentation as the pipeline computed it before: Pillow's resize on the crop box,
+    float32 normalisation on the host (the decode is tfds' own, through Pillow)."""
+    from PIL import Image
+
+    spec = data.get_spec(DATASET)
+    (top, left, h, w), flip = preprocess.imagenet_train_plan(*image.shape[:2], rng)
+    pil = Image.fromarray(image).resize(
+        (size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h)
+    )
+    out = np.asarray(pil)[:, ::-1] if flip else np.asarray(pil)
+    return (out.astype(np.float32) / 255 - np.float32(spec.mean)) / np.float32(spec.std)
+
+
+def _pil_float32_dataset(data_dir: Path, shape: Shape):
+    """The old host pipeline: records decoded by tfds (Pillow), `pil_float32_transform`."""
+    import grain
+    import tensorflow_datasets as tfds
+
+    source = tfds.data_source(DATASET, split="train", data_dir=data_dir, download=False)
+
+    def transform(record: dict, rng: np.random.Generator) -> dict:
+        image = pil_float32_transform(record["image"], shape.image_size, rng)
+        return {"image": image, "label": np.int32(record["label"])}
+
+    ds = grain.MapDataset.source(source).shuffle(seed=0).repeat(None)
+    return ds.random_map(transform, seed=0).batch(shape.batch, drop_remainder=True)
+
+
+def _host_datasets(data_dir: Path, shape: Shape) -> dict:
+    common = {"train": True, "batch_size": shape.batch, "data_dir": data_dir}
+    return {
+        "pil-float32": _pil_float32_dataset(data_dir, shape),
+        "cpu": data.make_dataset(DATASET, **common, image_size=shape.image_size),
+        "gpu-plan": data.make_dataset(DATASET, **common, decoder="gpu"),
+    }
+
+
+def _batch_bytes(batch: dict) -> int:
+    return sum(np.asarray(v).nbytes for v in batch.values())
+
+
+def host_rows(res: Results, data_dir: Path, shape: Shape) -> None:
+    """Images per CPU-second of each host pipeline, over about one epoch, one core."""
+    batches = max(shape.num_train // shape.batch, 2)
+    for name, ds in _host_datasets(data_dir, shape).items():
+        ds[0]  # Opens files and warms caches; not timed.
+        cpu, wall = time.process_time(), time.perf_counter()
+        sizes = [_batch_bytes(ds[i]) for i in range(1, batches + 1)]
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        images = batches * shape.batch
+        res.add(
+            {
+                "name": "host",
+                "impl": name,
+                "images": images,
+                "img_per_cpu_s": round(images / cpu, 1),
+                "img_per_s": round(images / wall, 1),
+                "ms_per_img": round(1e3 * cpu / images, 3),
+                "bytes_per_img": round(statistics.mean(sizes) / shape.batch),
+                "mb_per_batch_256": round(statistics.mean(sizes) / shape.batch * 256 / 2**20, 1),
+            }
+        )
+
+
+def gpu_decode_row(res: Results, data_dir: Path, shape: Shape, settings: Settings) -> None:
+    """GpuJpegDecoder alone on prepared plan batches; and its crops against the CPU decoder's."""
+    if not data.gpu_decoding_available():
+        res.add({"name": "gpu-decode", "impl": "nvimgcodec", "skipped": "no CUDA GPU/nvImageCodec"})
+        return
+    plans = data.make_dataset(
+        DATASET, train=True, batch_size=shape.batch, data_dir=data_dir, decoder="gpu"
+    )
+    cpu = data.make_dataset(
+        DATASET, train=True, batch_size=shape.batch, data_dir=data_dir, image_size=shape.image_size
+    )
+    decode = data.GpuJpegDecoder(shape.image_size)
+    batches = [plans[i] for i in range(4)]
+    jax.block_until_ready(decode(batches[0]))  # Compiles the resize for this canvas.
+    repeats = 3 if settings.quick else 10
+    cpu_start, start = time.process_time(), time.perf_counter()
+    for i in range(repeats):
+        jax.block_until_ready(decode(batches[i % len(batches)]))
+    wall, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+    images = repeats * shape.batch
+    gpu_images = np.asarray(decode(batches[0])["image"]).astype(int)
+    diff = np.abs(gpu_images - cpu[0]["image"])
+    res.add(
+        {
+            "name": "gpu-decode",
+            "impl": "nvimgcodec",
+            "img_per_s": round(images / wall, 1),
+            "host_cpu_ms_per_img": round(1e3 * cpu_s / images, 3),
+            "vs_cpu_decoder_mean_abs": round(float(diff.mean()), 3),
+            "vs_cpu_decoder_p99_abs": float(np.percentile(diff, 99)),
+        }
+    )
+
+
+def synthetic_step_row(res: Results, shape: Shape, settings: Settings) -> float:
+    """The training step alone on a device-resident uint8 batch: the rate to keep up with."""
+    from functools import partial
+
+    from flax_attention.training import create_train_state, make_optimizer, make_parallel
+    from flax_attention.training.loop import PRECISIONS, build_model
+    from flax_attention.training.steps import train_step
+
+    spec = data.get_spec(DATASET)
+    precision = "fp32" if settings.quick else "bf16"
+    model = build_model(shape.model, num_classes=1000, seed=0, dtype=PRECISIONS[precision])
+    tx = make_optimizer("sgd", 0.1, weight_decay=5e-5, momentum=0.9)
+    graphdef, state = create_train_state(model, tx, 0)
+    form = make_parallel("none")
+    step = form.compile_train(partial(train_step, graphdef, tx, mean=spec.mean, std=spec.std))
+    rng = np.random.default_rng(0)
+    size = shape.image_size
+    batch = form.put_batch(
+        {
+            "image": rng.integers(0, 256, (shape.batch, size, size, 3), np.uint8),
+            "label": rng.integers(0, 1000, shape.batch).astype(np.int32),
+        }
+    )
+    state = form.put_state(jax.device_put(state, form.replicated))
+    for _ in range(3):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    count = 3 if settings.quick else 30
+    start = time.perf_counter()
+    for _ in range(count):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    rate = count * shape.batch / (time.perf_counter() - start)
+    res.add({"name": "train", "impl": "synthetic", "model": shape.model, "img_per_s": round(rate)})
+    return rate
+
+
+def train_row(
+    res: Results, data_dir: Path, shape: Shape, settings: Settings, decoder: str, synthetic: float
+) -> None:
+    """`fit` on the JPEG dataset with `decoder`: images/s after warm-up, CPU cores used."""
+    from flax_attention.training import TrainConfig, fit
+    from flax_attention.training.metrics import MetricsLog
+
+    workers = shape.gpu_workers if decoder == "gpu" else shape.cpu_workers
+    with tempfile.TemporaryDirectory() as workdir:
+        config = TrainConfig(
+            model=shape.model,
+            dataset=DATASET,
+            data_dir=str(data_dir),
+            workdir=workdir,
+            steps=shape.steps,
+            batch_size=shape.batch,
+            image_size=shape.image_size,
+            precision="fp32" if settings.quick else "bf16",
+            parallel="none",
+            num_workers=workers,
+            decoder=decoder,
+            log_every=shape.log_every,
+            checkpoint_every=10 * shape.steps,
+            eval_batch_size=shape.batch,
+            progress=False,
+        )
+        start = time.perf_counter()
+        try:
+            with TreeCpu() as cpu:
+                fit(config)
+        except Exception as e:  # A failed configuration is a row, not the end of the suite.
+            res.add({"name": "train", "impl": decoder, "error": error_text(e)})
+            return
+        wall = time.perf_counter() - start
+        records = MetricsLog(Path(workdir) / "metrics.jsonl").records()
+    rates = [r["images_per_s"] for r in records if "images_per_s" in r]
+    steady = rates[len(rates) // 3 :] or rates  # Past compilation and the pipeline's start.
+    rate = statistics.median(steady)
+    res.add(
+        {
+            "name": "train",
+            "impl": decoder,
+            "model": shape.model,
+            "workers": workers,
+            "img_per_s": round(rate),
+            "img_per_s_windows": [round(r) for r in steady],
+            "of_synthetic": round(rate / synthetic, 3),
+            "cpu_cores_used": round(cpu.seconds / wall, 1),
+            "wall_s": round(wall, 1),
+        }
+    )
+
+
+class TreeCpu:
+    """CPU seconds used by this process and all its descendants (grain's workers too) while
+    the context is open, sampled every `interval` seconds (a child's last sample counts)."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval = interval
+        self.seen: dict[int, float] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.seconds = 0.0
+
+    def _sample(self) -> None:
+        root = psutil.Process()
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:  # Ended between listing and reading.
+                continue
+            self.seen[proc.pid] = times.user + times.system
+
+    def _poll(self) -> None:
+        while not self.stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> TreeCpu:
+        self._sample()
+        self.baseline = dict(self.seen)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._sample()
+        self.seconds = sum(v - self.baseline.get(pid, 0.0) for pid, v in self.seen.items())
+
+
+def run(settings: Settings, data_dir: Path | None = None) -> Results:
+    shape = QUICK if settings.quick else FULL
+    res = Results("input", settings)
+    res.meta.update(
+        shape=dataclasses.asdict(shape), host_cores=os.cpu_count(), suite_doc=__doc__.strip()
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        data_dir = data_dir or Path(scratch)
+        start = time.perf_counter()
+        path = photos.write_photo_dataset(
+            data_dir,
+            num_train=shape.num_train,
+            num_eval=max(shape.batch, 16),
+            heights=shape.heights,
+            widths=shape.widths,
+        )
+        res.meta["dataset"] = {
+            "write_s": round(time.perf_counter() - start, 1),
+            "mean_jpeg_kb": round(_mean_jpeg_kb(data_dir), 1),
+            "path_name": path.name,
+        }
+        host_rows(res, data_dir, shape)
+        gpu_decode_row(res, data_dir, shape, settings)
+        synthetic = synthetic_step_row(res, shape, settings)
+        for decoder in ("cpu", "gpu"):
+            if decoder == "gpu" and not data.gpu_decoding_available():
+                res.add({"name": "train", "impl": "gpu", "skipped": "no CUDA GPU/nvImageCodec"})
+                continue
+            train_row(res, data_dir, shape, settings, decoder, synthetic)
+    return res
+
+
+def _mean_jpeg_kb(data_dir: Path) -> float:
+    source = data.data_source(DATASET, "train", data_dir)
+    count = min(len(source), 64)
+    return statistics.mean(len(source[i]["image"]) for i in range(count)) / 1024
