@@ -134,17 +134,41 @@ class TestDevice:
         assert data.normalize_images(floats, mean, std) is floats
 
     def test_prefetch_keeps_order_and_tags_and_runs_ahead(self):
-        put_calls = []
+        import threading
+
+        put_threads = []
+        two_prepared = threading.Event()
 
         def put(batch):
-            put_calls.append(batch)
+            put_threads.append(threading.current_thread())
+            if len(put_threads) == 2:
+                two_prepared.set()
             return batch * 10
 
         stream = data.prefetch_to_device(((i, f"state{i}") for i in range(5)), put, size=2)
-        first = next(stream)
-        assert first == (0, "state0")
-        assert put_calls == [0, 1]  # The next batch's copy is already under way.
+        assert next(stream) == (0, "state0")
+        assert two_prepared.wait(5)  # The next batch is prepared while the caller works.
         assert list(stream) == [(10, "state1"), (20, "state2"), (30, "state3"), (40, "state4")]
+        assert threading.current_thread() not in put_threads
+
+    def test_prefetch_raises_the_producers_error_after_the_good_batches(self):
+        def batches():
+            yield 1, "a"
+            raise RuntimeError("disk gone")
+
+        stream = data.prefetch_to_device(batches(), lambda b: b)
+        assert next(stream) == (1, "a")
+        with pytest.raises(RuntimeError, match="disk gone"):
+            next(stream)
+
+    def test_prefetch_stops_its_thread_when_closed(self):
+        import itertools
+        import threading
+
+        stream = data.prefetch_to_device(((i, i) for i in itertools.count()), lambda b: b)
+        next(stream)
+        stream.close()
+        assert not any(t.name == "prefetch_to_device" for t in threading.enumerate())
 
     def test_prefetch_size_must_be_positive(self):
         with pytest.raises(ValueError, match="prefetch size"):
@@ -238,3 +262,11 @@ def test_gpu_decoder_matches_the_cpu_decoder(photo_dir):
     # Different JPEG decoders (nvJPEG / libjpeg-turbo) and resamplers (antialiased bilinear /
     # OpenCV area): the same crops, a small difference.
     assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 12
+
+
+def test_canvas_sides_are_few_and_hold_the_crop():
+    from flax_attention.data.gpu_decode import canvas_side
+
+    sides = {canvas_side(n) for n in range(1, 2049)}
+    assert sides == {64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048}
+    assert all(n <= canvas_side(n) <= max(64, 1.5 * n) for n in range(1, 2049))

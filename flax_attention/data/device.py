@@ -2,11 +2,12 @@
 
 Batches cross to the device as uint8 (a quarter of float32's bytes) and are normalised there, in
 the step, with the dataset's mean/std: ``(x / 255 - mean) / std`` in float32, the same formula
-the host used to apply. ``prefetch_to_device`` keeps the next batches' host-to-device copies in
-flight while the current step runs.
+the host used to apply. ``prefetch_to_device`` prepares the next batches (host-to-device copies,
+or GPU decoding) in a background thread while the current step runs.
 """
 
-import collections
+import queue
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -34,28 +35,54 @@ def normalize_images(
 
 
 def prefetch_to_device(
-    batches: Iterator[Any], put: Callable[[Any], Any], size: int = 2
+    batches: Iterator[tuple[Any, Any]], put: Callable[[Any], Any], size: int = 2
 ) -> Iterator[tuple[Any, Any]]:
-    """Yield ``put(batch)`` for each item of ``batches``, ``size`` batches ahead of the consumer.
+    """Yield ``(put(batch), tag)`` for each ``(batch, tag)`` of ``batches``, in order, prepared
+    up to ``size`` batches ahead by a background thread.
 
-    ``put`` starts the host-to-device copy and returns at once (JAX transfers asynchronously),
-    so while the consumer runs step n the copies of n+1..n+size are under way. Items of
-    ``batches`` are ``(host_batch, tag)`` pairs and the tag is yielded with its device batch, so
-    that e.g. the loader position *after that batch* stays attached to it (what a checkpoint
-    taken after the step must record).
+    The thread draws host batches (with ``num_workers=0`` that is where the decoding happens)
+    and runs ``put`` (a host-to-device copy, or GPU decoding), so the caller's thread only
+    dispatches steps: the device never waits on input when the host keeps up. The tag stays
+    attached to its batch, e.g. the loader position *after that batch*, which is what a
+    checkpoint taken after the step must record. An exception in the thread is raised here,
+    after the batches before it; closing the generator stops the thread.
     """
     if size < 1:
         raise ValueError(f"prefetch size must be >= 1, got {size}")
-    queue: collections.deque = collections.deque()
+    ready: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
 
-    def enqueue(count: int) -> None:
-        for host_batch, tag in batches:
-            queue.append((put(host_batch), tag))
-            if len(queue) >= count:
+    def offer(item: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for host_batch, tag in batches:
+                if not offer((_BATCH, put(host_batch), tag)):
+                    return
+            offer((_END, None, None))
+        except BaseException as error:  # Re-raised in the consumer's thread.
+            offer((_ERROR, error, None))
+
+    thread = threading.Thread(target=produce, name="prefetch_to_device", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value, tag = ready.get()
+            if kind is _END:
                 return
+            if kind is _ERROR:
+                raise value
+            yield value, tag
+    finally:
+        stop.set()
+        thread.join()
 
-    while True:
-        enqueue(size)
-        if not queue:
-            return
-        yield queue.popleft()
+
+_BATCH, _END, _ERROR = object(), object(), object()

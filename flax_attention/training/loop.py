@@ -9,10 +9,11 @@ images_per_s; one per evaluation: step, eval_loss, eval_top1, eval_top5), `metri
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -171,7 +172,7 @@ class _Run:
             disable=not (self.is_main and cfg.progress),
             dynamic_ncols=True,
         )
-        with _StopOnInterrupt() as interrupt:
+        with _StopOnInterrupt() as interrupt, _closing(batches, self.loader):
             while step < self.total_steps and not interrupt.requested:
                 batch, data_state = next(batches)
                 dev_state, metrics = self.train_fn(dev_state, batch)
@@ -199,17 +200,10 @@ class _Run:
                     f"interrupted at step {step}; checkpoint saved in {self.checkpoints.directory}"
                     "; run the same command again to resume"
                 )
-        self._close_loader()
         result = self._evaluate(step, dev_state)
         result.update(step=step, **self._finish(dev_state))
         self.checkpoints.close()
         return result
-
-    def _close_loader(self) -> None:
-        """Stop the loader's worker processes and free their shared memory."""
-        close = getattr(self.loader, "close", None)
-        if close is not None:
-            close()
 
     def _input_to_device(self) -> Callable[[dict], dict]:
         """Host batch -> device batch: a copy, or (GPU decoding) decode, crop and resize there."""
@@ -324,6 +318,19 @@ def evaluate(
             totals[k] = totals.get(k, 0.0) + float(v)
     count = max(totals.pop("count"), 1.0)
     return {f"eval_{k}": v / count for k, v in totals.items()}
+
+
+@contextlib.contextmanager
+def _closing(batches: Generator, loader: Any) -> Iterator[None]:
+    """Stop the prefetch thread, then the loader's worker processes (freeing their shared
+    memory), however the training loop ends."""
+    try:
+        yield
+    finally:
+        batches.close()
+        close = getattr(loader, "close", None)
+        if close is not None:
+            close()
 
 
 def _with_positions(loader: Any) -> Iterator[tuple[dict, dict]]:
