@@ -297,26 +297,37 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load a PyTorch state_dict into a registered model and save it with orbax "
         "(nothing is written unless every check passes).",
     )
-    convert.add_argument("src", help="PyTorch checkpoint (.pth, .pth.tar, .safetensors, .npz)")
-    convert.add_argument("outdir", help="output checkpoint directory (must not exist)")
     convert.add_argument(
-        "--model", required=True, type=model_name, help="registered model name (see `list`)"
+        "src", metavar="SRC", help="PyTorch checkpoint (.pth, .pth.tar, .safetensors, .npz)"
+    )
+    convert.add_argument(
+        "outdir", metavar="OUTDIR", help="output checkpoint directory (must not exist)"
+    )
+    convert.add_argument(
+        "--model",
+        metavar="NAME",
+        required=True,
+        type=model_name,
+        help="registered model name (see `list`)",
     )
     convert.add_argument(
         "--layout", choices=LAYOUTS, help="key-name layout (default: the model's source)"
     )
     convert.add_argument(
         "--num-classes",
+        metavar="N",
         type=_positive,
         help="classifier width (default: from fc.weight, else 1000)",
     )
     convert.add_argument(
         "--key",
+        metavar="ENTRY",
         help="entry of the file holding the weights, e.g. state_dict_ema (default: unwrap "
         "state_dict/model/net/module)",
     )
     convert.add_argument(
         "--dataset",
+        metavar="NAME",
         type=dataset_name,
         help="record the dataset whose preprocessing the weights expect (for `predict`)",
     )
@@ -332,13 +343,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a saved model (eval mode) over a split, with the dataset's "
         "evaluation preprocessing.",
     )
-    evaluate.add_argument("model_dir", help="model checkpoint directory (training's model/)")
     evaluate.add_argument(
-        "--dataset", type=dataset_name, help="dataset (default: the one recorded in MODEL_DIR)"
+        "model_dir", metavar="MODEL_DIR", help="model checkpoint directory (training's model/)"
     )
-    evaluate.add_argument("--data-dir", help="tfds data_dir holding the prepared dataset")
-    evaluate.add_argument("--batch-size", type=_positive, default=256, help="default: 256")
-    evaluate.add_argument("--split", help="tfds split (default: the dataset's evaluation split)")
+    evaluate.add_argument(
+        "--dataset",
+        metavar="NAME",
+        type=dataset_name,
+        help="dataset (default: the one recorded in MODEL_DIR)",
+    )
+    evaluate.add_argument(
+        "--data-dir", metavar="DIR", help="tfds data_dir holding the prepared dataset"
+    )
+    evaluate.add_argument(
+        "--batch-size", metavar="B", type=_positive, default=256, help="default: 256"
+    )
+    evaluate.add_argument(
+        "--split", metavar="SPLIT", help="tfds split (default: the dataset's evaluation split)"
+    )
     evaluate.set_defaults(run=cmd_eval)
 
     predict = sub.add_parser(
@@ -347,10 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the top-5 classes of each image (class names for digits and "
         "cifar10, else indices), with the dataset's evaluation preprocessing.",
     )
-    predict.add_argument("model_dir", help="model checkpoint directory")
-    predict.add_argument("images", nargs="+", help="image files (any format Pillow reads)")
+    predict.add_argument("model_dir", metavar="MODEL_DIR", help="model checkpoint directory")
     predict.add_argument(
-        "--dataset", type=dataset_name, help="dataset (default: the one recorded in MODEL_DIR)"
+        "images", metavar="IMAGE", nargs="+", help="image files (any format Pillow reads)"
+    )
+    predict.add_argument(
+        "--dataset",
+        metavar="NAME",
+        type=dataset_name,
+        help="dataset (default: the one recorded in MODEL_DIR)",
     )
     predict.set_defaults(run=cmd_predict)
 
