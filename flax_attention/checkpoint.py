@@ -114,6 +114,7 @@ def save(
     text = json.dumps(metadata, indent=2)  # fails before anything is written
     _check_metadata(json.loads(text), directory / METADATA_FILE)
 
+    created = [p for p in directory.parents if not p.exists()]  # removed again on failure
     tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
@@ -129,7 +130,7 @@ def save(
         else:
             tmp.rename(directory)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(created[-1] if created else tmp, ignore_errors=True)
         raise
     return directory
 

@@ -209,3 +209,19 @@ def test_every_metadata_problem_is_one_message_naming_file_and_field(saved, tmp_
         checkpoint.restore(None, copy)
     message = str(info.value)
     assert message.startswith(f"{meta_file}: ") and expected in message and "\n" not in message
+
+
+def test_a_failed_save_leaves_nothing(saved, tmp_path, monkeypatch):
+    model, directory, _, _ = saved
+
+    def failing_checkpointer():
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "_host_local_checkpointer", failing_checkpointer)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save(model, tmp_path / "new" / "parents" / "model")
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save(model, directory, overwrite=True)
+    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in directory.parent.iterdir()] == [directory.name]
+    assert checkpoint.read_metadata(directory)["model"] == NAME
