@@ -41,6 +41,14 @@ def setup(tmp_path_factory):
             model, root / "model", name=TINY, constructor_args=ARGS, dataset="digits", image_size=16
         )
         checkpoint.save(model, root / "no_dataset", name=TINY, constructor_args=ARGS)
+        rgb = nnx.eval_shape(lambda: create_model(TINY, rngs=nnx.Rngs(0), num_classes=10))
+        nnx.update(
+            rgb, jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(a.dtype), nnx.state(rgb))
+        )
+        rgb_args = {"num_classes": 10}
+        checkpoint.save(
+            rgb, root / "cifar", name=TINY, constructor_args=rgb_args, dataset="cifar10"
+        )
         yield root / "tfds", root / "model", root
 
 
@@ -111,3 +119,17 @@ def test_predict_refuses_what_is_not_an_image(setup, tmp_path, capsys):
     assert err.startswith(f"error: {bad}: not an image Pillow can read") and err.count("\n") == 1
     assert main(["predict", str(model_dir), str(tmp_path / "absent.png")]) == 2
     assert capsys.readouterr().err == f"error: no image file at {tmp_path / 'absent.png'}\n"
+
+
+def test_predict_names_cifar10_classes_and_prints_indices_otherwise(setup, tmp_path, capsys):
+    _, _, root = setup
+    photo = tmp_path / "photo.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(photo)
+    assert main(["predict", str(root / "cifar"), str(photo)]) == 0
+    names = "airplane|automobile|bird|cat|deer|dog|frog|horse|ship|truck"
+    line = capsys.readouterr().out.strip()
+    assert re.fullmatch(rf"{photo}: (({names}) \d+\.\d\d%(, |$)){{5}}", line), line
+    assert main(["predict", str(root / "cifar"), str(photo), "--dataset", "imagenet2012"]) == 0
+    line = capsys.readouterr().out.strip()  # 224x224 center crop; no ImageNet names here
+    assert re.fullmatch(rf"{photo}: (\d \d+\.\d\d%(, |$)){{5}}", line), line
