@@ -1,10 +1,12 @@
-"""The `flax-attention` command, run in-process: convert end to end, mismatch report, list."""
+"""The `flax-attention` command, run in-process: convert end to end, mismatch report, what
+convert refuses (writing nothing), usage errors (exit status 2, one line), list."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from torch_models import reference
 
 from flax_attention import checkpoint
@@ -41,12 +43,15 @@ def test_convert_end_to_end(resnet18_pth, tmp_path, capsys):
     assert "equals the input tensors: True" in printed and "finite: True" in printed
 
     model = checkpoint.restore(None, out)
+    assert {
+        m.use_running_average for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)
+    } == {True}
     exported = to_torch_state_dict(model)
     for key, value in state_dict.items():
         if not key.endswith("num_batches_tracked"):
             np.testing.assert_array_equal(exported[key], value.numpy(), err_msg=key)
-    assert main(argv) == 1  # OUTDIR exists
-    assert "already exists" in capsys.readouterr().err
+    assert main(argv) == 2  # OUTDIR exists: a usage error, found before any work
+    assert one_line_error(capsys) == f"error: {out} already exists; pass --overwrite to replace it"
 
 
 def test_convert_mismatch_exits_nonzero_with_the_key_report(resnet18_pth, tmp_path, capsys):
@@ -71,13 +76,82 @@ def test_convert_no_strict_reports_what_was_not_loaded(resnet18_pth, tmp_path, c
     assert "not loaded: aux.weight" in printed
 
 
-def test_unknown_model_and_missing_file(tmp_path, capsys):
-    assert main(["convert", str(tmp_path / "x.pth"), str(tmp_path / "o"), "--model", "vgg"]) == 1
-    assert "registered models" in capsys.readouterr().err
-    assert (
-        main(["convert", str(tmp_path / "x.pth"), str(tmp_path / "o"), "--model", "resnet18"]) == 1
-    )
-    assert "no checkpoint file" in capsys.readouterr().err
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err.strip()
+
+
+def convert_exit(argv: list[str]) -> int:
+    """The exit status of `main(argv)`, also when argparse exits."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--model", "vgg"], "argument --model: unknown model 'vgg'; known: bam_resnet101"),
+        (["--model", "resnet18"], "no checkpoint file at"),
+        (["--model", "resnet18", "--num-classes", "0"], "'0' is not a positive integer"),
+        (["--model", "resnet18", "--dataset", "mnist"], "unknown dataset 'mnist'"),
+        (["--model", "resnet18", "--layout", "keras"], "invalid choice: 'keras'"),
+    ],
+    ids=["model", "file", "num-classes", "dataset", "layout"],
+)
+def test_usage_errors_exit_2_with_one_line(tmp_path, capsys, args, expected):
+    argv = ["convert", str(tmp_path / "x.pth"), str(tmp_path / "o"), *args]
+    assert convert_exit(argv) == 2
+    assert expected in one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "corrupt, expected",
+    [
+        (lambda v: v.to(torch.int64), "conv1.weight: dtype int64 is not floating point"),
+        (lambda v: v.index_fill(0, torch.tensor([0]), float("nan")), "conv1.weight: 147 NaN/inf"),
+    ],
+    ids=["int", "nan"],
+)
+def test_bad_tensors_are_refused_and_nothing_is_written(
+    resnet18_pth, tmp_path, capsys, corrupt, expected
+):
+    _, state_dict = resnet18_pth
+    src, out = tmp_path / "bad.pth", tmp_path / "out"
+    torch.save({**state_dict, "conv1.weight": corrupt(state_dict["conv1.weight"])}, src)
+    assert main(["convert", str(src), str(out), "--model", "resnet18"]) == 1
+    message = one_line_error(capsys)
+    assert message.startswith(f"error: {src}: ") and expected in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth"]
+    out.mkdir()  # --overwrite of an existing output: left as it was
+    (out / "keep").write_text("x")
+    assert main(["convert", str(src), str(out), "--model", "resnet18", "--overwrite"]) == 1
+    assert [p.name for p in out.iterdir()] == ["keep"]
+
+
+def test_repeated_module_prefix_under_a_net_wrapper(resnet18_pth, tmp_path, capsys):
+    _, state_dict = resnet18_pth
+    src, out = tmp_path / "dp.pth", tmp_path / "out"
+    torch.save({"net": {f"module.module.{k}": v for k, v in state_dict.items()}}, src)
+    assert main(["convert", str(src), str(out), "--model", "resnet18", "--dataset", "cifar10"]) == 0
+    assert "equals the input tensors: True" in capsys.readouterr().out
+    assert checkpoint.read_metadata(out)["dataset"] == "cifar10"
+
+
+def test_nothing_matching_names_what_the_file_holds(resnet18_pth, tmp_path, capsys):
+    _, state_dict = resnet18_pth
+    src = tmp_path / "wrapped.pth"
+    torch.save({"ema": state_dict, "epoch": 3}, src)
+    assert main(["convert", str(src), str(tmp_path / "o"), "--model", "resnet18"]) == 1
+    assert "it has 'ema' (dict of 122 entries), 'epoch' (int)" in one_line_error(capsys)
+    torch.save({f"backbone.{k}": v for k, v in state_dict.items()}, src)
+    assert main(["convert", str(src), str(tmp_path / "o"), "--model", "resnet18"]) == 1
+    message = one_line_error(capsys)
+    assert "no tensor of" in message and "keys begin with 'backbone' (102 tensors)" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wrapped.pth"]
 
 
 def test_list_and_help(capsys):

@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from flax_attention.convert.state_dict import to_numpy
+from flax_attention.convert.state_dict import strip_data_parallel_prefix, to_numpy
 
-WRAPPER_KEYS = ("state_dict", "model")
+# Entries that training scripts wrap a state_dict in, tried in this order (nested ones too).
+WRAPPER_KEYS = ("state_dict", "model", "net", "module")
 
 
-def _read_torch(path: Path) -> dict:
+def _read_torch(path: Path) -> Any:
     import torch  # only .pth files need torch
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    for key in WRAPPER_KEYS:
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-    return checkpoint
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -34,7 +32,7 @@ def _read_npz(path: Path) -> dict:
         return {key: archive[key] for key in archive.files}
 
 
-READERS: dict[str, Callable[[Path], dict]] = {
+READERS: dict[str, Callable[[Path], Any]] = {
     ".pth": _read_torch,
     ".pt": _read_torch,
     ".tar": _read_torch,  # .pth.tar
@@ -44,11 +42,31 @@ READERS: dict[str, Callable[[Path], dict]] = {
 }
 
 
-def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def _describe(entries: Mapping) -> str:
+    """`'ema' (dict of 122 entries), 'epoch' (int)`: what a mapping holds, for error messages."""
+
+    def kind(value: Any) -> str:
+        if isinstance(value, Mapping):
+            return f"dict of {len(value)} entries"
+        if hasattr(value, "shape"):
+            return f"tensor {tuple(value.shape)}"
+        return type(value).__name__
+
+    shown = [f"{key!r} ({kind(value)})" for key, value in list(entries.items())[:12]]
+    more = f", ... ({len(entries) - 12} more)" if len(entries) > 12 else ""
+    return ", ".join(shown) + more
+
+
+def load_torch_checkpoint(
+    path: str | os.PathLike, *, key: str | None = None
+) -> dict[str, np.ndarray]:
     """Read a `.pth`/`.pth.tar` (torch, weights_only), `.safetensors` or `.npz` state_dict.
 
-    Unwraps `state_dict`/`model` entries and a DataParallel `module.` prefix; returns numpy
-    arrays. `.safetensors` and `.npz` do not need torch.
+    `key` picks the entry holding the weights (e.g. `"state_dict_ema"`; dots descend into nested
+    entries). Without it, `state_dict`/`model`/`net`/`module` wrapper entries are unwrapped.
+    DataParallel `module.` prefixes (repeated ones too) are stripped; returns numpy arrays.
+    `.safetensors` and `.npz` do not need torch. A file with no tensors where the weights were
+    looked for is refused with a ValueError naming the entries found there.
     """
     path = Path(path)
     if not path.is_file():
@@ -63,10 +81,34 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
             f"{path} is not a readable {path.suffix} checkpoint ({type(err).__name__}: {err}); "
             f"accepted formats: {sorted(READERS)}"
         ) from err
-    if not isinstance(state, dict) or not state:
+    if not isinstance(state, Mapping) or not state:
         raise ValueError(f"{path} holds no state_dict (a non-empty mapping of name -> tensor)")
-    return {
-        key.removeprefix("module."): to_numpy(value)
-        for key, value in state.items()
+
+    where = []
+    for part in key.split(".") if key else []:
+        if not isinstance(state.get(part), Mapping):
+            raise ValueError(
+                f"{path} has no entry {'.'.join([*where, part])!r} holding tensors; "
+                f"{'.'.join(where) or 'top level'}: {_describe(state)}"
+            )
+        state, where = state[part], [*where, part]
+    while not key and (wrapper := _wrapper(state)):
+        state, where = state[wrapper], [*where, wrapper]
+
+    tensors = {
+        strip_data_parallel_prefix(name): to_numpy(value)
+        for name, value in state.items()
         if hasattr(value, "shape")
     }
+    if not tensors:
+        place = f"under {'.'.join(where)!r}" if where else "at its top level"
+        raise ValueError(
+            f"{path} holds no tensors {place}; it has {_describe(state)}. "
+            "Pick the entry holding the weights (convert --key NAME, load_torch_checkpoint(key=))"
+        )
+    return tensors
+
+
+def _wrapper(state: Mapping) -> str | None:
+    """The first of WRAPPER_KEYS whose entry in `state` is itself a mapping, if any."""
+    return next((k for k in WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)

@@ -67,14 +67,39 @@ def to_numpy(value: Any) -> np.ndarray:
     return np.array(value, copy=True)
 
 
+def strip_data_parallel_prefix(key: str) -> str:
+    """`key` without its DataParallel `module.` prefixes (`module.module.fc` -> `fc`)."""
+    while key.startswith(STRIPPED_PREFIX):
+        key = key.removeprefix(STRIPPED_PREFIX)
+    return key
+
+
 def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Drop `num_batches_tracked`, strip a DataParallel `module.` prefix, convert to numpy."""
+    """Drop `num_batches_tracked`, strip DataParallel `module.` prefixes, convert to numpy."""
     out = {}
     for key, value in state_dict.items():
         if key.endswith(IGNORED_SUFFIXES):
             continue
-        out[key.removeprefix(STRIPPED_PREFIX)] = to_numpy(value)
+        out[strip_data_parallel_prefix(key)] = to_numpy(value)
     return out
+
+
+def check_values(state_dict: Mapping[str, np.ndarray], keys: list[str]) -> None:
+    """ValueError naming every tensor of `keys` that is not floating point or holds NaN/inf."""
+    problems = []
+    for key in keys:
+        value = state_dict[key]
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            problems.append(f"{key}: dtype {value.dtype} is not floating point")
+        elif not np.isfinite(value).all():
+            problems.append(
+                f"{key}: {int(np.size(value) - np.isfinite(value).sum())} NaN/inf values"
+            )
+    if problems:
+        raise ValueError(
+            f"state_dict tensors cannot be loaded as weights ({len(problems)}): "
+            + "; ".join(problems)
+        )
 
 
 def load_torch_state_dict(
@@ -90,6 +115,8 @@ def load_torch_state_dict(
     statistics become `mean`/`var`. With `strict=True` nothing is written unless every key
     matches; otherwise one `StateDictMismatchError` lists every missing, unexpected and
     mis-shaped key. With `strict=False` the matching keys are loaded and the report returned.
+    Either way, a tensor to load that is not floating point or holds NaN/inf is refused (one
+    ValueError naming them all) before anything is written.
     """
     check_layout(layout)
     expected = bindings(module, layout)
@@ -106,6 +133,7 @@ def load_torch_state_dict(
             report.mismatched.append((key, want, got))
     if strict and not report.ok:
         raise StateDictMismatchError(module, layout, report)
+    check_values(given, report.loaded)
     for key in report.loaded:
         binding = expected[key]
         value = binding.transform.to_flax(given[key])
@@ -116,11 +144,12 @@ def load_torch_state_dict(
 
 
 def to_torch_state_dict(module: nnx.Module, *, layout: str = "official") -> dict[str, np.ndarray]:
-    """Numpy arrays under PyTorch names and layouts (BatchNorm running statistics included)."""
+    """Numpy arrays under PyTorch names and layouts (BatchNorm running statistics included):
+    writable, C-contiguous copies (`torch.from_numpy` takes them without a warning)."""
     check_layout(layout)
     return {
-        key: np.ascontiguousarray(
-            binding.transform.to_torch(np.asarray(binding.variable.get_value()))
+        key: np.array(
+            binding.transform.to_torch(np.asarray(binding.variable.get_value())), order="C"
         )
         for key, binding in bindings(module, layout).items()
     }

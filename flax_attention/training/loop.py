@@ -277,6 +277,8 @@ class _Run:
                 model_dir,
                 name=self.cfg.model,
                 constructor_args=self.model_args,
+                dataset=self.cfg.dataset,
+                image_size=self.cfg.image_size or self.spec.image_size,
                 overwrite=True,
             )
             plot_curves(self.log.records(), plot, title=f"{self.cfg.model} on {self.cfg.dataset}")

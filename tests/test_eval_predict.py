@@ -1,0 +1,135 @@
+"""`flax-attention eval` and `predict` on a saved digits model: the numbers equal a direct
+evaluation of the restored model, the images get the dataset's evaluation preprocessing."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from flax_attention import checkpoint, data
+from flax_attention.cli import load_image, main
+from flax_attention.models import MODELS, BasicBlock, ModelSpec, create_model
+
+TINY = "tiny_se_resnet"  # one SE BasicBlock stage: fast to compile on CPU
+ARGS = {"num_classes": 10, "in_channels": 1}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(data_dir, model_dir, images dir) with TINY registered for the module's tests."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(
+            MODELS, TINY, ModelSpec(TINY, BasicBlock, (1,), "test", "official", {"attention": "se"})
+        )
+        root = tmp_path_factory.mktemp("eval")
+        data.build_digits(root / "tfds")
+        model = nnx.eval_shape(lambda: create_model(TINY, rngs=nnx.Rngs(0), **ARGS))
+        rng = np.random.default_rng(0)
+        nnx.update(
+            model,
+            jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(a.dtype), nnx.state(model)),
+        )
+        for _, bn in nnx.iter_graph(model):
+            if isinstance(bn, nnx.BatchNorm):
+                bn.var.set_value(np.abs(bn.var.get_value()) + 0.5)
+        checkpoint.save(
+            model, root / "model", name=TINY, constructor_args=ARGS, dataset="digits", image_size=16
+        )
+        checkpoint.save(model, root / "no_dataset", name=TINY, constructor_args=ARGS)
+        rgb = nnx.eval_shape(lambda: create_model(TINY, rngs=nnx.Rngs(0), num_classes=10))
+        nnx.update(
+            rgb, jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(a.dtype), nnx.state(rgb))
+        )
+        rgb_args = {"num_classes": 10}
+        checkpoint.save(
+            rgb, root / "cifar", name=TINY, constructor_args=rgb_args, dataset="cifar10"
+        )
+        yield root / "tfds", root / "model", root
+
+
+def direct_logits(model_dir, images: np.ndarray) -> np.ndarray:
+    model = checkpoint.restore(None, model_dir)
+    return np.asarray(model(images), np.float64)
+
+
+def test_eval_prints_top1_top5_loss_of_the_restored_model(setup, capsys):
+    data_dir, model_dir, _ = setup
+    argv = ["eval", str(model_dir), "--data-dir", str(data_dir), "--batch-size", "100"]
+    assert main(argv) == 0  # 360 test images: 3 full batches and a padded one
+    printed = capsys.readouterr().out
+    batch = data.make_dataset("digits", train=False, batch_size=360, data_dir=data_dir)[0]
+    logits, labels = direct_logits(model_dir, batch["image"]), batch["label"]
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    top5 = np.argsort(-logits, axis=-1)[:, :5]
+    top1 = (top5[:, 0] == labels).mean()
+    top5 = (top5 == labels[:, None]).any(-1).mean()
+    loss = -log_probs[np.arange(360), labels].mean()
+    expected = (
+        f"on digits test (360 images, 16x16): top-1 {top1:.2%}, top-5 {top5:.2%}, loss {loss:.4f}"
+    )
+    assert expected in printed, printed
+
+
+def test_eval_split_and_dataset_flags(setup, capsys):
+    data_dir, model_dir, root = setup
+    base = ["eval", str(model_dir), "--data-dir", str(data_dir)]
+    assert main([*base, "--split", "train[:50]", "--dataset", "digits"]) == 0
+    assert "on digits train[:50] (50 images, 16x16)" in capsys.readouterr().out
+    assert main([*base, "--split", "tests"]) == 2
+    assert capsys.readouterr().err.startswith("error: --split 'tests': Unknown split 'tests'")
+    assert main([*base, "--dataset", "cifar100"]) == 2
+    assert capsys.readouterr().err == f"error: {model_dir} has 10 classes, dataset 'cifar100' 100\n"
+    assert main(["eval", str(root / "no_dataset"), "--data-dir", str(data_dir)]) == 2
+    assert "records no dataset (converted weights?); pass --dataset NAME" in capsys.readouterr().err
+
+
+def test_predict_prints_the_top5_digits_of_each_image(setup, tmp_path, capsys):
+    data_dir, model_dir, _ = setup
+    source = data.data_source("digits", "test", data_dir)
+    paths = [tmp_path / f"digit{i}.png" for i in range(3)]
+    for i, path in enumerate(paths):
+        Image.fromarray(source[i]["image"][..., 0]).save(path)
+    batch = data.make_dataset("digits", train=False, batch_size=3, data_dir=data_dir)[0]
+    spec = data.get_spec("digits")
+    for i, path in enumerate(paths):  # exactly the evaluation pipeline's input
+        np.testing.assert_array_equal(load_image(path, spec, 16), batch["image"][i])
+
+    assert main(["predict", str(model_dir), *map(str, paths)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    logits = direct_logits(model_dir, batch["image"])
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    assert len(lines) == 3
+    for line, path, p in zip(lines, paths, probs, strict=True):
+        top = np.argsort(-p)[:5]
+        assert line == f"{path}: " + ", ".join(f"{c} {p[c]:.2%}" for c in top)
+        assert re.fullmatch(r"\S+: (\d \d+\.\d\d%, ){4}\d \d+\.\d\d%", line)
+
+
+def test_predict_refuses_what_is_not_an_image(setup, tmp_path, capsys):
+    _, model_dir, _ = setup
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    assert main(["predict", str(model_dir), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: not an image Pillow can read") and err.count("\n") == 1
+    assert main(["predict", str(model_dir), str(tmp_path / "absent.png")]) == 2
+    assert capsys.readouterr().err == f"error: no image file at {tmp_path / 'absent.png'}\n"
+
+
+def test_predict_names_cifar10_classes_and_prints_indices_otherwise(setup, tmp_path, capsys):
+    _, _, root = setup
+    photo = tmp_path / "photo.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(photo)
+    assert main(["predict", str(root / "cifar"), str(photo)]) == 0
+    names = "airplane|automobile|bird|cat|deer|dog|frog|horse|ship|truck"
+    line = capsys.readouterr().out.strip()
+    assert re.fullmatch(rf"{photo}: (({names}) \d+\.\d\d%(, |$)){{5}}", line), line
+    assert main(["predict", str(root / "cifar"), str(photo), "--dataset", "imagenet2012"]) == 0
+    line = capsys.readouterr().out.strip()  # 224x224 center crop; no ImageNet names here
+    assert re.fullmatch(rf"{photo}: (\d \d+\.\d\d%(, |$)){{5}}", line), line
