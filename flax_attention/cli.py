@@ -204,7 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--split {split!r}: {err}") from None
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)
     state = TrainState(params, batch_stats, None, jnp.zeros((), jnp.int32), jax.random.PRNGKey(0))
-    step = jax.jit(partial(eval_step, graphdef))
+    step = jax.jit(partial(eval_step, graphdef, mean=spec.mean, std=spec.std))
     totals: Counter[str] = Counter()
     for i in range(len(ds)):
         sums = jax.device_get(step(state, _padded(ds[i], args.batch_size)))
@@ -229,8 +229,8 @@ def _padded(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
 
 
 def load_image(path: str | Path, spec: DatasetSpec, size: int) -> np.ndarray:
-    """Image file `path` as the model takes it: float32 (size, size, spec.channels), after the
-    dataset's evaluation transform and mean/std normalisation (as in its evaluation batches)."""
+    """Image file `path` as in the dataset's evaluation batches: uint8 (size, size,
+    spec.channels) after its evaluation transform (normalise with `data.normalize_images`)."""
     from PIL import Image, UnidentifiedImageError
 
     if not Path(path).is_file():
@@ -240,16 +240,15 @@ def load_image(path: str | Path, spec: DatasetSpec, size: int) -> np.ndarray:
             pixels = np.asarray(image.convert("L" if spec.channels == 1 else "RGB"), np.uint8)
     except (UnidentifiedImageError, OSError) as err:
         raise UsageError(f"{path}: not an image Pillow can read ({err})") from None
-    pixels = spec.eval_transform(pixels.reshape(*pixels.shape[:2], spec.channels), size)
-    mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
-    return (pixels.astype(np.float32) / 255.0 - mean) / std
+    return spec.eval_transform(pixels.reshape(*pixels.shape[:2], spec.channels), size)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     model, name, size = _restore_for(args)
     spec = data.get_spec(name)
-    images = np.stack([load_image(path, spec, size) for path in args.images])
-    probs = np.asarray(jax.nn.softmax(_jitted_forward(model)(jnp.asarray(images)), axis=-1))
+    pixels = np.stack([load_image(path, spec, size) for path in args.images])
+    images = data.normalize_images(jnp.asarray(pixels), spec.mean, spec.std)
+    probs = np.asarray(jax.nn.softmax(_jitted_forward(model)(images), axis=-1))
     names = CLASS_NAMES.get(name, ())
     label = names.__getitem__ if len(names) == probs.shape[-1] else str
     for path, p in zip(args.images, probs, strict=True):

@@ -52,9 +52,11 @@ def setup(tmp_path_factory):
         yield root / "tfds", root / "model", root
 
 
-def direct_logits(model_dir, images: np.ndarray) -> np.ndarray:
+def direct_logits(model_dir, images: np.ndarray, dataset: str = "digits") -> np.ndarray:
+    """The restored model's logits on uint8 evaluation `images`, normalised as the steps do."""
+    spec = data.get_spec(dataset)
     model = checkpoint.restore(None, model_dir)
-    return np.asarray(model(images), np.float64)
+    return np.asarray(model(data.normalize_images(images, spec.mean, spec.std)), np.float64)
 
 
 def test_eval_prints_top1_top5_loss_of_the_restored_model(setup, capsys):
