@@ -6,8 +6,8 @@ donated; bf16 compute, float32 parameters; synthetic NHWC data already on the de
 batches rotated; steps queued with no host sync in the loop. First-step compile time and the
 compiled step's memory (arguments + temporaries + outputs) are recorded.
 
-PyTorch: timm's resnet50/seresnet50 where timm imports, our tests/torch_models.py references for
-the others; channels_last, autocast bf16, SGD momentum, eager and torch.compile.
+PyTorch: timm's resnet50/seresnet50 where timm imports, our flax_attention.reference
+models for the others; channels_last, autocast bf16, SGD momentum, eager and torch.compile.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from benchmarks.common import (
     torch_compile,
     torch_cuda,
     torch_sync,
-    torch_tests_path,
 )
 from flax_attention.layers import CBAM, SE
 from flax_attention.models import create_model
@@ -150,10 +149,9 @@ def torch_model(name: str, torch):
             return timm.create_model(TIMM[name], num_classes=NUM_CLASSES), "timm"
     except ImportError:
         pass
-    torch_tests_path()
-    import torch_models
+    from flax_attention.reference.models import torch_model as reference_model
 
-    return torch_models.torch_model(name, NUM_CLASSES), "tests/torch_models.py"
+    return reference_model(name, NUM_CLASSES), "flax_attention.reference"
 
 
 def torch_row(name: str, compiled: bool, settings: Settings, batch: int, image: int) -> dict:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch_models import reference
 
 from flax_attention import checkpoint
 from flax_attention.cli import main
 from flax_attention.convert import to_torch_state_dict
+from flax_attention.reference.models import reference
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,6 @@ import pytest
 import torch
 from flax import nnx
 from parity import nchw, nhwc, rel_l2
-from torch_models import (
-    ATTENTION,
-    TorchBasicBlock,
-    TorchBottleneck,
-    TorchEPSABlock,
-    TorchResNet,
-    randomize_batchnorms_,
-    reference,
-    torch_model,
-)
 
 from flax_attention.convert import (
     StateDictMismatchError,
@@ -35,6 +25,16 @@ from flax_attention.models import (
     create_model,
     get_spec,
     list_models,
+)
+from flax_attention.reference.models import (
+    ATTENTION,
+    TorchBasicBlock,
+    TorchBottleneck,
+    TorchEPSABlock,
+    TorchResNet,
+    randomize_batchnorms_,
+    reference,
+    torch_model,
 )
 
 TOL = 1e-4
