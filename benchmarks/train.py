@@ -13,7 +13,6 @@ models for the others; channels_last, autocast bf16, SGD momentum, eager and tor
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +31,6 @@ from benchmarks.common import (
     torch_cuda,
     torch_sync,
 )
-from flax_attention.layers import CBAM, SE
 from flax_attention.models import create_model
 
 MODELS = ("resnet50", "seresnet50", "cbam_resnet50", "bam_resnet50", "epsanet50_small")
@@ -40,18 +38,6 @@ TIMM = {"resnet50": "resnet50", "seresnet50": "seresnet50"}
 BATCH, QUICK_BATCH = 256, 2
 IMAGE, QUICK_IMAGE = 224, 64
 NUM_CLASSES = 1000
-
-
-def _attention(name: str, impl: str) -> dict[str, Any]:
-    """Model keywords that route the model's gates through `impl` (no keywords for "xla")."""
-    if impl == "xla":
-        return {}
-    dt = dict(dtype=jnp.bfloat16)
-    factories: dict[str, Callable] = {
-        "seresnet50": lambda c, **kw: SE(c, 16, bias=True, rd_divisor=8, impl=impl, **dt, **kw),
-        "cbam_resnet50": lambda c, **kw: CBAM(c, 16, impl=impl, **dt, **kw),
-    }
-    return {"attention": factories[name]}
 
 
 def model_impls(name: str, kernel_impls: tuple[str, ...]) -> tuple[str, ...]:
@@ -101,7 +87,7 @@ def flax_step(name: str, impl: str, batch: int, image: int, inputs: int) -> Flax
         rngs=nnx.Rngs(0),
         dtype=jnp.bfloat16,
         param_dtype=jnp.float32,
-        **_attention(name, impl),
+        impl=impl,
     )
     model.train()
     step, state = make_step(model, optax.sgd(0.1, momentum=0.9))
