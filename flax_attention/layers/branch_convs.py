@@ -8,7 +8,7 @@ formulations compute the same sums (they differ only in the order of float32 add
   (g_i times the FLOPs, but the matrix units run at full width);
 - `merged`: one conv for all branches, every block-diagonal kernel zero-padded to the largest
   size and centred, outputs concatenated then split.
-On an H100 (benchmarks/results/nvidia-h100-80gb-hbm3/psa_convs.json, EPSANet-50's shapes),
+On an H100 (benchmarks/experiments/psa_convs.py, EPSANet-50's shapes),
 grouped convs with g >= 4 ran at 6-73 TFLOP/s; `plan` picks per module from the size of the
 dense kernels: merged when the merged kernel is small, else dense per branch where its kernel
 is, else grouped.
