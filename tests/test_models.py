@@ -40,7 +40,7 @@ from flax_attention.reference.models import (
 TOL = 1e-4
 NUM_CLASSES = 10
 
-# SPEC.md "ResNet scaffolding" and "PSA": whole-model parameter counts.
+# Whole-model parameter counts, from the specification's "ResNet scaffolding" and "PSA" sections.
 PARAM_COUNTS = {
     "resnet50": 25_557_032,
     "cbam_resnet50": 28_089_624,
