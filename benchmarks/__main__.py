@@ -91,9 +91,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def shard_list(args: argparse.Namespace, suites: list[str], frameworks: list[str]) -> list:
-    """The warm phase's shards for `suites` and `frameworks`, longest first."""
+    """The warm phase's shards for `suites` and `frameworks`, longest first (as last run)."""
     split = lambda text: [s for s in text.split(",") if s]  # noqa: E731
-    out = warm.shards(suites, split(args.models), split(args.modules), frameworks, args.train_impls)
+    seconds = warm.recorded_seconds(args.out / device_slug(args.quick))
+    out = warm.shards(
+        suites, split(args.models), split(args.modules), frameworks, args.train_impls, seconds
+    )
     return [replace(s, args=(*s.args, "--quick")) for s in out] if args.quick else out
 
 

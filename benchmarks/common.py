@@ -1,6 +1,6 @@
 """Shared benchmark machinery: timing, device facts, copy bandwidth, JSON rows and PNG charts.
 
-Timing rules (METHOD.md): warm-up calls are excluded (compilation, autotuning, allocator growth),
+Timing rules: warm-up calls are excluded (compilation, autotuning, allocator growth),
 every sample ends with a device sync (`block_until_ready` / `torch.cuda.synchronize`), each sample
 runs `inner` back-to-back calls that rotate over several distinct random input sets (so caches
 do not flatter a repeated buffer; never zeros), and we report the median with p10/p90 over many
@@ -209,13 +209,6 @@ def torch_cuda() -> Any | None:
     except ImportError:
         return None
     return torch if torch.cuda.is_available() else None
-
-
-def torch_tests_path() -> None:
-    """Make the PyTorch reference modules in tests/ importable (torch_reference, torch_models)."""
-    tests = str(ROOT / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
 
 
 # ---------------------------------------------------------------------------------------------

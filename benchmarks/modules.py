@@ -2,7 +2,7 @@
 
 Shapes are the four ResNet-50 stage outputs at batch 128. Each module runs in training mode
 (BatchNorm on batch statistics). Ours: every `impl` the module has (`xla`, `pallas`). PyTorch:
-our reference modules from tests/torch_reference.py, channels_last, bf16, eager and
+the reference modules of flax_attention.reference.layers, channels_last, bf16, eager and
 torch.compile, when torch sees a CUDA device.
 
 Minimal bytes (the floor, at the copy bandwidth measured in the same run): forward reads x and
@@ -33,7 +33,6 @@ from benchmarks.common import (
     torch_compile,
     torch_cuda,
     torch_sync,
-    torch_tests_path,
 )
 from flax_attention import BAM, CBAM, PSA, SE
 
@@ -62,8 +61,7 @@ def _psa_flops(shape: tuple[int, ...], kernels=(3, 5, 7, 9), groups=(1, 4, 8, 16
 
 
 def _torch_modules() -> dict[str, Callable[[int], Any]]:
-    torch_tests_path()
-    import torch_reference as ref
+    from flax_attention.reference import layers as ref
 
     return {
         "se": lambda c: ref.SELayer(c, c // 16, bias=False),

@@ -59,7 +59,7 @@ def executors(quick: bool) -> dict[str, Callable]:
         gpu = InterpretGPUParams()
         return {
             "xla": Xla(),
-            "pallas_interpret": PallasCall("pallas_interpret", lambda: {"interpret": True}),
+            "pallas_interpret": PallasCall(lambda: {"interpret": True}),
             "mosaic_interpret": MosaicGpu(interpret=gpu, tma_stores=False),
         }
     return {"xla": Xla(), "mosaic_tma": MosaicGpu(), "mosaic_direct": MosaicGpu(tma_stores=False)}

@@ -8,8 +8,8 @@ copies, collectives, other), with its time per step and the bytes its operands a
 occupy, so that memory-bound categories can be read against the copy bandwidth.
 
 `python -m benchmarks.profile_step [--models resnet50,...] [--steps 5] [--quick] [--save-hlo]
-[--out DIR]`
-writes `<out>/profile_step.json` (per model: categories and the 25 costliest instructions).
+[--out DIR]` writes `<out>/profile_step.json` (per model: categories and the 25 costliest
+instructions); `<out>` is benchmarks/results/<device> unless given.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import jax
 from jax.profiler import ProfileData
 
 from benchmarks import train
-from benchmarks.common import error_text
+from benchmarks.common import RESULTS, device_slug, error_text
 
 ITEMSIZE = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8, "s32": 4, "u32": 4, "s8": 1, "u8": 1}
 ITEMSIZE.update(pred=1, s64=8, u64=8)
@@ -151,9 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default=",".join(train.MODELS), help="comma-separated models")
     p.add_argument("--steps", type=int, default=5, help="steps traced per model")
     p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke)")
-    p.add_argument("--out", type=Path, default=Path("."), help="folder for profile_step.json")
+    p.add_argument("--out", type=Path, help="folder for profile_step.json")
     p.add_argument("--save-hlo", action="store_true", help="also write <out>/<model>.hlo.txt.gz")
     args = p.parse_args(argv)
+    args.out = args.out or RESULTS / device_slug(args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
     batch = train.QUICK_BATCH if args.quick else train.BATCH
     image = train.QUICK_IMAGE if args.quick else train.IMAGE

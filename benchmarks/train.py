@@ -6,14 +6,13 @@ donated; bf16 compute, float32 parameters; synthetic NHWC data already on the de
 batches rotated; steps queued with no host sync in the loop. First-step compile time and the
 compiled step's memory (arguments + temporaries + outputs) are recorded.
 
-PyTorch: timm's resnet50/seresnet50 where timm imports, our tests/torch_models.py references for
-the others; channels_last, autocast bf16, SGD momentum, eager and torch.compile.
+PyTorch: timm's resnet50/seresnet50 where timm imports, our flax_attention.reference
+models for the others; channels_last, autocast bf16, SGD momentum, eager and torch.compile.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,9 +30,7 @@ from benchmarks.common import (
     torch_compile,
     torch_cuda,
     torch_sync,
-    torch_tests_path,
 )
-from flax_attention.layers import CBAM, SE
 from flax_attention.models import create_model
 
 MODELS = ("resnet50", "seresnet50", "cbam_resnet50", "bam_resnet50", "epsanet50_small")
@@ -41,18 +38,6 @@ TIMM = {"resnet50": "resnet50", "seresnet50": "seresnet50"}
 BATCH, QUICK_BATCH = 256, 2
 IMAGE, QUICK_IMAGE = 224, 64
 NUM_CLASSES = 1000
-
-
-def _attention(name: str, impl: str) -> dict[str, Any]:
-    """Model keywords that route the model's gates through `impl` (no keywords for "xla")."""
-    if impl == "xla":
-        return {}
-    dt = dict(dtype=jnp.bfloat16)
-    factories: dict[str, Callable] = {
-        "seresnet50": lambda c, **kw: SE(c, 16, bias=True, rd_divisor=8, impl=impl, **dt, **kw),
-        "cbam_resnet50": lambda c, **kw: CBAM(c, 16, impl=impl, **dt, **kw),
-    }
-    return {"attention": factories[name]}
 
 
 def model_impls(name: str, kernel_impls: tuple[str, ...]) -> tuple[str, ...]:
@@ -102,7 +87,7 @@ def flax_step(name: str, impl: str, batch: int, image: int, inputs: int) -> Flax
         rngs=nnx.Rngs(0),
         dtype=jnp.bfloat16,
         param_dtype=jnp.float32,
-        **_attention(name, impl),
+        impl=impl,
     )
     model.train()
     step, state = make_step(model, optax.sgd(0.1, momentum=0.9))
@@ -150,10 +135,9 @@ def torch_model(name: str, torch):
             return timm.create_model(TIMM[name], num_classes=NUM_CLASSES), "timm"
     except ImportError:
         pass
-    torch_tests_path()
-    import torch_models
+    from flax_attention.reference.models import torch_model as reference_model
 
-    return torch_models.torch_model(name, NUM_CLASSES), "tests/torch_models.py"
+    return reference_model(name, NUM_CLASSES), "flax_attention.reference"
 
 
 def torch_row(name: str, compiled: bool, settings: Settings, batch: int, image: int) -> dict:

@@ -5,7 +5,9 @@ Compilation dominates the suites' wall time: on an H100 torch.compile's first tr
 spread over CPU cores; timing must not share the GPU. So `python -m benchmarks` first runs shards
 (one suite restricted to one model or module and one framework) as `--warm-only` workers, several
 at a time: each case compiles into the caches of `common.enable_caches` and runs once, nothing is
-timed. The suites are then timed in one process, where a compile is a cache load.
+timed. The suites are then timed in one process, where a compile is a cache load. Workers
+start longest first, by the seconds each shard took in the previous run (the suites' JSON
+records them, `warm.shard_s`); shards without a recorded time start first.
 
 Not warmed: eager PyTorch (nothing to compile) and the passes suite (its Mosaic GPU kernels
 compile in each process, not into the caches: the main process compiles them during this phase,
@@ -32,28 +34,6 @@ from pathlib import Path
 
 from benchmarks.common import ROOT
 
-# Seconds each shard took on an H100 with 8 at once and the autotuning seeded (2026-11-22),
-# only to start the longest first; a shard not listed counts as DEFAULT_EST_S.
-EST_S = {
-    "train cbam_resnet50 torch.compile": 159,
-    "train epsanet50_small torch.compile": 149,
-    "train bam_resnet50 torch.compile": 116,
-    "train seresnet50 torch.compile": 110,
-    "train resnet50 torch.compile": 82,
-    "modules bam torch.compile": 81,
-    "modules psa torch.compile": 68,
-    "modules cbam torch.compile": 66,
-    "modules cbam flax": 51,
-    "train epsanet50_small flax": 43,
-    "modules se torch.compile": 40,
-    "modules psa flax": 36,
-    "modules se flax": 29,
-    "train cbam_resnet50 flax": 28,
-    "train bam_resnet50 flax": 26,
-    "modules bam flax": 25,
-    "train seresnet50 flax": 21,
-}
-DEFAULT_EST_S = 60
 GPU_GB = {("train", "torch.compile"): 15.0}  # a step runs at batch 256; ours only compiles
 SOLO = {"train resnet50 flax"}  # compiled first, alone: see the module docstring
 
@@ -65,7 +45,7 @@ class Shard:
     label: str
     args: tuple[str, ...]
     gpu_gb: float
-    est_s: float
+    est_s: float | None  # its seconds in the last run's warm phase; None: not recorded
     solo: bool = False
 
 
@@ -75,8 +55,11 @@ def shards(
     modules: list[str],
     frameworks: list[str],
     train_impls: str,
+    seconds: dict[str, float],
 ) -> list[Shard]:
-    """The train and modules suites' shards, longest first."""
+    """The train and modules suites' shards: the solo one, then those without a time in
+    `seconds` (`recorded_seconds`: a first run, a new case; they may be the longest), then the
+    rest longest first."""
     items = {"train": models, "modules": modules}
     out = []
     for suite in (s for s in ("train", "modules") if s in suites):
@@ -86,9 +69,21 @@ def shards(
                 args += ("--frameworks", fw, "--train-impls", train_impls)
                 label = f"{suite} {item} {fw}"
                 gb = GPU_GB.get((suite, fw), 4.0)
-                est = EST_S.get(label, DEFAULT_EST_S)
-                out.append(Shard(label, args, gb, est, label in SOLO))
-    return sorted(out, key=lambda s: (not s.solo, -s.est_s))
+                out.append(Shard(label, args, gb, seconds.get(label), label in SOLO))
+    return sorted(out, key=lambda s: (not s.solo, s.est_s is not None, -(s.est_s or 0.0)))
+
+
+def recorded_seconds(results: Path) -> dict[str, float]:
+    """Each shard's seconds in the last warm phase whose suites wrote JSON to the folder
+    `results` (their `warm.shard_s`); empty when there is none."""
+    seconds: dict[str, float] = {}
+    for path in sorted(results.glob("*.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        seconds.update(doc.get("warm", {}).get("shard_s", {}))
+    return seconds
 
 
 def run(shard_list: list[Shard], cache_dir: Path, out_dir: Path, jobs: int, gpu_gb: float) -> dict:

@@ -14,18 +14,27 @@ from benchmarks import autotune, warm
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_shards_solo_first_then_longest_and_no_eager_torch():
+def test_shards_solo_first_then_unmeasured_then_longest_and_no_eager_torch(tmp_path):
+    last_run = {"train seresnet50 flax": 21.0, "modules psa torch.compile": 67.6}
+    last_run |= {"train resnet50 flax": 44.0, "modules se flax": 29.0}
+    (tmp_path / "train.json").write_text(json.dumps({"warm": {"shard_s": last_run}}))
+    (tmp_path / "passes.json").write_text(json.dumps({"rows": []}))  # no warm phase
+    seconds = warm.recorded_seconds(tmp_path)
+    assert seconds == last_run and warm.recorded_seconds(tmp_path / "none") == {}
     shards = warm.shards(
         ["train", "modules", "passes"],
         ["resnet50", "seresnet50", "epsanet50_small"],
         ["se", "psa"],
         ["flax", "torch", "torch.compile"],
         "xla",
+        seconds,
     )
     labels = [s.label for s in shards]
     assert labels[0] == "train resnet50 flax" and shards[0].solo
     assert not any(s.solo for s in shards[1:])
-    assert [s.est_s for s in shards[1:]] == sorted((s.est_s for s in shards[1:]), reverse=True)
+    unmeasured = [s for s in shards[1:] if s.est_s is None]
+    assert shards[1 : 1 + len(unmeasured)] == unmeasured
+    assert labels[-3:] == ["modules psa torch.compile", "modules se flax", "train seresnet50 flax"]
     assert len(labels) == 2 * 3 + 2 * 2  # (flax, torch.compile) x (models + modules)
     assert not any(label.endswith(" torch") for label in labels)
     assert not any(label.startswith("passes") for label in labels)

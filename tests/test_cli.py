@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from torch_models import reference
 
 from flax_attention import checkpoint
 from flax_attention.cli import main
 from flax_attention.convert import to_torch_state_dict
+from flax_attention.reference.models import reference
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from parity import assert_close
 
 from flax_attention.layers import PSA
 from flax_attention.layers.branch_convs import FORMULATIONS, branch_convs, plan
-from flax_attention.models.stem import StemConv, direct, space_to_depth
+from flax_attention.layers.common import conv_nhwc
+from flax_attention.models.stem import StemConv, space_to_depth
 
 
 def _normal(seed: int, shape) -> jax.Array:
@@ -25,9 +26,9 @@ def test_space_to_depth_stem_equals_direct_conv(hw):
     def loss(fn):
         return lambda x, k: jnp.sum(fn(x, k, 2) * _normal(2, fn(x, k, 2).shape))
 
-    assert_close(space_to_depth(x, kernel, 2), direct(x, kernel, 2), "output", tol=1e-6)
+    assert_close(space_to_depth(x, kernel, 2), conv_nhwc(x, kernel, 2), "output", tol=1e-6)
     got = jax.grad(loss(space_to_depth), argnums=(0, 1))(x, kernel)
-    want = jax.grad(loss(direct), argnums=(0, 1))(x, kernel)
+    want = jax.grad(loss(conv_nhwc), argnums=(0, 1))(x, kernel)
     assert_close(got[0], want[0], "dx", tol=1e-6)
     assert_close(got[1], want[1], "dkernel", tol=1e-6)
 
@@ -36,7 +37,9 @@ def test_stem_module_keeps_the_hwio_kernel():
     stem = StemConv(3, 8, rngs=nnx.Rngs(0))
     assert stem.kernel[...].shape == (7, 7, 3, 8)
     x = _normal(3, (1, 16, 16, 3))
-    assert_close(stem(x), direct(x, stem.kernel[...], 2), "module output", tol=1e-6)
+    assert_close(stem(x), conv_nhwc(x, stem.kernel[...], 2), "module output", tol=1e-6)
+    direct = StemConv(3, 8, rngs=nnx.Rngs(0), formulation="direct")
+    assert_close(direct(x), stem(x), "direct formulation", tol=1e-6)
 
 
 @pytest.mark.parametrize("stride", [1, 2])

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-import torch_reference as ref
 from flax import nnx
 from parity import (
     assert_close,
@@ -24,6 +23,7 @@ from parity import (
 
 import flax_attention as fa
 from flax_attention.convert import load_torch_state_dict, to_torch_state_dict
+from flax_attention.reference import layers as ref
 
 
 @dataclass(frozen=True)

@@ -9,16 +9,6 @@ import pytest
 import torch
 from flax import nnx
 from parity import nchw, nhwc, rel_l2
-from torch_models import (
-    ATTENTION,
-    TorchBasicBlock,
-    TorchBottleneck,
-    TorchEPSABlock,
-    TorchResNet,
-    randomize_batchnorms_,
-    reference,
-    torch_model,
-)
 
 from flax_attention.convert import (
     StateDictMismatchError,
@@ -36,11 +26,21 @@ from flax_attention.models import (
     get_spec,
     list_models,
 )
+from flax_attention.reference.models import (
+    ATTENTION,
+    TorchBasicBlock,
+    TorchBottleneck,
+    TorchEPSABlock,
+    TorchResNet,
+    randomize_batchnorms_,
+    reference,
+    torch_model,
+)
 
 TOL = 1e-4
 NUM_CLASSES = 10
 
-# SPEC.md "ResNet scaffolding" and "PSA": whole-model parameter counts.
+# Whole-model parameter counts, from the specification's "ResNet scaffolding" and "PSA" sections.
 PARAM_COUNTS = {
     "resnet50": 25_557_032,
     "cbam_resnet50": 28_089_624,
@@ -245,12 +245,20 @@ def test_attention_argument_forms():
     with pytest.raises(ValueError, match="attention"):
         BasicBlock(64, 64, attention=3, rngs=nnx.Rngs(0))
 
-    def factory(channels, *, rngs):
-        return nnx.Linear(channels, channels, rngs=rngs)
+    def factory(channels, *, rngs, dtype, param_dtype, impl):
+        assert impl == "xla"
+        return nnx.Linear(channels, channels, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     block = nnx.eval_shape(lambda: Bottleneck(64, 16, attention=factory, rngs=nnx.Rngs(0)))
     assert block.attention.in_features == 64
     assert block.downsample is None  # 64 == 16 * 4 at stride 1
+
+    model = nnx.eval_shape(
+        lambda: create_model("cbam_resnet18", impl="xla_passes", rngs=nnx.Rngs(0))
+    )
+    assert {b.attention.impl for stage in model.stages for b in stage} == {"xla_passes"}
+    with pytest.raises(ValueError, match="impl"):
+        create_model("seresnet18", impl="triton", rngs=nnx.Rngs(0))
 
 
 def test_bad_constructor_arguments_and_inputs():

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 from parity import assert_close
-from torch_models import TorchBasicBlock, TorchResNet, randomize_batchnorms_
 
 from flax_attention import checkpoint, data
 from flax_attention.convert import load_torch_state_dict, to_torch_state_dict
 from flax_attention.models import MODELS, BasicBlock, ModelSpec, ResNet
+from flax_attention.reference.models import TorchBasicBlock, TorchResNet, randomize_batchnorms_
 from flax_attention.training import (
     TrainCheckpointer,
     TrainConfig,

@@ -1,7 +1,8 @@
 """Fused kernels for the memory-bound gates (SE, CBAM), each with a custom VJP.
 
 `passes` holds the steps over one tile, `executors` runs them (XLA, `pl.pallas_call`, Mosaic
-GPU), `se` and `cbam` schedule them; the modules' `impl=` picks the executor (`dispatch`).
+GPU), `se` and `cbam` schedule them around the modules' own gate math (their `excite` methods)
+with the pieces in `schedule`; the modules' `impl=` picks the executor (`dispatch`).
 """
 
 from flax_attention.kernels.cbam import cbam_fused

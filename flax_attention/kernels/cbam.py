@@ -1,9 +1,9 @@
 """Fused CBAM: channel gate then spatial gate, `y = round(x * cg) * sg`, with a custom VJP.
 
-Forward, 4 tensor passes: H*W sum and max (`CHANNEL_POOL`); the channel MLP in XLA; per-pixel
-max and sum over C of `x * cg` (`SPATIAL_POOL`); the 7x7 conv, BatchNorm and sigmoid on the
-(N, H, W, 2) descriptor in XLA; one pass writes y (`APPLY_BOTH_GATES`). `x * cg` is never
-stored. Backward, 6 passes: the gates' cotangents and the ties of both max pools
+Forward, 4 tensor passes: H*W sum and max (`CHANNEL_POOL`); the channel MLP in XLA
+(`ChannelGate.excite`); per-pixel max and sum over C of `x * cg` (`SPATIAL_POOL`); the 7x7 conv,
+BatchNorm and sigmoid on the (N, H, W, 2) descriptor in XLA (`SpatialGate.excite`); one pass
+writes y (`APPLY_BOTH_GATES`). `x * cg` is never stored. Backward, 6 passes: the gates' cotangents and the ties of both max pools
 (`BOTH_GATES_GRADS`, reads x and dy); the spatial gate's VJP in XLA; the descriptor's cotangent
 into cg (`DESCRIPTOR_GRADS`, reads x); the MLP's VJP in XLA; dx (`BOTH_GATES_INPUT_GRAD`, reads
 x and dy, writes dx). Ten passes against the five of the minimal bytes: the conv needs every
@@ -19,27 +19,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_attention.kernels import passes
-from flax_attention.kernels.executors import Problem
-from flax_attention.kernels.se import round_to
+from flax_attention.kernels.schedule import custom_vjp, pass_runner, round_to
 
 SUPPORTED_POOLS = ("avg", "max")
-
-
-def cbam_excite(gate: nnx.Module, pooled_sum: jax.Array, pooled_max: jax.Array, hw: int):
-    """`ChannelGate.gate` from the H*W sum and max: sigmoid(sum_p mlp(pool_p))."""
-    pools = {"avg": pooled_sum / hw, "max": pooled_max}
-    total = 0.0
-    for pool in gate.pool_types:
-        s = pools[pool].astype(gate.dtype)
-        total = total + gate.fc2(jax.nn.relu(gate.fc1(s))).astype(jnp.float32)
-    return jax.nn.sigmoid(total)
-
-
-def spatial_excite(gate: nnx.Module, pix_max: jax.Array, pix_mean: jax.Array) -> jax.Array:
-    """`SpatialGate.gate` from the per-pixel descriptor (N, H, W) each -> (N, H, W) float32."""
-    pools = {"max": pix_max, "mean": pix_mean}
-    s = jnp.stack([pools[p] for p in gate.descriptor], axis=-1).astype(gate.dtype)
-    return jax.nn.sigmoid(gate.bn(gate.conv(s)).astype(jnp.float32))[..., 0]
 
 
 def cbam_fused(module: nnx.Module, x: jax.Array, *, executor: Any) -> jax.Array:
@@ -48,25 +30,18 @@ def cbam_fused(module: nnx.Module, x: jax.Array, *, executor: Any) -> jax.Array:
     In training mode the spatial BatchNorm's running statistics are updated as the XLA path does.
     """
     n, h, w, c = x.shape
-    problem = Problem(n, h * w, c, x.dtype)
+    run = pass_runner(executor, x)
     graphdef, state = nnx.split(module)
 
-    def run(p, **inputs):
-        return executor(p, problem, **inputs)
-
     def channel(state, pooled_sum, pooled_max):
-        m = nnx.merge(graphdef, state)
-        return cbam_excite(m.channel_gate, pooled_sum, pooled_max, h * w)
+        excite = nnx.merge(graphdef, state).channel_gate.excite
+        return excite({"avg": pooled_sum / (h * w), "max": pooled_max})
 
     def spatial(state, pix_max, pix_sum):
         m = nnx.merge(graphdef, state)
-        pix_mean = (pix_sum / c).reshape(n, h, w)
-        sg = spatial_excite(m.spatial_gate, pix_max.reshape(n, h, w), pix_mean)
+        pooled = {"max": pix_max.reshape(n, h, w), "avg": (pix_sum / c).reshape(n, h, w)}
+        sg = m.spatial_gate.excite(pooled)
         return sg.reshape(n, h * w), nnx.state(m, nnx.BatchStat)
-
-    @jax.custom_vjp
-    def fused(state, x3):
-        return fwd(state, x3)[0]
 
     def fwd(state, x3):
         pools = run(passes.CHANNEL_POOL, x=x3)
@@ -99,8 +74,7 @@ def cbam_fused(module: nnx.Module, x: jax.Array, *, executor: Any) -> jax.Array:
         )["dx"]
         return jax.tree.map(jnp.add, d_state_s, d_state_c), dx
 
-    fused.defvjp(fwd, bwd)
-    y, stats = fused(state, x.reshape(n, h * w, c))
+    y, stats = custom_vjp(fwd, bwd)(state, x.reshape(n, h * w, c))
     if not module.spatial_gate.bn.use_running_average:  # training: new running statistics
         nnx.update(module, stats)
     return y.reshape(x.shape)

@@ -31,9 +31,9 @@ EXECUTORS: dict[tuple[str, str], Callable[[], Any]] = {
     ("xla_passes", "cpu"): Xla,
     ("xla_passes", "gpu"): Xla,
     ("xla_passes", "tpu"): Xla,
-    ("pallas", "cpu"): lambda: PallasCall("pallas_interpret", lambda: {"interpret": True}),
+    ("pallas", "cpu"): lambda: PallasCall(lambda: {"interpret": True}),
     ("pallas", "gpu"): MosaicGpu,
-    ("pallas", "tpu"): lambda: PallasCall("pallas_tpu", _tpu),
+    ("pallas", "tpu"): lambda: PallasCall(_tpu),
 }
 
 # Platform -> impls `"auto"` tries in order; the first whose executor takes the shape wins.

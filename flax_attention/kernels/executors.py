@@ -66,8 +66,6 @@ def _outputs(p: Pass, results: dict[str, jax.Array]) -> dict[str, jax.Array]:
 class Xla:
     """The step on whole tensors: channels (N, 1, C), pixels (N, HW, 1)."""
 
-    name = "xla"
-
     def unsupported(self, problem: Problem) -> str | None:
         return None
 
@@ -106,7 +104,6 @@ def pallas_channels(c: int) -> int:
 class PallasCall:
     """`pl.pallas_call` with backend keyword arguments (`interpret=`, `compiler_params=`)."""
 
-    name: str
     backend: Callable[[], dict[str, Any]]
 
     def unsupported(self, problem: Problem) -> str | None:
@@ -182,7 +179,6 @@ class MosaicGpu:
     """`plgpu.kernel` + `plgpu.emit_pipeline`; `interpret` runs it in the Mosaic GPU
     interpreter (CPU) with `ArrayOps`."""
 
-    name: str = "mosaic_gpu"
     interpret: Any = None
     sms: int = 132
     smem_bytes: int = 160 * 1024  # budget for the pipelined tiles of one thread block

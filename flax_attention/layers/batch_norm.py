@@ -88,9 +88,11 @@ batch_norm_train.defvjp(_forward, _backward)
 class BatchNorm(nnx.BatchNorm):
     """`nnx.BatchNorm` with PyTorch's training semantics.
 
-    `momentum` is PyTorch's (weight of the new batch, 0.1 by default). In training mode the input
-    is normalised with the biased batch variance, computed as mean((x - mean)^2) in float32, and
-    the running variance is updated with the unbiased one (times n/(n-1)), as PyTorch does.
+    The `momentum` argument is PyTorch's (weight of the new batch, 0.1 by default); the
+    `momentum` attribute keeps Flax's meaning, the weight of the old running value, so it holds
+    1 - the argument. In training mode the input is normalised with the biased batch variance,
+    computed as mean((x - mean)^2) in float32, and the running variance is updated with the
+    unbiased one (times n/(n-1)), as PyTorch does.
     Statistics are averaged over `axis_name` (pmap/shard_map) when it is given. Features last.
     """
 
@@ -133,7 +135,7 @@ class BatchNorm(nnx.BatchNorm):
         )
         count = _global_count(x, self.axis_name)
         unbiased = var * (count / jnp.maximum(count - 1, 1))
-        keep = self.momentum  # Flax convention: weight of the old value
+        keep = self.momentum  # Flax's meaning: weight of the old value (1 - PyTorch's)
         self.mean[...] = jax.lax.stop_gradient(keep * self.mean[...] + (1 - keep) * mean)
         self.var[...] = jax.lax.stop_gradient(keep * self.var[...] + (1 - keep) * unbiased)
         return y

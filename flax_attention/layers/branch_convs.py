@@ -8,7 +8,7 @@ formulations compute the same sums (they differ only in the order of float32 add
   (g_i times the FLOPs, but the matrix units run at full width);
 - `merged`: one conv for all branches, every block-diagonal kernel zero-padded to the largest
   size and centred, outputs concatenated then split.
-On an H100 (benchmarks/results/nvidia-h100-80gb-hbm3/psa_convs.json, EPSANet-50's shapes),
+On an H100 (benchmarks/experiments/psa_convs.py, EPSANet-50's shapes),
 grouped convs with g >= 4 ran at 6-73 TFLOP/s; `plan` picks per module from the size of the
 dense kernels: merged when the merged kernel is small, else dense per branch where its kernel
 is, else grouped.
@@ -21,24 +21,13 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from flax_attention.layers.common import conv_nhwc
+
 # Dense kernels of at most this many multiply-adds per output pixel ran faster than the
 # grouped convolution at every EPSANet-50 stage shape measured; larger ones ran slower.
 DENSE_MACS_LIMIT = 2**21
 
 Branch = tuple[jax.Array, int]  # (grouped HWIO kernel, groups)
-
-
-def conv(x: jax.Array, kernel: jax.Array, stride: int, groups: int = 1) -> jax.Array:
-    """NHWC convolution with PyTorch's symmetric padding k // 2."""
-    pad = kernel.shape[0] // 2
-    return jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        (stride, stride),
-        ((pad, pad), (pad, pad)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups,
-    )
 
 
 def block_diagonal(kernel: jax.Array, groups: int) -> jax.Array:
@@ -56,17 +45,17 @@ def _centred(kernel: jax.Array, size: int) -> jax.Array:
 
 
 def grouped(x: jax.Array, branches: Sequence[Branch], stride: int) -> list[jax.Array]:
-    return [conv(x, kernel, stride, g) for kernel, g in branches]
+    return [conv_nhwc(x, kernel, stride, g) for kernel, g in branches]
 
 
 def dense(x: jax.Array, branches: Sequence[Branch], stride: int) -> list[jax.Array]:
-    return [conv(x, block_diagonal(kernel, g), stride) for kernel, g in branches]
+    return [conv_nhwc(x, block_diagonal(kernel, g), stride) for kernel, g in branches]
 
 
 def merged(x: jax.Array, branches: Sequence[Branch], stride: int) -> list[jax.Array]:
     size = max(kernel.shape[0] for kernel, _ in branches)
     kernels = [_centred(block_diagonal(kernel, g), size) for kernel, g in branches]
-    y = conv(x, jnp.concatenate(kernels, axis=-1), stride)
+    y = conv_nhwc(x, jnp.concatenate(kernels, axis=-1), stride)
     bounds = [kernel.shape[-1] for kernel, _ in branches]
     return jnp.split(y, [sum(bounds[:i]) for i in range(1, len(bounds))], axis=-1)
 

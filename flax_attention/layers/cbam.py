@@ -8,7 +8,7 @@ descriptor [mean, max], BatchNorm momentum 0.1).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import jax
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_attention.kernels import cbam_fused, channel_gate_fused, check_impl, fused_executor
-from flax_attention.kernels.cbam import SUPPORTED_POOLS, cbam_excite
+from flax_attention.kernels.cbam import SUPPORTED_POOLS
 from flax_attention.layers.batch_norm import BatchNorm
 from flax_attention.layers.common import (
     Dtype,
@@ -32,7 +32,6 @@ Pool = Callable[[jax.Array, tuple[int, ...]], jax.Array]
 # Reductions in float32 over `axes` of an NHWC array.
 POOLS: dict[str, Pool] = {
     "avg": lambda x, axes: jnp.mean(x, axis=axes, dtype=jnp.float32),
-    "mean": lambda x, axes: jnp.mean(x, axis=axes, dtype=jnp.float32),
     "max": lambda x, axes: jnp.max(x, axis=axes).astype(jnp.float32),
     "lp": lambda x, axes: jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes)),
     "lse": lambda x, axes: jax.nn.logsumexp(x.astype(jnp.float32), axis=axes),
@@ -51,8 +50,8 @@ class CBAMVariant:
 
 
 VARIANTS: dict[str, CBAMVariant] = {
-    "official": CBAMVariant(True, lambda c, r: c // r, ("max", "mean"), 0.01),
-    "timm": CBAMVariant(False, lambda c, r: max(1, int(c / r + 0.5)), ("mean", "max"), 0.1),
+    "official": CBAMVariant(True, lambda c, r: c // r, ("max", "avg"), 0.01),
+    "timm": CBAMVariant(False, lambda c, r: max(1, int(c / r + 0.5)), ("avg", "max"), 0.1),
 }
 
 
@@ -105,20 +104,28 @@ class ChannelGate(nnx.Module):
         self.fc1 = linear(channels, hidden, **kw)
         self.fc2 = linear(hidden, channels, **kw)
 
-    def gate(self, x: jax.Array) -> jax.Array:
-        """The channel attention (N, C) in float32 for an NHWC input."""
+    def excite(self, pooled: Mapping[str, jax.Array]) -> jax.Array:
+        """The channel attention (N, C) in float32 from the H*W pools named in `pool_types`,
+        each (N, C) float32: `sigmoid(sum_p mlp(pooled[p]))`.
+
+        The one definition of the gate: the fused paths (flax_attention.kernels) call it too.
+        """
         total = 0.0
         for pool in self.pool_types:
-            s = POOLS[pool](x, (1, 2)).astype(self.dtype)
+            s = pooled[pool].astype(self.dtype)
             total = total + self.fc2(jax.nn.relu(self.fc1(s))).astype(jnp.float32)
         return jax.nn.sigmoid(total)
+
+    def gate(self, x: jax.Array) -> jax.Array:
+        """The channel attention (N, C) in float32 for an NHWC input."""
+        return self.excite({pool: POOLS[pool](x, (1, 2)) for pool in self.pool_types})
 
     def __call__(self, x: jax.Array) -> jax.Array:
         check_nhwc(x, self.channels, "ChannelGate")
         x = x.astype(self.dtype)
         executor = fused_executor(self.impl, x)
         if executor is not None:
-            return channel_gate_fused(self, x, executor=executor, excite=cbam_excite)
+            return channel_gate_fused(self, x, executor=executor)
         return x * self.gate(x)[:, None, None, :].astype(self.dtype)
 
 
@@ -145,11 +152,18 @@ class SpatialGate(nnx.Module):
             1, momentum=spec.bn_momentum, rngs=rngs, dtype=dtype, param_dtype=param_dtype
         )
 
+    def excite(self, pooled: Mapping[str, jax.Array]) -> jax.Array:
+        """The spatial attention (N, H, W, 1) in float32 from the pools over C named in
+        `descriptor`, each (N, H, W) float32: `sigmoid(bn(conv([pooled[a], pooled[b]])))`.
+
+        The one definition of the gate: the fused path (flax_attention.kernels) calls it too.
+        """
+        s = jnp.stack([pooled[p] for p in self.descriptor], axis=-1).astype(self.dtype)
+        return jax.nn.sigmoid(self.bn(self.conv(s)).astype(jnp.float32))
+
     def gate(self, x: jax.Array) -> jax.Array:
         """The spatial attention (N, H, W, 1) in float32 for an NHWC input."""
-        pooled = [POOLS[p](x, (3,))[..., None] for p in self.descriptor]
-        s = jnp.concatenate(pooled, axis=-1).astype(self.dtype)
-        return jax.nn.sigmoid(self.bn(self.conv(s)).astype(jnp.float32))
+        return self.excite({p: POOLS[p](x, (3,)) for p in self.descriptor})
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim != 4:

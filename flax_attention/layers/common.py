@@ -49,6 +49,20 @@ def conv2d(
     )
 
 
+def conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int = 1, groups: int = 1) -> jax.Array:
+    """`lax.conv` with PyTorch's symmetric padding k // 2: NHWC x (N, H, W, C), HWIO kernel
+    (k, k, C / groups, O) -> (N, H', W', O)."""
+    pad = kernel.shape[0] // 2
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (stride, stride),
+        ((pad, pad), (pad, pad)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
+
+
 def linear(
     in_features: int,
     out_features: int,

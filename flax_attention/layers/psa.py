@@ -28,9 +28,11 @@ from flax_attention.layers.common import (
 
 
 class SEWeight(nnx.Module):
-    """`sigmoid(fc2(relu(fc1(mean_HW(x)))))` with biases: (..., N, H, W, C) pooled -> (..., N, C).
+    """EPSANet's SEWeightModule, `sigmoid(fc2(relu(fc1(pooled))))` with biases: (..., C) -> (...,
+    C) float32.
 
-    Takes the pooled descriptor (..., C) directly so the branches share one call.
+    Takes the branches' H*W means (S, N, C) directly, not the feature maps, so the S branches
+    share one call.
     """
 
     def __init__(self, channels: int, hidden: int, *, rngs: nnx.Rngs, **dt):

@@ -7,6 +7,8 @@ with bias, hidden width rounded to a multiple of 8).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -58,11 +60,17 @@ class SE(nnx.Module):
         self.fc1 = linear(channels, hidden, **kw)
         self.fc2 = linear(hidden, channels, **kw)
 
+    def excite(self, pooled: Mapping[str, jax.Array]) -> jax.Array:
+        """The excitation (N, C) in float32 from the H*W mean `pooled["avg"]` (N, C) float32.
+
+        The one definition of the gate: the fused path (flax_attention.kernels) calls it too.
+        """
+        s = pooled["avg"].astype(self.dtype)
+        return jax.nn.sigmoid(self.fc2(jax.nn.relu(self.fc1(s))).astype(jnp.float32))
+
     def gate(self, x: jax.Array) -> jax.Array:
         """The excitation (N, C) in float32 for an NHWC input."""
-        s = global_mean(x).astype(self.dtype)
-        s = self.fc2(jax.nn.relu(self.fc1(s)))
-        return jax.nn.sigmoid(s.astype(jnp.float32))
+        return self.excite({"avg": global_mean(x)})
 
     def __call__(self, x: jax.Array) -> jax.Array:
         check_nhwc(x, self.channels, "SE")

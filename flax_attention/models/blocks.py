@@ -26,13 +26,14 @@ from flax_attention.layers.common import (
 
 AttentionFactory = Callable[..., nnx.Module]
 
-# Preset name -> factory(channels, *, rngs, dtype, param_dtype).
+# Preset name -> factory(channels, *, rngs, dtype, param_dtype, impl); `impl` picks the gate
+# implementation of the modules that have several (SE, CBAM: see flax_attention.kernels).
 ATTENTION_PRESETS: dict[str, AttentionFactory] = {
     "se": lambda c, **kw: SE(c, 16, bias=False, **kw),  # senet.pytorch
     "se_timm": lambda c, **kw: SE(c, 16, bias=True, rd_divisor=8, **kw),  # timm SEModule
     "cbam": lambda c, **kw: CBAM(c, 16, variant="official", **kw),  # Jongchan
     "cbam_timm": lambda c, **kw: CBAM(c, 16, variant="timm", **kw),  # timm CbamModule
-    "bam": lambda c, **kw: BAM(c, 16, **kw),  # Jongchan (between stages)
+    "bam": lambda c, *, impl, **kw: BAM(c, 16, **kw),  # Jongchan (between stages); XLA only
 }
 
 
@@ -43,19 +44,20 @@ def make_attention(
     rngs: nnx.Rngs,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
+    impl: str = "xla",
 ) -> nnx.Module | None:
-    """Build `attention` for `channels`: None, a preset name, or a `f(channels, *, rngs)`."""
+    """Build `attention` for `channels`: None, a preset name, or a factory called as
+    `f(channels, *, rngs, dtype, param_dtype, impl)` (presets and factories alike)."""
     if attention is None:
         return None
     if isinstance(attention, str):
         check_choice("attention", attention, list(ATTENTION_PRESETS))
-        preset = ATTENTION_PRESETS[attention]
-        return preset(channels, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        attention = ATTENTION_PRESETS[attention]
     if callable(attention):
-        return attention(channels, rngs=rngs)
+        return attention(channels, rngs=rngs, dtype=dtype, param_dtype=param_dtype, impl=impl)
     raise ValueError(
         f"attention must be None, one of {list(ATTENTION_PRESETS)} or a factory "
-        f"f(channels, *, rngs) -> nnx.Module; got {attention!r}"
+        f"f(channels, *, rngs, dtype, param_dtype, impl) -> nnx.Module; got {attention!r}"
     )
 
 
@@ -88,7 +90,8 @@ def _check_block_args(in_channels: int, planes: int, stride: int) -> None:
 class BasicBlock(nnx.Module):
     """3x3 (stride) -> BN -> ReLU -> 3x3 -> BN -> attention -> + shortcut -> ReLU.
 
-    NHWC (N, H, W, in_channels) -> (N, ceil(H/stride), ceil(W/stride), planes).
+    NHWC (N, H, W, in_channels) -> (N, ceil(H/stride), ceil(W/stride), planes). `attention` is
+    built by `make_attention` with `dtype`, `param_dtype` and `impl`.
     """
 
     expansion = 1
@@ -103,6 +106,7 @@ class BasicBlock(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        impl: str = "xla",
     ):
         _check_block_args(in_channels, planes, stride)
         dt = dict(dtype=dtype, param_dtype=param_dtype)
@@ -113,7 +117,7 @@ class BasicBlock(nnx.Module):
         self.bn1 = BatchNorm(planes, rngs=rngs, **dt)
         self.conv2 = conv2d(planes, planes, 3, rngs=rngs, **dt)
         self.bn2 = BatchNorm(planes, rngs=rngs, **dt)
-        self.attention = make_attention(attention, out_channels, rngs=rngs, **dt)
+        self.attention = make_attention(attention, out_channels, rngs=rngs, impl=impl, **dt)
         self.downsample = make_shortcut(in_channels, out_channels, stride, rngs=rngs, **dt)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -127,7 +131,8 @@ class BasicBlock(nnx.Module):
 class Bottleneck(nnx.Module):
     """1x1 -> BN -> ReLU -> 3x3 (stride) -> BN -> ReLU -> 1x1 (x4) -> BN -> attention -> add -> ReLU.
 
-    NHWC (N, H, W, in_channels) -> (N, ceil(H/stride), ceil(W/stride), 4 * planes).
+    NHWC (N, H, W, in_channels) -> (N, ceil(H/stride), ceil(W/stride), 4 * planes). `attention`
+    is built by `make_attention` with `dtype`, `param_dtype` and `impl`.
     """
 
     expansion = 4
@@ -142,6 +147,7 @@ class Bottleneck(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        impl: str = "xla",
     ):
         _check_block_args(in_channels, planes, stride)
         dt = dict(dtype=dtype, param_dtype=param_dtype)
@@ -154,7 +160,7 @@ class Bottleneck(nnx.Module):
         self.bn2 = BatchNorm(planes, rngs=rngs, **dt)
         self.conv3 = conv2d(planes, out_channels, 1, rngs=rngs, **dt)
         self.bn3 = BatchNorm(out_channels, rngs=rngs, **dt)
-        self.attention = make_attention(attention, out_channels, rngs=rngs, **dt)
+        self.attention = make_attention(attention, out_channels, rngs=rngs, impl=impl, **dt)
         self.downsample = make_shortcut(in_channels, out_channels, stride, rngs=rngs, **dt)
 
     def __call__(self, x: jax.Array) -> jax.Array:

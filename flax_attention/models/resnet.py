@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flax_attention.kernels import check_impl
 from flax_attention.layers.batch_norm import BatchNorm
 from flax_attention.layers.common import (
     Dtype,
@@ -39,8 +40,10 @@ class ResNet(nnx.Module):
 
     `block` is BasicBlock, Bottleneck or EPSABlock; `layers` the number of blocks per stage.
     `attention` (None, preset name or factory) goes inside every block; `stage_attention` after
-    every stage except the last. `model(x, return_features=True)` returns
-    `(logits, [stage1, ..., stageS])`, each stage output (after its stage attention) in NHWC.
+    every stage except the last, both built with `dtype`, `param_dtype` and `impl` (the gate
+    implementation of SE and CBAM, flax_attention.kernels). `model(x, return_features=True)`
+    returns `(logits, [stage1, ..., stageS])`, each stage output (after its stage attention) in
+    NHWC.
     """
 
     def __init__(
@@ -55,13 +58,15 @@ class ResNet(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        impl: str = "xla",
     ):
         check_positive("num_classes", num_classes)
+        check_impl(impl)
         check_positive("in_channels", in_channels)
         if not layers or any(n < 1 for n in layers):
             raise ValueError(f"layers must be a non-empty list of positive counts, got {layers}")
         dt = dict(dtype=dtype, param_dtype=param_dtype)
-        block_kw = {} if attention is None else {"attention": attention}
+        block_kw = {} if attention is None else {"attention": attention, "impl": impl}
         self.in_channels = in_channels
         self.dtype = dtype
         self.conv1 = StemConv(in_channels, STEM_WIDTH, 7, stride=2, rngs=rngs, **dt)
@@ -79,7 +84,7 @@ class ResNet(nnx.Module):
         self.stage_attention = nnx.List(
             [
                 make_attention(
-                    stage_attention, STEM_WIDTH * 2**i * block.expansion, rngs=rngs, **dt
+                    stage_attention, STEM_WIDTH * 2**i * block.expansion, rngs=rngs, impl=impl, **dt
                 )
                 for i in range(len(layers) - 1)
                 if stage_attention is not None

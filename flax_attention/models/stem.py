@@ -15,19 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_attention.layers.common import Dtype, conv_init
-
-
-def direct(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    """`lax.conv` with PyTorch's symmetric padding k // 2: (N, H, W, C) -> (N, H', W', O)."""
-    pad = kernel.shape[0] // 2
-    return jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        (stride, stride),
-        ((pad, pad), (pad, pad)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
+from flax_attention.layers.common import Dtype, check_choice, conv_init, conv_nhwc
 
 
 def _blocks(a: jax.Array, first: int) -> jax.Array:
@@ -40,9 +28,9 @@ def _blocks(a: jax.Array, first: int) -> jax.Array:
 
 
 def space_to_depth(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    """The stride-2 convolution as a stride-1 one on 2x2 blocks; same result as `direct`."""
+    """The stride-2 convolution as a stride-1 one on 2x2 blocks; same result as `conv_nhwc`."""
     if stride != 2:
-        return direct(x, kernel, stride)
+        return conv_nhwc(x, kernel, stride)
     n, h, w, c = x.shape
     k, _, _, o = kernel.shape
     pad, taps = k // 2, (k + 1) // 2  # taps: kernel blocks per axis
@@ -58,7 +46,7 @@ def space_to_depth(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
 
 FORMULATIONS: dict[str, Callable[[jax.Array, jax.Array, int], jax.Array]] = {
-    "direct": direct,
+    "direct": conv_nhwc,
     "space_to_depth": space_to_depth,
 }
 
@@ -66,10 +54,10 @@ FORMULATIONS: dict[str, Callable[[jax.Array, jax.Array, int], jax.Array]] = {
 class StemConv(nnx.Module):
     """k x k convolution, stride `stride`, padding k // 2, no bias: (N, H, W, in) -> NHWC out.
 
-    `kernel` is HWIO `(k, k, in, out)`; `formulation` names an entry of `FORMULATIONS`.
+    `kernel` is HWIO `(k, k, in, out)`; `formulation` names an entry of `FORMULATIONS`, all of
+    which give the same result ("space_to_depth" was 3.3% faster for resnet50's training step
+    on an H100).
     """
-
-    formulation: str = "space_to_depth"  # benchmarks/results/nvidia-h100-80gb-hbm3/stem.json
 
     def __init__(
         self,
@@ -81,10 +69,12 @@ class StemConv(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        formulation: str = "space_to_depth",
     ):
+        check_choice("formulation", formulation, list(FORMULATIONS))
         shape = (kernel_size, kernel_size, in_channels, out_channels)
         self.kernel = nnx.Param(conv_init(rngs.params(), shape, param_dtype))
-        self.stride, self.dtype = stride, dtype
+        self.stride, self.dtype, self.formulation = stride, dtype, formulation
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(self.dtype)

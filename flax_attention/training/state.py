@@ -14,8 +14,9 @@ class TrainState:
 
     `params`: the model's `nnx.Param` variables (float32); `batch_stats`: every other variable
     (BatchNorm running statistics); `opt_state`: optax state over `params`; `step`: int32 scalar,
-    the number of updates applied; `rng`: a raw uint32 (2,) PRNG key, folded with `step` for
-    per-step randomness.
+    the number of updates applied; `rng`: a raw uint32 (2,) PRNG key made from the seed and
+    checkpointed with the rest. No step reads it: the models have no dropout or other
+    randomness in training.
     """
 
     params: nnx.State

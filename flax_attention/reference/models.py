@@ -1,8 +1,8 @@
-"""PyTorch reference ResNets (NCHW), written for these tests from shared/SPEC.md.
+"""PyTorch reference ResNets (NCHW), written from the specification.
 
 State_dict key names follow torchvision (plain), senet.pytorch (`se`), timm (`se` with 1x1
 convs), Jongchan/attention-module (`cbam` in blocks, `bam1..3` between stages) and
-murufeng/EPSANet (`conv2` is the PSA). Attention modules come from `torch_reference.py`.
+murufeng/EPSANet (`conv2` is the PSA). Attention modules come from `reference.layers`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch_reference import BAMRef, CBAMRef, PSARef, SELayer, TimmCBAM, TimmSE
+
+from flax_attention.reference.layers import BAMRef, CBAMRef, PSARef, SELayer, TimmCBAM, TimmSE
 
 
 def timm_se_hidden(c: int) -> int:

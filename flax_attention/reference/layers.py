@@ -1,4 +1,4 @@
-"""PyTorch reference modules, written for these tests from shared/SPEC.md (NCHW).
+"""PyTorch reference attention modules (NCHW), written from the specification.
 
 They reproduce the reference implementations' functions and state_dict key names:
 senet.pytorch and timm (SE), Jongchan/attention-module (CBAM, BAM), timm (CBAM),

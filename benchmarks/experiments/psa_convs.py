@@ -11,7 +11,8 @@ width, branches (k, groups) = (3, 1), (5, 4), (7, 8), (9, 16), each to width/4 c
 The formulations are the library's (`flax_attention.layers.branch_convs`).
 TFLOP/s count the grouped convolutions' useful FLOPs (2 * MACs, forward + both gradients).
 
-`python -m benchmarks.psa_convs [--quick] [--out DIR]` writes `<out>/psa_convs.json`.
+`python -m benchmarks.experiments.psa_convs [--quick] [--out DIR]` writes `<out>/psa_convs.json`
+(by default benchmarks/experiments/results/<device>/).
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import Settings, error_text, jax_sync, random_inputs, time_fn
+from benchmarks.common import Settings, device_slug, error_text, jax_sync, random_inputs, time_fn
 from flax_attention.layers.branch_convs import FORMULATIONS, branch_convs, plan
 
 BRANCHES = ((3, 1), (5, 4), (7, 8), (9, 16))
 # (stage, H=W, width, stride of the PSA convs): the first block of stages 2-4 strides.
 STAGES = ((1, 56, 64, 1), (2, 56, 128, 2), (3, 28, 256, 2), (4, 14, 512, 2))
 BATCH, QUICK_BATCH = 128, 2
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def branch_fn(formulation: str, stride: int, groups: int):
@@ -80,8 +82,9 @@ def useful_flops(n: int, h_out: int, width: int, branches) -> float:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes, few samples (CPU smoke)")
-    p.add_argument("--out", type=Path, default=Path("."), help="folder for psa_convs.json")
+    p.add_argument("--out", type=Path, help="folder for psa_convs.json")
     args = p.parse_args(argv)
+    args.out = args.out or RESULTS / device_slug(args.quick)
     settings = Settings.make(args.quick)
     batch = QUICK_BATCH if args.quick else BATCH
     stages = ((1, 8, 64, 1), (2, 8, 64, 2)) if args.quick else STAGES
