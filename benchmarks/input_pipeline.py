@@ -319,3 +319,30 @@ def _mean_jpeg_kb(data_dir: Path) -> float:
     source = data.data_source(DATASET, "train", data_dir)
     count = min(len(source), 64)
     return statistics.mean(len(source[i]["image"]) for i in range(count)) / 1024
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m benchmarks.input_pipeline --host-only`: the host rows alone, at full size, on a
+    machine without an accelerator (the per-core figures of the CPU decoder)."""
+    import argparse
+
+    from benchmarks.common import RESULTS
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.input_pipeline")
+    parser.add_argument("--host-only", action="store_true", required=True)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    args = parser.parse_args(argv)
+    res = Results("input_host", Settings.make(False, args.out))
+    res.meta.update(shape=dataclasses.asdict(FULL), host_cores=os.cpu_count())
+    with tempfile.TemporaryDirectory() as scratch:
+        photos.write_photo_dataset(
+            scratch, num_train=FULL.num_train, num_eval=16, heights=FULL.heights, widths=FULL.widths
+        )
+        res.meta["load_average"] = os.getloadavg()
+        host_rows(res, Path(scratch), FULL)
+    res.write()
+    print(res.path)
+
+
+if __name__ == "__main__":
+    main()
