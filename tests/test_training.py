@@ -32,7 +32,7 @@ from flax_attention.training import (
     train_step,
 )
 from flax_attention.training.checkpointing import abstract_like
-from train.main import main
+from flax_attention.training.cli import main
 
 MAKE_LOADER = data.make_loader
 TINY = "tiny_se_resnet"  # one SE BasicBlock stage: fast to compile and run on CPU

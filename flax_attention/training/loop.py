@@ -70,6 +70,7 @@ class _Run:
     """One training run's objects, built from a config; `train()` runs it."""
 
     def __init__(self, cfg: TrainConfig):
+        cfg.validate()  # before any data or model is touched (fields may have been reassigned)
         self.cfg = cfg
         self.workdir = Path(cfg.workdir).absolute()
         self.is_main = jax.process_index() == 0
@@ -79,11 +80,8 @@ class _Run:
         self.local_batch = _local_batch(cfg.batch_size, self.form)
         self.local_eval_batch = _local_batch(cfg.eval_batch_size or cfg.batch_size, self.form)
         self.steps_per_epoch = max(train_size // cfg.batch_size, 1)
-        self.total_steps = cfg.steps or max(round(cfg.epochs * self.steps_per_epoch), 1)
-        if cfg.precision not in PRECISIONS:
-            raise ValueError(
-                f"unknown precision {cfg.precision!r}; choose one of {list(PRECISIONS)}"
-            )
+        self.cfg = cfg = cfg.in_steps(self.steps_per_epoch)  # the run's length and intervals
+        self.total_steps = cfg.steps
 
         self.model_args = {
             "num_classes": self.spec.num_classes,
