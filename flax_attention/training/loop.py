@@ -118,23 +118,25 @@ class _Run:
             num_workers=cfg.num_workers,
         )
         self.checkpoints = TrainCheckpointer(
-            self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints
+            self.workdir / "checkpoints",
+            max_to_keep=cfg.keep_checkpoints,
+            run={"model": cfg.model, "dataset": cfg.dataset, "optimizer": cfg.optimizer},
         )
         self.log = MetricsLog(self.workdir / "metrics.jsonl", enabled=self.is_main)
         self.saved_step: int | None = None
 
     def restore(self) -> None:
-        """Continue from the newest readable checkpoint (train state and data position)."""
+        """Continue from the newest readable checkpoint (train state and data position). With
+        none, start at step 0 and drop any metrics records of a run that left no checkpoint."""
         existing = self.checkpoints.latest_step()
-        if not self.cfg.resume:
-            if existing is not None:
-                raise FileExistsError(
-                    f"--no-resume but {self.checkpoints.directory} holds checkpoints (newest: "
-                    f"step {existing}); choose a fresh --workdir or delete that directory"
-                )
-            return
+        if not self.cfg.resume and existing is not None:
+            raise FileExistsError(
+                f"--no-resume but {self.checkpoints.directory} holds checkpoints (newest: "
+                f"step {existing}); choose a fresh --workdir or delete that directory"
+            )
         restored = self.checkpoints.restore_latest(abstract_like(self.state))
         if restored is None:
+            self.log.truncate_after(0)
             return
         self.state, data_state, step = restored
         self.loader.set_state(data_state)
