@@ -139,6 +139,8 @@ def test_workdir_that_cannot_be_created(tmp_path, capsys):
     assert_usage_error(status, err, "workdir", "is under a file", str(blocker))
     status, err = run_cli([], blocker, capsys)
     assert_usage_error(status, err, "workdir", "is a file")
+    status, err = run_cli(["--workdir", ""], None, capsys)
+    assert_usage_error(status, err, "workdir must not be empty")
 
 
 def test_python_api_is_validated_too(tmp_path):

@@ -119,7 +119,9 @@ class TrainConfig:
         "~/.cache/flax_attention/tfds)",
     )
     workdir: str = _field(
-        "runs/default", help="where checkpoints/, metrics.jsonl, metrics.png and model/ go"
+        "runs/default",
+        help="where checkpoints/, metrics.jsonl, metrics.png and model/ go",
+        check=lambda value: None if value.strip() else "must not be empty",
     )
     steps: int | None = _field(
         None, help="length of the run in optimizer steps (wins over epochs)", check=_at_least(1)
