@@ -39,7 +39,7 @@ class CorruptCheckpointError(RuntimeError):
 
 
 class CheckpointMismatchError(ValueError):
-    """The newest checkpoint holds another run's train state (another model or optimizer)."""
+    """A checkpoint holds another run's train state (another model or optimizer)."""
 
 
 @jax.jit
@@ -112,7 +112,7 @@ class TrainCheckpointer:
         """(state, data_state, step) of the newest readable checkpoint, or None if there is none.
 
         `abstract_state`: `jax.ShapeDtypeStruct`s with shardings, the target layout. Raises
-        `CheckpointMismatchError` if the newest step holds a train state of another layout.
+        `CheckpointMismatchError` if a step holds a train state of another layout.
         Unreadable or corrupt steps are reported on stderr and skipped, and moved aside once an
         older step restores; if every step is unreadable, raises `CorruptCheckpointError` and
         moves nothing.
@@ -122,8 +122,7 @@ class TrainCheckpointer:
             self.manager.reload()
             steps = sorted(self.manager.all_steps(), reverse=True)
             for step in steps:
-                if not refused:
-                    self._check_layout(step, abstract_state)
+                self._check_layout(step, abstract_state)
                 try:
                     restored = self.manager.restore(
                         step,
