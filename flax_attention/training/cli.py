@@ -171,14 +171,8 @@ def flags_markdown() -> str:
             default = "on" if default else "off"
         else:
             flag = f"`{_flag(field.name)} {_metavar(field, choices)}`"
-        shown = (
-            ""
-            if default is None
-            else f"`{default}`"
-            if isinstance(default, int | float | str)
-            else ""
-        )
-        rows.append(f"| {flag} | {shown or '-'} | {text} |")
+        shown = f"`{default}`" if isinstance(default, int | float | str) else "-"  # not None, {}
+        rows.append(f"| {flag} | {shown} | {text} |")
     return "\n".join(rows) + "\n"
 
 

@@ -197,7 +197,7 @@ class TrainConfig:
     )
     progress: bool = _field(True, help="show progress bars")
     model_kwargs: dict[str, Any] = dataclasses.field(
-        default_factory=dict, metadata={"help": "extra create_model arguments (config file only)"}
+        default_factory=dict, metadata={"help": "extra create_model keyword arguments"}
     )
 
     def __post_init__(self) -> None:
