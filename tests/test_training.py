@@ -31,8 +31,13 @@ from flax_attention.training import (
     merge_model,
     train_step,
 )
-from flax_attention.training.checkpointing import abstract_like
-from train.main import main
+from flax_attention.training.checkpointing import (
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    abstract_like,
+)
+from flax_attention.training.cli import main
+from flax_attention.training.metrics import MetricsLog
 
 MAKE_LOADER = data.make_loader
 TINY = "tiny_se_resnet"  # one SE BasicBlock stage: fast to compile and run on CPU
@@ -246,23 +251,100 @@ def test_resume_after_kill_is_exact(data_dir, tmp_path, monkeypatch, uninterrupt
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def corrupt(step_dir) -> None:
+    for path in step_dir.rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage" * 10)
+
+
+def tiny_abstract_state():
+    """The abstract train state of `config()`'s runs (a schedule: optax then counts steps)."""
+    tx = make_optimizer("sgd", lambda step: 0.1, weight_decay=5e-4, momentum=0.9, nesterov=True)
+    _, state = create_train_state(tiny_resnet(), tx, seed=0)
+    return abstract_like(jax.device_put(state, make_parallel("none").replicated))
+
+
 def test_corrupt_latest_checkpoint_falls_back(uninterrupted, tmp_path, capsys):
     ref_dir, _, _ = uninterrupted
     ckpt_dir = tmp_path / "checkpoints"
     shutil.copytree(ref_dir / "checkpoints", ckpt_dir)
-    for path in (ckpt_dir / "6").rglob("*"):
-        if path.is_file():
-            path.write_bytes(b"garbage" * 10)
-    # A state of the same layout to restore into (a schedule: optax then counts steps).
-    tx = make_optimizer("sgd", lambda step: 0.1, weight_decay=5e-4, momentum=0.9, nesterov=True)
-    _, state = create_train_state(tiny_resnet(), tx, seed=0)
-    state = jax.device_put(state, make_parallel("none").replicated)
+    corrupt(ckpt_dir / "6")
+    state = tiny_abstract_state()
     manager = TrainCheckpointer(ckpt_dir)
-    restored, data_state, step = manager.restore_latest(abstract_like(state))
-    manager.close()
+    restored, data_state, step = manager.restore_latest(state)
     assert step == 4 and int(restored.step) == 4 and data_state
     err = capsys.readouterr().err
     assert "refusing checkpoint" in err and "corrupt" in err and f"{ckpt_dir / '6'}" in err
+
+    # With every checkpoint unreadable nothing is moved aside: the run stops instead.
+    corrupt(ckpt_dir / "2")
+    corrupt(ckpt_dir / "4")
+    with pytest.raises(CorruptCheckpointError, match=r"none of the checkpoints \[4, 2\]"):
+        manager.restore_latest(state)
+    manager.close()
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["2", "4", "6.corrupt"]
+
+
+def test_resume_past_a_corrupt_newest_checkpoint_finishes(
+    data_dir, tmp_path, uninterrupted, capsys, caplog
+):
+    ref_dir, _, ref_result = uninterrupted
+    shutil.copytree(ref_dir / "checkpoints", tmp_path / "checkpoints")
+    shutil.copy(ref_dir / "metrics.jsonl", tmp_path / "metrics.jsonl")
+    corrupt(tmp_path / "checkpoints" / "6")
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 7, "lo')  # killed while writing a record
+    result = fit(config(data_dir, tmp_path))
+
+    # Resumed from step 4 and saved step 6 again: the same run as without the fault.
+    assert result == {**ref_result, "model_dir": result["model_dir"], "plot": result["plot"]}
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["2", "4", "6", "6.corrupt"]
+    err = capsys.readouterr().err
+    assert f"refusing checkpoint {tmp_path / 'checkpoints' / '6'}" in err
+    assert f"moved the refused checkpoint aside to {tmp_path / 'checkpoints' / '6.corrupt'}" in err
+    assert "dropping the partial last line" in err
+    assert not [r.getMessage() for r in caplog.records if "orbax" in r.pathname]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoint_of_another_optimizer_is_named(data_dir, tmp_path, uninterrupted, capsys):
+    shutil.copytree(uninterrupted[0] / "checkpoints", tmp_path / "checkpoints")
+    argv = ["--model", TINY, "--data-dir", str(data_dir), "--workdir", str(tmp_path)]
+    argv += ["--steps", "6", "--batch-size", "16", "--parallel", "none", "--no-progress"]
+    assert main([*argv, "--optimizer", "adamw"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: "), err
+    assert "is a checkpoint of another optimizer" in err
+    assert "(optimizer sgd; this run: optimizer adamw)" in err and "corrupt" not in err
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4", "6"]
+
+
+def test_checkpoint_of_another_model_is_named(data_dir, tmp_path, uninterrupted, monkeypatch):
+    other = "tiny_plain_resnet"
+    monkeypatch.setitem(MODELS, other, ModelSpec(other, BasicBlock, (1,), "test", "official", {}))
+    shutil.copytree(uninterrupted[0] / "checkpoints", tmp_path / "checkpoints")
+    with pytest.raises(CheckpointMismatchError) as err:
+        fit(config(data_dir, tmp_path, model=other))
+    message = str(err.value)
+    assert "is a checkpoint of another model" in message
+    assert f"(model {TINY}; this run: model {other})" in message
+    assert "params.stages.0.0.attention.fc1.kernel: saved float32[64, 4], this run none" in message
+
+
+def test_partial_last_metrics_line_is_dropped(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    log = MetricsLog(path)
+    assert [r["step"] for r in log.records()] == [1, 2]
+    assert "dropping the partial last line" in capsys.readouterr().err
+    log.truncate_after(2)
+    log.write({"step": 3, "loss": 1.0})
+    assert [json.loads(line)["step"] for line in path.open()] == [1, 2, 3]
+    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="line 2: not a JSON record"):
+        log.records()
 
 
 def test_cli_end_to_end(data_dir, tmp_path, capsys):

@@ -1,1 +1,2 @@
-"""The `flax-attention-train` program (also `python -m train`); see `train.main`."""
+"""The training program's home in a checkout: `python -m train` and `train/configs/*.yaml`.
+Not installed: the program is `flax_attention.training.cli` (`flax-attention-train`)."""

@@ -1,5 +1,6 @@
-"""`python -m train [flags]`: see `train.main`."""
+"""`python -m train [flags]` from a checkout: the `flax-attention-train` program
+(`flax_attention.training.cli`); the configs it ships are the files in `train/configs/`."""
 
-from train.main import main
+from flax_attention.training.cli import main
 
 raise SystemExit(main())

@@ -71,6 +71,7 @@ class _Run:
     """One training run's objects, built from a config; `train()` runs it."""
 
     def __init__(self, cfg: TrainConfig):
+        cfg.validate()  # before any data or model is touched (fields may have been reassigned)
         self.cfg = cfg
         self.workdir = Path(cfg.workdir).absolute()
         self.is_main = jax.process_index() == 0
@@ -80,11 +81,8 @@ class _Run:
         self.local_batch = _local_batch(cfg.batch_size, self.form)
         self.local_eval_batch = _local_batch(cfg.eval_batch_size or cfg.batch_size, self.form)
         self.steps_per_epoch = max(train_size // cfg.batch_size, 1)
-        self.total_steps = cfg.steps or max(round(cfg.epochs * self.steps_per_epoch), 1)
-        if cfg.precision not in PRECISIONS:
-            raise ValueError(
-                f"unknown precision {cfg.precision!r}; choose one of {list(PRECISIONS)}"
-            )
+        self.cfg = cfg = cfg.in_steps(self.steps_per_epoch)  # the run's length and intervals
+        self.total_steps = cfg.steps
 
         self.model_args = {
             "num_classes": self.spec.num_classes,
@@ -130,23 +128,25 @@ class _Run:
             decoder=self.decoder,
         )
         self.checkpoints = TrainCheckpointer(
-            self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints
+            self.workdir / "checkpoints",
+            max_to_keep=cfg.keep_checkpoints,
+            run={"model": cfg.model, "dataset": cfg.dataset, "optimizer": cfg.optimizer},
         )
         self.log = MetricsLog(self.workdir / "metrics.jsonl", enabled=self.is_main)
         self.saved_step: int | None = None
 
     def restore(self) -> None:
-        """Continue from the newest readable checkpoint (train state and data position)."""
+        """Continue from the newest readable checkpoint (train state and data position). With
+        none, start at step 0 and drop any metrics records of a run that left no checkpoint."""
         existing = self.checkpoints.latest_step()
-        if not self.cfg.resume:
-            if existing is not None:
-                raise FileExistsError(
-                    f"--no-resume but {self.checkpoints.directory} holds checkpoints (newest: "
-                    f"step {existing}); choose a fresh --workdir or delete that directory"
-                )
-            return
+        if not self.cfg.resume and existing is not None:
+            raise FileExistsError(
+                f"--no-resume but {self.checkpoints.directory} holds checkpoints (newest: "
+                f"step {existing}); choose a fresh --workdir or delete that directory"
+            )
         restored = self.checkpoints.restore_latest(abstract_like(self.state))
         if restored is None:
+            self.log.truncate_after(0)
             return
         self.state, data_state, step = restored
         self.loader.set_state(data_state)

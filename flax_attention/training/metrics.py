@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -44,10 +46,13 @@ class MetricsLog:
         self.enabled = enabled
 
     def truncate_after(self, step: int) -> None:
-        """Drop records past `step` (written by a run that is being resumed from `step`)."""
+        """Drop records past `step` (written by a run that is being resumed from `step`), and a
+        partial last line; the file is replaced atomically."""
         if self.enabled and self.path.exists():
             kept = [r for r in self.records() if r["step"] <= step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            temporary = self.path.with_name(self.path.name + ".tmp")
+            temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(temporary, self.path)
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -55,9 +60,33 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
     def records(self) -> list[dict]:
+        """Every record. A partial last line (a run killed while writing it) is dropped with a
+        warning; any other line that is not a JSON object with a "step" raises ValueError."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        text = self.path.read_text()
+        lines = text.splitlines()
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or "step" not in record:
+                    raise ValueError("not a record")
+            except ValueError:
+                if number == len(lines) and not text.endswith("\n"):
+                    print(
+                        f"warning: dropping the partial last line of {self.path} "
+                        f"(a run stopped while writing it): {line[:80]!r}",
+                        file=sys.stderr,
+                    )
+                    continue
+                raise ValueError(
+                    f"{self.path}, line {number}: not a JSON record with a step: {line[:80]!r}"
+                ) from None
+            records.append(record)
+        return records
 
 
 def plot_curves(records: list[dict], path: str | Path, title: str = "") -> Path:

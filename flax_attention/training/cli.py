@@ -1,0 +1,232 @@
+"""Train an attention ResNet: `flax-attention-train [flags]` or `python -m train [flags]`.
+
+With no flags: the `default` config (se_resnet18 on the embedded digits dataset, CPU in a few
+minutes) into `runs/default`. Values come from the TrainConfig defaults, then the config file
+(`--config NAME` for a shipped config, `train/configs/NAME.yaml` in a checkout, or a YAML path),
+then the flags given. Intervals are steps (`--eval-every 100`) or epochs (`--eval-every 2ep`).
+
+Examples:
+    python -m train
+    python -m train --config cifar10 --data-dir ~/tensorflow_datasets --workdir runs/cifar10
+    python -m train --model cbam_resnet50 --dataset imagenet2012 --parallel jit --precision bf16
+    python -m train --config imagenet_resnet50 --distributed   # one process per host
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from flax_attention.training.config import (
+    ConfigError,
+    TrainConfig,
+    check_values,
+    field_help,
+)
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = "default"
+PROGRAM = "flax-attention-train"
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, also reading `1e-3` (no dot) as a float, as YAML 1.2 does."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*(?:\.\d*)?|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, `error: ...`, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def load_config_file(name_or_path: str) -> dict[str, Any]:
+    """The checked values in YAML file `name_or_path`, or in the shipped config `name`.
+
+    Raises `ConfigError` (one line naming the file) for a missing or unreadable file, a YAML
+    syntax error, a document that is not a mapping, an unknown key or a bad value.
+    """
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"no config file {name_or_path!r}; known configs: {known}")
+    try:
+        values = yaml.load(path.read_text(), Loader=_YamlLoader)
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    try:
+        return check_values({} if values is None else values)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _interval(text: str) -> int | str:
+    """An interval flag: an integer number of steps, or a number of epochs such as `2ep`."""
+    return int(text) if text.lstrip("+-").isdigit() else text
+
+
+# field annotation -> (argparse type, metavar; None: the field's name)
+_FLAG_TYPES: dict[str, tuple[Any, str | None]] = {
+    "int": (int, "N"),
+    "int | None": (int, "N"),
+    "float": (float, "X"),
+    "str": (str, None),
+    "str | None": (str, None),
+    "int | str": (_interval, "N|Xep"),
+}
+
+
+def _metavar(field: dataclasses.Field, choices: list[str] | None) -> str:
+    if choices and len(choices) <= 6:
+        return "{" + ",".join(choices) + "}"
+    if field.name.endswith("dir"):
+        return "DIR"
+    return _FLAG_TYPES[field.type][1] or field.name.upper()
+
+
+def build_parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
+    """The program's parser: `--config` and one flag per `TrainConfig` field
+    (except `model_kwargs`, a config-file key), each defaulting to `defaults[name]`."""
+    parser = _Parser(
+        prog=PROGRAM,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        metavar="NAME",
+        help=f"config name ({', '.join(_known_configs())}) or a YAML path (default: %(default)s)",
+    )
+    for field in dataclasses.fields(TrainConfig):
+        if field.name == "model_kwargs":
+            continue
+        text, choices = field_help(field)
+        text = text.replace("%", "%%") + " (default: %(default)s)"
+        if field.type == "bool":
+            kwargs: dict[str, Any] = {"action": argparse.BooleanOptionalAction}
+        else:
+            kwargs = {"type": _FLAG_TYPES[field.type][0], "choices": choices}
+            kwargs["metavar"] = _metavar(field, choices)
+        parser.add_argument(_flag(field.name), default=defaults[field.name], help=text, **kwargs)
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None) -> TrainConfig:
+    """The config of command line `argv`: defaults, then the config file, then the flags given.
+    Raises `ConfigError` for a bad config file or value; exits with status 2 on a bad flag."""
+    first = _Parser(prog=PROGRAM, add_help=False)
+    first.add_argument("--config", default=DEFAULT_CONFIG)
+    known, _ = first.parse_known_args(argv)
+    defaults = {**_dataclass_defaults(), **load_config_file(known.config)}
+    args = build_parser(defaults).parse_args(argv)
+    values = {name: getattr(args, name, defaults[name]) for name in defaults}
+    return TrainConfig.from_dict(values)
+
+
+def flags_markdown() -> str:
+    """The README's flag table, generated from `TrainConfig` (tests/test_train_config.py checks
+    that the README holds exactly this)."""
+    rows = [
+        "| flag | default | meaning |",
+        "|---|---|---|",
+        f"| `--config NAME` | `{DEFAULT_CONFIG}` | shipped config ({', '.join(_known_configs())})"
+        " or a YAML path |",
+    ]
+    defaults = _dataclass_defaults()
+    for field in dataclasses.fields(TrainConfig):
+        text, choices = field_help(field)
+        default = defaults[field.name]
+        if field.name == "model_kwargs":
+            flag = "`model_kwargs:` (YAML only)"
+        elif field.type == "bool":
+            flag = f"`--[no-]{field.name.replace('_', '-')}`"
+            default = "on" if default else "off"
+        else:
+            flag = f"`{_flag(field.name)} {_metavar(field, choices)}`"
+        shown = f"`{default}`" if isinstance(default, int | float | str) else "-"  # not None, {}
+        rows.append(f"| {flag} | {shown} | {text} |")
+    return "\n".join(rows) + "\n"
+
+
+def _dataclass_defaults() -> dict[str, Any]:
+    """Each field's default, without building (and so validating) a config."""
+    return {
+        f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(TrainConfig)
+    }
+
+
+def _known_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the program; returns the exit status (0 ok, 1 failed run, 2 usage error, 130 Ctrl-C)."""
+    try:
+        config = parse_config(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from flax_attention.data import DatasetNotFoundError
+    from flax_attention.training import (
+        CorruptCheckpointError,
+        TrainingDivergedError,
+        TrainingInterruptedError,
+        fit,
+    )
+
+    try:
+        result = fit(config)
+    except (DatasetNotFoundError, FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
+        print(f"error: {_message(err)}", file=sys.stderr)
+        return 2
+    except (TrainingDivergedError, CorruptCheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except TrainingInterruptedError as err:
+        print(err, file=sys.stderr)
+        return 130
+    import jax
+
+    if jax.process_index() == 0:
+        print(
+            f"final test accuracy: {100 * result['eval_top1']:.2f}% "
+            f"(top-5 {100 * result['eval_top5']:.2f}%, loss {result['eval_loss']:.4f}) "
+            f"after {result['step']} steps\n"
+            f"model checkpoint: {result['model_dir']}\n"
+            f"plot: {result['plot']}\n"
+            f"metrics: {Path(config.workdir).absolute() / 'metrics.jsonl'}"
+        )
+    return 0
+
+
+def _message(err: BaseException) -> str:
+    return err.args[0] if isinstance(err, KeyError) and err.args else str(err)
