@@ -23,9 +23,9 @@ import dataclasses
 import os
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -221,7 +221,7 @@ def train_row(
         )
         start = time.perf_counter()
         try:
-            with TreeCpu() as cpu:
+            with MachineCpu() as cpu:
                 fit(config)
         except Exception as e:  # A failed configuration is a row, not the end of the suite.
             res.add({"name": "train", "impl": decoder, "error": error_text(e)})
@@ -246,41 +246,21 @@ def train_row(
     )
 
 
-class TreeCpu:
-    """CPU seconds used by this process and all its descendants (grain's workers too) while
-    the context is open, sampled every `interval` seconds (a child's last sample counts)."""
+class MachineCpu:
+    """Busy CPU seconds of the whole machine while the context is open (all processes: this
+    one, its threads and grain's workers; the GPU machine runs nothing else)."""
 
-    def __init__(self, interval: float = 0.5):
-        self.interval = interval
-        self.seen: dict[int, float] = {}
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        self.seconds = 0.0
-
-    def _sample(self) -> None:
-        root = psutil.Process()
-        for proc in [root, *root.children(recursive=True)]:
-            try:
-                times = proc.cpu_times()
-            except psutil.Error:  # Ended between listing and reading.
-                continue
-            self.seen[proc.pid] = times.user + times.system
-
-    def _poll(self) -> None:
-        while not self.stop.wait(self.interval):
-            self._sample()
-
-    def __enter__(self) -> TreeCpu:
-        self._sample()
-        self.baseline = dict(self.seen)
-        self.thread.start()
+    def __enter__(self) -> MachineCpu:
+        self.start = psutil.cpu_times()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-        self._sample()
-        self.seconds = sum(v - self.baseline.get(pid, 0.0) for pid, v in self.seen.items())
+        self.seconds = _busy(psutil.cpu_times()) - _busy(self.start)
+
+
+def _busy(times: Any) -> float:
+    """Busy seconds of all CPUs (guest time is already inside user time)."""
+    return times.user + times.nice + times.system + times.irq + times.softirq + times.steal
 
 
 def run(settings: Settings, data_dir: Path | None = None) -> Results:

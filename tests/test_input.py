@@ -252,11 +252,12 @@ class TestGpuDecodingHostSide:
     reason="GPU JPEG decoding needs a CUDA GPU, nvImageCodec and CuPy, which this machine lacks; "
     "the benchmarks' input suite runs this comparison on the GPU machine",
 )
-def test_gpu_decoder_matches_the_cpu_decoder(photo_dir):
+@pytest.mark.parametrize("region_decode", [True, False])
+def test_gpu_decoder_matches_the_cpu_decoder(photo_dir, region_decode):
     kwargs = {"train": True, "batch_size": 6, "data_dir": photo_dir, "image_size": 64}
     cpu = next(data.make_loader("imagenet2012", **kwargs))
     plans = next(data.make_loader("imagenet2012", **kwargs, decoder="gpu"))
-    gpu = data.GpuJpegDecoder(64)(plans)
+    gpu = data.GpuJpegDecoder(64, region_decode=region_decode)(plans)
     np.testing.assert_array_equal(np.asarray(gpu["label"]), cpu["label"])
     diff = np.abs(np.asarray(gpu["image"]).astype(int) - cpu["image"])
     # Different JPEG decoders (nvJPEG / libjpeg-turbo) and resamplers (antialiased bilinear /

@@ -8,8 +8,9 @@ The training split of a JPEG dataset (ImageNet) goes through three stages:
 2. Host, per batch (``collate_plans``): the batch's JPEG bytes concatenated into one uint8 array
    with offsets, plus boxes, flips and labels. Only arrays: cheap to pass between processes.
 3. GPU (``GpuJpegDecoder``): nvImageCodec decodes the batch with each crop box as the region of
-   interest (only the crop's pixels are produced), CuPy copies the crops into one zero-padded
-   (B, H, W, 3) canvas, which JAX takes over through DLPack without a copy; ``resize_crops``
+   interest (only the crop's pixels are produced; nvJPEG's hardware decoder where the GPU has
+   one), one CUDA kernel (through CuPy) copies the crops into a zero-padded (B, H, W, 3) canvas,
+   which JAX takes over through DLPack without a copy; ``resize_crops``
    (one jitted program per canvas size) resamples every crop to (size, size) with an
    antialiased bilinear filter (Pillow's and torchvision's ``antialias=True``) as two batched
    matrix products, mirrors, and rounds back to uint8. Normalisation stays in the training step.
@@ -23,6 +24,7 @@ import dataclasses
 import functools
 import importlib.util
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -127,16 +129,16 @@ class GpuJpegDecoder:
         self._stream = cupy.cuda.Stream(non_blocking=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        codec, cupy = self._nvimgcodec, self._cupy
-        boxes = batch["box"].tolist()
+        codec = self._nvimgcodec
+        boxes = batch["box"].astype(np.int64)
         streams = []
-        for i, (top, left, height, width) in enumerate(boxes):
-            payload = batch["jpeg"][batch["offsets"][i] : batch["offsets"][i + 1]].tobytes()
-            stream = codec.CodeStream(payload)
+        for i, (top, left, height, width) in enumerate(boxes.tolist()):
+            stream = codec.CodeStream(batch["jpeg"][batch["offsets"][i] : batch["offsets"][i + 1]])
             if self.region_decode:
                 region = codec.Region(top, left, top + height, left + width)
                 stream = stream.get_sub_code_stream(region=region)
             streams.append(stream)
+        heights, widths = boxes[:, 2], boxes[:, 3]
         with self._stream:
             decoded = self._decoder.decode(
                 streams, params=self._params, cuda_stream=self._stream.ptr
@@ -144,18 +146,9 @@ class GpuJpegDecoder:
             if any(image is None for image in decoded):
                 failed = [i for i, image in enumerate(decoded) if image is None]
                 raise ValueError(f"nvImageCodec could not decode images {failed} of the batch")
-            heights = np.asarray([box[2] for box in boxes])
-            widths = np.asarray([box[3] for box in boxes])
-            canvas = cupy.zeros(
-                (len(boxes), canvas_side(heights.max()), canvas_side(widths.max()), 3), cupy.uint8
+            canvas = self._gather(
+                decoded, boxes, canvas_side(heights.max()), canvas_side(widths.max())
             )
-            for i, (image, (top, left, height, width)) in enumerate(
-                zip(decoded, boxes, strict=True)
-            ):
-                pixels = cupy.asarray(image)
-                if not self.region_decode:
-                    pixels = pixels[top : top + height, left : left + width]
-                canvas[i, :height, :width] = pixels
             pixels = jnp.from_dlpack(canvas)
         images = resize_crops(
             pixels,
@@ -165,6 +158,65 @@ class GpuJpegDecoder:
             self.size,
         )
         return {"image": images, "label": jnp.asarray(batch["label"])}
+
+    def _gather(self, decoded: list, boxes: np.ndarray, height: int, width: int) -> Any:
+        """One kernel launch: each image's crop into a zero-padded uint8 (B, height, width, 3)
+        CuPy canvas on this decoder's stream; returns once the copies are done (the decoded
+        images may then be freed)."""
+        cupy = self._cupy
+        sources = np.empty(len(decoded), np.uint64)
+        pitches = np.empty(len(decoded), np.int64)
+        for i, image in enumerate(decoded):
+            interface = image.__cuda_array_interface__
+            row_bytes = interface["shape"][1] * 3
+            pitches[i] = interface["strides"][0] if interface["strides"] else row_bytes
+            sources[i] = interface["data"][0]
+        if not self.region_decode:  # Whole images: start each copy at the crop's corner.
+            sources += (boxes[:, 0] * pitches + boxes[:, 1] * 3).astype(np.uint64)
+        canvas = cupy.empty((len(decoded), height, width, 3), cupy.uint8)
+        block = (32, 8, 1)
+        grid = (-(-width // block[0]), -(-height // block[1]), len(decoded))
+        args = (
+            cupy.asarray(sources),
+            cupy.asarray(pitches),
+            cupy.asarray(boxes[:, 2].astype(np.int32)),
+            cupy.asarray(boxes[:, 3].astype(np.int32)),
+            canvas,
+            np.int32(height),
+            np.int32(width),
+        )
+        self._gather_kernel(grid, block, args)
+        self._stream.synchronize()
+        return canvas
+
+    @functools.cached_property
+    def _gather_kernel(self) -> Any:
+        return self._cupy.RawKernel(_GATHER_CROPS, "gather_crops")
+
+
+# Canvas pixel (b, y, x): crop b's pixel (y, x) inside its height x width, 0 outside.
+_GATHER_CROPS = r"""
+extern "C" __global__ void gather_crops(
+    const unsigned long long* sources, const long long* pitches, const int* heights,
+    const int* widths, unsigned char* canvas, int height, int width) {
+  const int b = blockIdx.z;
+  const int y = blockIdx.y * blockDim.y + threadIdx.y;
+  const int x = blockIdx.x * blockDim.x + threadIdx.x;
+  if (y >= height || x >= width) return;
+  unsigned char* out = canvas + ((static_cast<long long>(b) * height + y) * width + x) * 3;
+  if (y < heights[b] && x < widths[b]) {
+    const unsigned char* in =
+        reinterpret_cast<const unsigned char*>(sources[b]) + y * pitches[b] + x * 3;
+    out[0] = in[0];
+    out[1] = in[1];
+    out[2] = in[2];
+  } else {
+    out[0] = 0;
+    out[1] = 0;
+    out[2] = 0;
+  }
+}
+"""
 
 
 def canvas_side(length: int) -> int:
