@@ -13,7 +13,8 @@ run:
 - `gpu-decode` row (CUDA only): `GpuJpegDecoder` on batches of 256, decoded images per second
   and the host CPU it takes; its difference from the CPU decoder's crops.
 - `train` rows: `flax-attention-train`'s loop (`fit`) on that dataset with each decoder, images
-  per second after warm-up and the CPU cores the run used, next to the same training step on a
+  per second over the second half of the run (past compilation and the initial buffer) and the
+  machine's busy CPU cores over the same windows, next to the same training step on a
   device-resident synthetic batch.
 """
 
@@ -23,6 +24,7 @@ import dataclasses
 import os
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -219,9 +221,11 @@ def train_row(
             eval_batch_size=shape.batch,
             progress=False,
         )
+        windows = shape.steps // shape.log_every
+        steady_cpu = SteadyCpu(Path(workdir) / "metrics.jsonl", windows // 2 + 1, windows)
         start = time.perf_counter()
         try:
-            with MachineCpu() as cpu:
+            with steady_cpu:
                 fit(config)
         except Exception as e:  # A failed configuration is a row, not the end of the suite.
             res.add({"name": "train", "impl": decoder, "error": error_text(e)})
@@ -240,22 +244,49 @@ def train_row(
             "img_per_s": round(rate),
             "img_per_s_windows": [round(r) for r in steady],
             "of_synthetic": round(rate / synthetic, 3),
-            "cpu_cores_used": round(cpu.seconds / wall, 1),
+            "cpu_cores_used": None if steady_cpu.cores is None else round(steady_cpu.cores, 1),
             "wall_s": round(wall, 1),
         }
     )
 
 
-class MachineCpu:
-    """Busy CPU seconds of the whole machine while the context is open (all processes: this
-    one, its threads and grain's workers; the GPU machine runs nothing else)."""
+class SteadyCpu:
+    """The machine's busy CPU cores (all processes: this one, its threads, grain's workers; the
+    GPU machine runs nothing else) while a training run logs windows ``first`` to ``last``
+    (1-based) to ``metrics``: past compilation and start-up, like the images/s reported."""
 
-    def __enter__(self) -> MachineCpu:
-        self.start = psutil.cpu_times()
+    def __init__(self, metrics: Path, first: int, last: int):
+        self.metrics, self.first, self.last = metrics, first, last
+        self.marks: dict[int, tuple[float, float]] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _windows(self) -> int:
+        if not self.metrics.exists():
+            return 0
+        return self.metrics.read_text().count('"images_per_s"')
+
+    def _watch(self) -> None:
+        while not self.stop.wait(0.05):
+            count = self._windows()
+            for mark in (self.first - 1, self.last):
+                if count >= mark and mark not in self.marks:
+                    self.marks[mark] = (time.perf_counter(), _busy(psutil.cpu_times()))
+
+    def __enter__(self) -> SteadyCpu:
+        self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.seconds = _busy(psutil.cpu_times()) - _busy(self.start)
+        self.stop.set()
+        self.thread.join()
+
+    @property
+    def cores(self) -> float | None:
+        if len(self.marks) < 2:
+            return None
+        (t0, busy0), (t1, busy1) = self.marks[self.first - 1], self.marks[self.last]
+        return (busy1 - busy0) / max(t1 - t0, 1e-9)
 
 
 def _busy(times: Any) -> float:
