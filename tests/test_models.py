@@ -257,6 +257,15 @@ def test_partial_load_of_a_plain_backbone_into_cbam_resnet():
     np.testing.assert_array_equal(loaded, plain["layer3.1.conv2.weight"].numpy())
 
 
+def test_list_counts_an_unrecorded_model_on_an_abstract_build(monkeypatch, capsys):
+    spec = ModelSpec("tiny_resnet", BasicBlock, (1, 1), "t", "official", {"attention": "se"})
+    monkeypatch.setitem(MODELS, spec.name, spec)
+    assert spec.params is None
+    assert main(["list", "tiny"]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[0] == "tiny_resnet" and row[3] == f"{count_params(abstract_model(spec.name)):,}"
+
+
 def test_registry_lists_required_names_and_rejects_unknown():
     names = list_models()
     for depth in (18, 34, 50, 101, 152):
