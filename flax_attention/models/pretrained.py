@@ -25,6 +25,12 @@ HF_HUB_PREFIX = "hf-hub:"
 # File names timm uses on the Hub (timm/models/_hub.py), in order of preference.
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 HEAD_KEYS = ("fc.weight", "fc.bias")
+# huggingface_hub's exceptions, as the one-line error words them.
+_REASONS = {
+    "LocalEntryNotFoundError": "not cached, Hub not reached",
+    "RemoteEntryNotFoundError": "no such file in the repository",
+    "RepositoryNotFoundError": "no such repository (or it is private)",
+}
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -96,15 +102,12 @@ def resolve_weights(
             raise WeightsNotFoundError(f"no weights file at {path}")
         return path
     repo, filename = parse_hub_spec(str(source))
-    import huggingface_hub
-    from huggingface_hub import constants, errors
+    from huggingface_hub import constants, errors, hf_hub_download  # only for Hub sources
 
     reasons, local_only = [], False
     for name in (filename,) if filename else HUB_FILES:
         try:
-            path = huggingface_hub.hf_hub_download(
-                repo, name, cache_dir=cache_dir, local_files_only=local_only
-            )
+            path = hf_hub_download(repo, name, cache_dir=cache_dir, local_files_only=local_only)
             return Path(path)
         except (errors.HfHubHTTPError, errors.EntryNotFoundError, OSError) as err:
             reasons.append(f"{name}: {_REASONS.get(type(err).__name__, type(err).__name__)}")
@@ -117,13 +120,6 @@ def resolve_weights(
         f"({'; '.join(reasons)}{offline}); download it where the Hub is reachable, or pass a "
         "local file"
     )
-
-
-_REASONS = {
-    "LocalEntryNotFoundError": "not cached, Hub not reached",
-    "RemoteEntryNotFoundError": "no such file in the repository",
-    "RepositoryNotFoundError": "no such repository (or it is private)",
-}
 
 
 def read_weights(name: str, pretrained: bool | str | os.PathLike, default_layout: str) -> Weights:
