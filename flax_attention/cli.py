@@ -36,7 +36,14 @@ from flax_attention.convert import (
 )
 from flax_attention.convert.state_dict import clean_state_dict
 from flax_attention.data import DatasetSpec
-from flax_attention.models import MODELS, create_model, get_spec
+from flax_attention.models import (
+    MODELS,
+    create_model,
+    get_spec,
+    list_models,
+    pretrained_weights,
+    resolve_weights,
+)
 
 CHECK_INPUT_SHAPE = (1, 64, 64, 3)
 TOP_K = 5
@@ -63,17 +70,23 @@ class UsageError(Exception):
 
 
 def count_params(name: str) -> int:
-    """Parameters (nnx.Param, not BatchNorm statistics) of model `name`, without allocating."""
+    """Parameters (nnx.Param, not BatchNorm statistics) of model `name` with 1000 classes: the
+    registry's recorded count, else counted on an abstract build (nothing allocated)."""
+    recorded = get_spec(name).params
+    if recorded is not None:
+        return recorded
     model = nnx.eval_shape(lambda: create_model(name, rngs=nnx.Rngs(0)))
     return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    names = [n for n in sorted(MODELS) if args.pattern in n]
-    print(f"{'model':<18} {'source':<14} {'layout':<9} {'params':>12}")
+    names = [n for n in list_models() if args.pattern in n]
+    print(f"{'model':<18} {'source':<14} {'layout':<9} {'params':>12}  pretrained (default)")
     for name in names:
         spec = MODELS[name]
-        print(f"{name:<18} {spec.source:<14} {spec.layout:<9} {count_params(name):>12,}")
+        hub = pretrained_weights(name)
+        default = hub[0].source if hub else "-"
+        print(f"{name:<18} {spec.source:<14} {spec.layout:<9} {count_params(name):>12,}  {default}")
     return 0
 
 
@@ -82,7 +95,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     layout = args.layout or spec.layout
     if Path(args.outdir).exists() and not args.overwrite:
         raise FileExistsError(f"{args.outdir} already exists; pass --overwrite to replace it")
-    state_dict = load_torch_checkpoint(args.src, key=args.key)
+    source = resolve_weights(args.src)  # a local file, or hf-hub:ORG/REPO[/FILE] from the cache
+    state_dict = load_torch_checkpoint(source, key=args.key)
     num_classes = args.num_classes
     if num_classes is None:
         num_classes = state_dict["fc.weight"].shape[0] if "fc.weight" in state_dict else 1000
@@ -137,7 +151,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         name=args.model,
         constructor_args={"num_classes": num_classes},
         layout=layout,
-        source_file=args.src,
+        source_file=source,
         dataset=args.dataset,
         overwrite=args.overwrite,
     )
@@ -297,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(nothing is written unless every check passes).",
     )
     convert.add_argument(
-        "src", metavar="SRC", help="PyTorch checkpoint (.pth, .pth.tar, .safetensors, .npz)"
+        "src",
+        metavar="SRC",
+        help="PyTorch checkpoint (.pth, .pth.tar, .safetensors, .npz) or hf-hub:ORG/REPO[/FILE]",
     )
     convert.add_argument(
         "outdir", metavar="OUTDIR", help="output checkpoint directory (must not exist)"

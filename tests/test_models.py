@@ -10,6 +10,7 @@ import torch
 from flax import nnx
 from parity import nchw, nhwc, rel_l2
 
+from flax_attention.cli import main
 from flax_attention.convert import (
     StateDictMismatchError,
     load_torch_state_dict,
@@ -18,9 +19,11 @@ from flax_attention.convert import (
 from flax_attention.convert.keymap import bindings
 from flax_attention.models import (
     ATTENTION_PRESETS,
+    MODELS,
     BasicBlock,
     Bottleneck,
     EPSABlock,
+    ModelSpec,
     ResNet,
     create_model,
     get_spec,
@@ -96,6 +99,35 @@ def random_images(n: int = 2, size: int = 64, seed: int = 0) -> np.ndarray:
 def test_parameter_counts_match_spec(name):
     assert count_params(abstract_model(name)) == PARAM_COUNTS[name]
     assert sum(p.numel() for p in torch_model(name).parameters()) == PARAM_COUNTS[name]
+    assert get_spec(name).params == PARAM_COUNTS[name]
+
+
+def test_recorded_parameter_counts_match_the_pytorch_references():
+    """Every registry count (what `flax-attention list` prints) against the reference model;
+    the nine above are also checked against the built Flax models."""
+    for name in list_models():
+        with torch.device("meta"):  # shapes only
+            reference_count = sum(p.numel() for p in torch_model(name).parameters())
+        assert get_spec(name).params == reference_count, name
+
+
+def test_models_are_listed_in_natural_order_without_building(monkeypatch, capsys):
+    names = list_models()
+    assert names.index("resnet18") < names.index("resnet34") < names.index("resnet101")
+    assert names.index("resnet101") < names.index("resnet152") < names.index("se_resnet18")
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("listing built a model")
+
+    monkeypatch.setattr(ModelSpec, "build", no_build)
+    assert main(["list", "resnet1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [r[0] for r in rows] == [
+        "bam_resnet18", "bam_resnet101", "cbam_resnet18", "cbam_resnet101",
+        "resnet18", "resnet101", "resnet152", "se_resnet18", "se_resnet101", "se_resnet152",
+        "seresnet18", "seresnet101", "seresnet152",
+    ]  # fmt: skip
+    assert rows[4][3] == f"{MODELS['resnet18'].params:,}" and rows[4][4].startswith("hf-hub:")
 
 
 @pytest.mark.parametrize(
@@ -223,6 +255,15 @@ def test_partial_load_of_a_plain_backbone_into_cbam_resnet():
     conv = bindings(model, "official")["layer3.1.conv2.weight"]
     loaded = conv.transform.to_torch(np.asarray(conv.variable.get_value()))
     np.testing.assert_array_equal(loaded, plain["layer3.1.conv2.weight"].numpy())
+
+
+def test_list_counts_an_unrecorded_model_on_an_abstract_build(monkeypatch, capsys):
+    spec = ModelSpec("tiny_resnet", BasicBlock, (1, 1), "t", "official", {"attention": "se"})
+    monkeypatch.setitem(MODELS, spec.name, spec)
+    assert spec.params is None
+    assert main(["list", "tiny"]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[0] == "tiny_resnet" and row[3] == f"{count_params(abstract_model(spec.name)):,}"
 
 
 def test_registry_lists_required_names_and_rejects_unknown():

@@ -8,10 +8,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flax_attention.initializers import he_normal_fan_out, lecun_normal
+
 Dtype = jnp.dtype | type
 
-# torchvision/timm initialise convolutions with He-normal over fan-out.
-conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torchvision/timm initialise convolutions with He-normal over fan-out; sampled on the host
+# (flax_attention.initializers: no XLA compilation per parameter shape).
+conv_init = he_normal_fan_out
 
 
 def conv2d(
@@ -72,11 +75,12 @@ def linear(
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
 ) -> nnx.Linear:
-    """A dense layer; kernel `(in, out)` (PyTorch's Linear weight transposed)."""
+    """A dense layer; kernel `(in, out)` (PyTorch's Linear weight transposed), LeCun normal."""
     return nnx.Linear(
         in_features,
         out_features,
         use_bias=bias,
+        kernel_init=lecun_normal,
         dtype=dtype,
         param_dtype=param_dtype,
         rngs=rngs,

@@ -8,20 +8,40 @@ from flax_attention.models.blocks import (
     EPSABlock,
     make_attention,
 )
-from flax_attention.models.registry import MODELS, ModelSpec, create_model, get_spec, list_models
+from flax_attention.models.pretrained import (
+    HUB_WEIGHTS,
+    HubWeights,
+    WeightsNotFoundError,
+    pretrained_weights,
+    resolve_weights,
+)
+from flax_attention.models.registry import (
+    MODELS,
+    ModelSpec,
+    create_model,
+    get_spec,
+    list_models,
+    natural_key,
+)
 from flax_attention.models.resnet import ResNet
 
 __all__ = [
     "ATTENTION_PRESETS",
+    "HUB_WEIGHTS",
     "MODELS",
     "BasicBlock",
     "Bottleneck",
     "Downsample",
     "EPSABlock",
+    "HubWeights",
     "ModelSpec",
     "ResNet",
+    "WeightsNotFoundError",
     "create_model",
     "get_spec",
     "list_models",
     "make_attention",
+    "natural_key",
+    "pretrained_weights",
+    "resolve_weights",
 ]

@@ -47,12 +47,9 @@ class TrainingInterruptedError(RuntimeError):
 def build_model(
     name: str, *, num_classes: int, seed: int, dtype: Any = jnp.float32, **kw: Any
 ) -> nnx.Module:
-    """`create_model(name, ...)` initialised in one compiled function (fast on CPU)."""
-
-    def build() -> nnx.Module:
-        return create_model(name, num_classes=num_classes, rngs=nnx.Rngs(seed), dtype=dtype, **kw)
-
-    return nnx.jit(build)()
+    """`create_model(name, ...)` with `nnx.Rngs(seed)` (its initialisers sample on the host:
+    no compilation)."""
+    return create_model(name, num_classes=num_classes, rngs=nnx.Rngs(seed), dtype=dtype, **kw)
 
 
 def fit(config: TrainConfig) -> dict[str, Any]:
