@@ -141,7 +141,7 @@ def _mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-DECODERS = ("cpu", "gpu", "auto")
+DECODERS = ("auto", "cpu", "gpu")
 
 
 def choose_decoder(name: str, dataset: str) -> str:

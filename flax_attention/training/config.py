@@ -21,7 +21,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-DECODERS = ("auto", "cpu", "gpu")
 _EPOCHS = re.compile(r"(\d+(?:\.\d*)?|\.\d+)ep")
 
 
@@ -57,6 +56,12 @@ def _parallel_forms() -> list[str]:
     from flax_attention.training.steps import PARALLEL
 
     return sorted(PARALLEL)
+
+
+def _decoders() -> list[str]:
+    from flax_attention.data import DECODERS
+
+    return list(DECODERS)
 
 
 def _precisions() -> list[str]:
@@ -190,7 +195,7 @@ class TrainConfig:
     decoder: str = _field(
         "auto",
         help="JPEG decoding: cpu, gpu (nvImageCodec) or auto (gpu when available)",
-        choices=lambda: DECODERS,
+        choices=_decoders,
     )
     distributed: bool = _field(
         False, help="call jax.distributed.initialize() (multi-host: one process per host)"
