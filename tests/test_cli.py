@@ -94,7 +94,7 @@ def convert_exit(argv: list[str]) -> int:
     "args, expected",
     [
         (["--model", "vgg"], "argument --model: unknown model 'vgg'; known: bam_resnet101"),
-        (["--model", "resnet18"], "no checkpoint file at"),
+        (["--model", "resnet18"], "no weights file at"),
         (["--model", "resnet18", "--num-classes", "0"], "'0' is not a positive integer"),
         (["--model", "resnet18", "--dataset", "mnist"], "unknown dataset 'mnist'"),
         (["--model", "resnet18", "--layout", "keras"], "invalid choice: 'keras'"),
