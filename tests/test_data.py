@@ -351,7 +351,7 @@ class TestRegisteredDatasets:
         assert not (tmp_path / name).exists()  # Nothing was downloaded or half-prepared.
 
     def test_unknown_dataset_lists_known_names(self):
-        with pytest.raises(KeyError, match="cifar10"):
+        with pytest.raises(ValueError, match=r"unknown dataset 'mnist'; known: .*cifar10"):
             data.get_spec("mnist")
 
     def test_cifar10_from_local_data_dir(self, tfds, tmp_path):

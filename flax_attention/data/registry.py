@@ -109,8 +109,9 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 def get_spec(name: str) -> DatasetSpec:
-    """The spec registered under ``name``; ``KeyError`` listing the known names otherwise."""
+    """The spec registered under ``name``; ``ValueError`` listing the known names otherwise (as
+    ``models.get_spec``)."""
     try:
         return DATASETS[name]
     except KeyError:
-        raise KeyError(f"Unknown dataset {name!r}; known: {sorted(DATASETS)}") from None
+        raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}") from None

@@ -1,14 +1,18 @@
 """Training: train state, optimizers, step functions (jit / pmap / one device), orbax
 checkpoints and the fit loop used by the `flax-attention-train` program."""
 
-from flax_attention.training.checkpointing import CorruptCheckpointError, TrainCheckpointer
-from flax_attention.training.config import TrainConfig
+from flax_attention.training.checkpointing import (
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    TrainCheckpointer,
+)
+from flax_attention.training.config import ConfigError, TrainConfig
+from flax_attention.training.evaluate import evaluate
 from flax_attention.training.loop import (
     PRECISIONS,
     TrainingDivergedError,
     TrainingInterruptedError,
     build_model,
-    evaluate,
     fit,
 )
 from flax_attention.training.loss import cross_entropy, top_k_correct
@@ -27,6 +31,8 @@ __all__ = [
     "PARALLEL",
     "PRECISIONS",
     "SCHEDULES",
+    "CheckpointMismatchError",
+    "ConfigError",
     "CorruptCheckpointError",
     "TrainCheckpointer",
     "TrainConfig",

@@ -205,8 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         result = fit(config)
-    except (DatasetNotFoundError, FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
-        print(f"error: {_message(err)}", file=sys.stderr)
+    except (DatasetNotFoundError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     except (TrainingDivergedError, CorruptCheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -226,7 +226,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"metrics: {Path(config.workdir).absolute() / 'metrics.jsonl'}"
         )
     return 0
-
-
-def _message(err: BaseException) -> str:
-    return err.args[0] if isinstance(err, KeyError) and err.args else str(err)

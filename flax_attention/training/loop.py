@@ -28,6 +28,7 @@ from flax_attention import checkpoint, data
 from flax_attention.models import create_model
 from flax_attention.training.checkpointing import TrainCheckpointer, abstract_like, is_finite
 from flax_attention.training.config import TrainConfig
+from flax_attention.training.evaluate import evaluate
 from flax_attention.training.metrics import Meter, MetricsLog, plot_curves
 from flax_attention.training.optim import make_optimizer, make_schedule
 from flax_attention.training.state import TrainState, create_train_state
@@ -254,10 +255,12 @@ class _Run:
         """Loss, top-1 and top-5 over the whole evaluation split, logged to metrics.jsonl."""
         result = evaluate(
             self.eval_fn,
-            self.form,
             self.form.canonical_state(dev_state),
-            self.cfg,
+            self.cfg.dataset,
             local_batch=self.local_eval_batch,
+            data_dir=self.cfg.data_dir,
+            image_size=self.cfg.image_size,
+            progress=self.cfg.progress,
         )
         self.log.write({"step": step, **result})
         return result
@@ -286,39 +289,6 @@ class _Run:
             tqdm.write(text)
 
 
-def evaluate(
-    eval_fn: Callable,
-    form: MeshForm,
-    state: TrainState,
-    cfg: TrainConfig,
-    *,
-    local_batch: int,
-) -> dict[str, float]:
-    """{"eval_loss", "eval_top1", "eval_top5"} over the evaluation split of `cfg.dataset`.
-
-    Every process reads its shard; shards shorter than the longest are padded with masked rows,
-    so all processes run the same number of steps. `state` is the canonical state.
-    """
-    spec = data.get_spec(cfg.dataset)
-    size = len(data.data_source(cfg.dataset, spec.eval_split, cfg.data_dir))
-    num_batches = math.ceil(math.ceil(size / jax.process_count()) / local_batch)
-    ds = data.make_dataset(
-        cfg.dataset,
-        train=False,
-        batch_size=local_batch,
-        data_dir=cfg.data_dir,
-        image_size=cfg.image_size,
-    )
-    totals: dict[str, float] = {}
-    for i in tqdm(range(num_batches), desc="evaluate", leave=False, disable=not cfg.progress):
-        batch = _padded(ds[i] if i < len(ds) else None, local_batch, ds[0])
-        sums = jax.device_get(eval_fn(state, batch))
-        for k, v in sums.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-    count = max(totals.pop("count"), 1.0)
-    return {f"eval_{k}": v / count for k, v in totals.items()}
-
-
 @contextlib.contextmanager
 def _closing(batches: Generator, loader: Any) -> Iterator[None]:
     """Stop the prefetch thread, then the loader's worker processes (freeing their shared
@@ -337,19 +307,6 @@ def _with_positions(loader: Any) -> Iterator[tuple[dict, dict]]:
     while True:
         batch = next(loader)
         yield batch, loader.get_state()
-
-
-def _padded(batch: dict | None, rows: int, like: dict) -> dict[str, np.ndarray]:
-    """`batch` (or nothing) padded to `rows` rows with zeros, plus a float32 "mask" (rows,)."""
-    n = 0 if batch is None else len(batch["label"])
-    out = {}
-    for key, ref in like.items():
-        value = np.zeros((rows, *ref.shape[1:]), ref.dtype)
-        if batch is not None:
-            value[:n] = batch[key]
-        out[key] = value
-    out["mask"] = (np.arange(rows) < n).astype(np.float32)
-    return out
 
 
 def _local_batch(global_batch: int, form: MeshForm) -> int:
