@@ -239,8 +239,10 @@ def test_resume_after_kill_is_exact(data_dir, tmp_path, monkeypatch, uninterrupt
     patch_loader(monkeypatch, seen)
     result = fit(config(data_dir, tmp_path))
 
-    # The data position came back with the state: the resumed run reads batches 5 and 6.
-    assert seen_before[:4] + seen == ref_seen
+    # The data position came back with the state: the resumed run trains on batches 5 and 6.
+    # (Both runs' loaders read up to two batches past the last step: the device prefetch.)
+    assert len(ref_seen) >= 6 and len(seen) >= 2
+    assert seen_before[:4] + seen[:2] == ref_seen[:6]
     assert result == {**ref_result, "model_dir": result["model_dir"], "plot": result["plot"]}
     want = flat(nnx.state(checkpoint.restore(None, ref_dir / "model")))
     got = flat(nnx.state(checkpoint.restore(None, tmp_path / "model")))

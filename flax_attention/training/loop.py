@@ -170,7 +170,7 @@ class _Run:
             disable=not (self.is_main and cfg.progress),
             dynamic_ncols=True,
         )
-        with _StopOnInterrupt() as interrupt, _closing(batches, self.loader):
+        with _StopOnInterrupt() as interrupt, _closing(batches, self.loader, self.checkpoints):
             while step < self.total_steps and not interrupt.requested:
                 batch, data_state = next(batches)
                 dev_state, metrics = self.train_fn(dev_state, batch)
@@ -290,13 +290,15 @@ class _Run:
 
 
 @contextlib.contextmanager
-def _closing(batches: Generator, loader: Any) -> Iterator[None]:
-    """Stop the prefetch thread, then the loader's worker processes (freeing their shared
-    memory), however the training loop ends."""
+def _closing(batches: Generator, loader: Any, checkpoints: TrainCheckpointer) -> Iterator[None]:
+    """However the training loop ends (an error too): stop the prefetch thread, let the
+    checkpoint being written finish (nothing saved is lost), stop the loader's worker processes
+    (freeing their shared memory)."""
     try:
         yield
     finally:
         batches.close()
+        checkpoints.wait()
         close = getattr(loader, "close", None)
         if close is not None:
             close()
