@@ -53,6 +53,16 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _add_recorded_dataset(parser: argparse.ArgumentParser, dataset_name: Callable) -> None:
+    """`--dataset NAME` of eval and predict: the dataset, else the one recorded in MODEL_DIR."""
+    parser.add_argument(
+        "--dataset",
+        metavar="NAME",
+        type=dataset_name,
+        help="dataset (default: the one recorded in MODEL_DIR)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="flax-attention",
@@ -119,12 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "model_dir", metavar="MODEL_DIR", help="model checkpoint directory (training's model/)"
     )
-    evaluate.add_argument(
-        "--dataset",
-        metavar="NAME",
-        type=dataset_name,
-        help="dataset (default: the one recorded in MODEL_DIR)",
-    )
+    _add_recorded_dataset(evaluate, dataset_name)
     evaluate.add_argument(
         "--data-dir", metavar="DIR", help="tfds data_dir holding the prepared dataset"
     )
@@ -146,12 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "images", metavar="IMAGE", nargs="+", help="image files (any format Pillow reads)"
     )
-    predict.add_argument(
-        "--dataset",
-        metavar="NAME",
-        type=dataset_name,
-        help="dataset (default: the one recorded in MODEL_DIR)",
-    )
+    _add_recorded_dataset(predict, dataset_name)
     predict.set_defaults(run=cmd_predict)
 
     listing = sub.add_parser("list", help="list the registered models with parameter counts")
