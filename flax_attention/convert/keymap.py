@@ -24,6 +24,7 @@ class Binding:
 
 
 def check_layout(layout: str) -> None:
+    """ValueError naming the supported layouts unless `layout` is one of them."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is not supported; choose one of {list(LAYOUTS)}")
 
