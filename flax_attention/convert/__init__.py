@@ -1,7 +1,7 @@
 """PyTorch checkpoint conversion: key maps, state_dict load/export, checkpoint files."""
 
 from flax_attention.convert.files import load_torch_checkpoint
-from flax_attention.convert.keymap import LAYOUTS
+from flax_attention.convert.layouts import LAYOUTS
 from flax_attention.convert.state_dict import (
     LoadReport,
     StateDictMismatchError,

@@ -10,8 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import flax_attention.convert.model_keymaps  # noqa: F401  (registers the model tables)
-from flax_attention.convert import layer_keymaps  # noqa: F401  (registers the layer tables)
 from flax_attention.convert.keymap import bindings, check_layout
 
 IGNORED_SUFFIXES = ("num_batches_tracked",)

@@ -1,59 +1,36 @@
-"""Key maps of the attention modules, as their reference implementations name them.
+"""The `official` layout: keys as the reference implementations name them.
 
-official: senet.pytorch (SE), Jongchan/attention-module (CBAM, BAM), murufeng/EPSANet (PSA).
-timm: timm's SEModule and CbamModule.
+Attention modules: senet.pytorch (SE), Jongchan/attention-module (CBAM, BAM), murufeng/EPSANet
+(PSA). Models: torchvision (plain ResNets), senet.pytorch (`se_resnet*`), Jongchan/attention-module
+(`cbam_resnet*`, `bam_resnet*`), murufeng/EPSANet (`epsanet*`).
 """
 
 from __future__ import annotations
 
-from flax_attention.convert.keymap import Child, Layer, register
+from flax_attention.convert.layouts.resnet import resnet_key_map
+from flax_attention.convert.tables import Child, Entry, KeyMap, Layer
 from flax_attention.layers import BAM, CBAM, PSA, SE, ChannelGate, SpatialGate
+from flax_attention.models import EPSABlock
 
 
-@register(SE, "official")
-def _se_official(m: SE):
+def _se(m: SE) -> list[Entry]:
     return [Layer("fc.0", "fc1", "linear"), Layer("fc.2", "fc2", "linear")]
 
 
-@register(SE, "timm")
-def _se_timm(m: SE):
-    return [Layer("fc1", "fc1", "conv1x1_linear"), Layer("fc2", "fc2", "conv1x1_linear")]
-
-
-@register(ChannelGate, "official")
-def _channel_gate_official(m: ChannelGate):
+def _channel_gate(m: ChannelGate) -> list[Entry]:
     return [Layer("mlp.1", "fc1", "linear"), Layer("mlp.3", "fc2", "linear")]
 
 
-@register(ChannelGate, "timm")
-def _channel_gate_timm(m: ChannelGate):
-    return [Layer("fc1", "fc1", "conv1x1_linear"), Layer("fc2", "fc2", "conv1x1_linear")]
-
-
-@register(SpatialGate, "official")
-def _spatial_gate_official(m: SpatialGate):
+def _spatial_gate(m: SpatialGate) -> list[Entry]:
     return [Layer("spatial.conv", "conv", "conv"), Layer("spatial.bn", "bn", "bn")]
 
 
-@register(SpatialGate, "timm")
-def _spatial_gate_timm(m: SpatialGate):
-    return [Layer("conv.conv", "conv", "conv"), Layer("conv.bn", "bn", "bn")]
-
-
-@register(CBAM, "official")
-def _cbam_official(m: CBAM):
+def _cbam(m: CBAM) -> list[Entry]:
     spatial = [Child("SpatialGate", "spatial_gate")] if m.spatial_gate is not None else []
     return [Child("ChannelGate", "channel_gate"), *spatial]
 
 
-@register(CBAM, "timm")
-def _cbam_timm(m: CBAM):
-    spatial = [Child("spatial", "spatial_gate")] if m.spatial_gate is not None else []
-    return [Child("channel", "channel_gate"), *spatial]
-
-
-@register(BAM, "official")
-def _bam_official(m: BAM):
+def _bam(m: BAM) -> list[Entry]:
     c, s = "channel_att.gate_c.gate_c_", "spatial_att.gate_s.gate_s_"
     dilated = [
         entry
@@ -74,11 +51,34 @@ def _bam_official(m: BAM):
     ]
 
 
-@register(PSA, "official")
-def _psa_official(m: PSA):
+def _psa(m: PSA) -> list[Entry]:
     branches = [Layer(f"conv_{i + 1}", f"convs.{i}", "conv") for i in range(len(m.convs))]
     return [
         *branches,
         Layer("se.fc1", "se.fc1", "conv1x1_linear"),
         Layer("se.fc2", "se.fc2", "conv1x1_linear"),
     ]
+
+
+def _epsa_block(m: EPSABlock) -> list[Entry]:
+    return [
+        Layer("conv1", "conv1", "conv"),
+        Layer("bn1", "bn1", "bn"),
+        Child("conv2", "conv2"),  # PSA, with its own table
+        Layer("bn2", "bn2", "bn"),
+        Layer("conv3", "conv3", "conv"),
+        Layer("bn3", "bn3", "bn"),
+        *([Child("downsample", "downsample")] if m.downsample is not None else []),
+    ]
+
+
+KEY_MAP: KeyMap = {
+    SE: _se,
+    ChannelGate: _channel_gate,
+    SpatialGate: _spatial_gate,
+    CBAM: _cbam,
+    BAM: _bam,
+    PSA: _psa,
+    EPSABlock: _epsa_block,
+    **resnet_key_map({SE: "se", CBAM: "cbam", BAM: "bam"}),
+}

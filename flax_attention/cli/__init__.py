@@ -1,0 +1,173 @@
+"""The `flax-attention` command: convert PyTorch checkpoints, evaluate and run saved models, list
+the registered models.
+
+flax-attention convert SRC.pth OUTDIR --model NAME [--layout official|timm] [--num-classes N]
+                       [--key ENTRY] [--dataset NAME] [--no-strict] [--overwrite]
+flax-attention eval MODEL_DIR [--dataset NAME] [--data-dir D] [--batch-size B] [--split S]
+flax-attention predict MODEL_DIR IMAGE... [--dataset NAME]
+flax-attention list [SUBSTRING]
+
+Exit status: 0 success, 1 the data failed a check (checkpoint does not fit or is corrupt),
+2 usage error (bad argument, missing file, existing output); errors are one `error: ...` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from flax_attention import data
+from flax_attention.cli.common import UsageError
+from flax_attention.cli.convert import cmd_convert
+from flax_attention.cli.evaluate import cmd_eval, cmd_predict, load_image
+from flax_attention.cli.listing import cmd_list
+from flax_attention.convert import LAYOUTS
+from flax_attention.models import MODELS
+
+__all__ = ["UsageError", "build_parser", "load_image", "main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one `error: ...` line on stderr, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _registered(registry: dict[str, Any], what: str) -> Callable[[str], str]:
+    def check(name: str) -> str:
+        if name not in registry:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {name!r}; known: {', '.join(sorted(registry))}"
+            )
+        return name
+
+    return check
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def _add_recorded_dataset(parser: argparse.ArgumentParser, dataset_name: Callable) -> None:
+    """`--dataset NAME` of eval and predict: the dataset, else the one recorded in MODEL_DIR."""
+    parser.add_argument(
+        "--dataset",
+        metavar="NAME",
+        type=dataset_name,
+        help="dataset (default: the one recorded in MODEL_DIR)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="flax-attention",
+        description="Flax NNX attention ResNets: conversion, evaluation, prediction, listing.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    model_name = _registered(MODELS, "model")
+    dataset_name = _registered(data.DATASETS, "dataset")
+
+    convert = sub.add_parser(
+        "convert",
+        help="convert a PyTorch checkpoint to an orbax checkpoint",
+        description="Load a PyTorch state_dict into a registered model and save it with orbax "
+        "(nothing is written unless every check passes).",
+    )
+    convert.add_argument(
+        "src",
+        metavar="SRC",
+        help="PyTorch checkpoint (.pth, .pth.tar, .safetensors, .npz) or hf-hub:ORG/REPO[/FILE]",
+    )
+    convert.add_argument(
+        "outdir", metavar="OUTDIR", help="output checkpoint directory (must not exist)"
+    )
+    convert.add_argument(
+        "--model",
+        metavar="NAME",
+        required=True,
+        type=model_name,
+        help="registered model name (see `list`)",
+    )
+    convert.add_argument(
+        "--layout", choices=LAYOUTS, help="key-name layout (default: the model's source)"
+    )
+    convert.add_argument(
+        "--num-classes",
+        metavar="N",
+        type=_positive,
+        help="classifier width (default: from fc.weight, else 1000)",
+    )
+    convert.add_argument(
+        "--key",
+        metavar="ENTRY",
+        help="entry of the file holding the weights, e.g. state_dict_ema (default: unwrap "
+        "state_dict/model/net/module)",
+    )
+    convert.add_argument(
+        "--dataset",
+        metavar="NAME",
+        type=dataset_name,
+        help="record the dataset whose preprocessing the weights expect (for `predict`)",
+    )
+    convert.add_argument(
+        "--no-strict", action="store_true", help="load the matching keys, report the rest"
+    )
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing OUTDIR")
+    convert.set_defaults(run=cmd_convert)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="top-1/top-5/loss of a saved model over a dataset split",
+        description="Evaluate a saved model (eval mode) over a split, with the dataset's "
+        "evaluation preprocessing.",
+    )
+    evaluate.add_argument(
+        "model_dir", metavar="MODEL_DIR", help="model checkpoint directory (training's model/)"
+    )
+    _add_recorded_dataset(evaluate, dataset_name)
+    evaluate.add_argument(
+        "--data-dir", metavar="DIR", help="tfds data_dir holding the prepared dataset"
+    )
+    evaluate.add_argument(
+        "--batch-size", metavar="B", type=_positive, default=256, help="default: 256"
+    )
+    evaluate.add_argument(
+        "--split", metavar="SPLIT", help="tfds split (default: the dataset's evaluation split)"
+    )
+    evaluate.set_defaults(run=cmd_eval)
+
+    predict = sub.add_parser(
+        "predict",
+        help="top-5 classes of image files",
+        description="Print the top-5 classes of each image (class names for digits and "
+        "cifar10, else indices), with the dataset's evaluation preprocessing.",
+    )
+    predict.add_argument("model_dir", metavar="MODEL_DIR", help="model checkpoint directory")
+    predict.add_argument(
+        "images", metavar="IMAGE", nargs="+", help="image files (any format Pillow reads)"
+    )
+    _add_recorded_dataset(predict, dataset_name)
+    predict.set_defaults(run=cmd_predict)
+
+    listing = sub.add_parser("list", help="list the registered models with parameter counts")
+    listing.add_argument("pattern", nargs="?", default="", help="only names containing this")
+    listing.set_defaults(run=cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `flax-attention` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (UsageError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
