@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import threading
 from collections.abc import Callable, Generator, Iterator
 from functools import partial
 from pathlib import Path
@@ -29,6 +27,7 @@ from flax_attention.models import create_model
 from flax_attention.training.checkpointing import TrainCheckpointer, abstract_like, is_finite
 from flax_attention.training.config import TrainConfig
 from flax_attention.training.evaluate import evaluate
+from flax_attention.training.interrupt import StopOnInterrupt
 from flax_attention.training.metrics import Meter, MetricsLog, plot_curves
 from flax_attention.training.optim import make_optimizer, make_schedule
 from flax_attention.training.state import TrainState, create_train_state
@@ -170,7 +169,7 @@ class _Run:
             disable=not (self.is_main and cfg.progress),
             dynamic_ncols=True,
         )
-        with _StopOnInterrupt() as interrupt, _closing(batches, self.loader, self.checkpoints):
+        with StopOnInterrupt() as interrupt, _closing(batches, self.loader, self.checkpoints):
             while step < self.total_steps and not interrupt.requested:
                 batch, data_state = next(batches)
                 dev_state, metrics = self.train_fn(dev_state, batch)
@@ -318,26 +317,3 @@ def _local_batch(global_batch: int, form: MeshForm) -> int:
             f"batch size {global_batch} does not split evenly over {form.num_devices} devices"
         )
     return global_batch // jax.process_count()
-
-
-class _StopOnInterrupt:
-    """First Ctrl-C asks the loop to stop after the current step (it then saves); a second
-    one interrupts at once. Only in the main thread (signals go there)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.previous = None
-
-    def __enter__(self) -> _StopOnInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
-        tqdm.write("interrupt: saving a checkpoint after this step (Ctrl-C again to abort)")
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)

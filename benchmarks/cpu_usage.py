@@ -1,0 +1,59 @@
+"""The machine's busy CPU cores over a steady stretch of a training run."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+
+class SteadyCpu:
+    """The machine's busy CPU cores (all processes: this one, its threads, grain's workers; the
+    GPU machine runs nothing else) while a training run logs windows ``first`` to ``last``
+    (1-based) to ``metrics``: past compilation and start-up, like the images/s reported."""
+
+    def __init__(self, metrics: Path, first: int, last: int):
+        self.metrics, self.first, self.last = metrics, first, last
+        self.marks: dict[int, tuple[float, float]] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _windows(self) -> int:
+        if not self.metrics.exists():
+            return 0
+        return self.metrics.read_text().count('"images_per_s"')
+
+    def _watch(self) -> None:
+        while not self.stop.wait(0.05):
+            count = self._windows()
+            for mark in (self.first - 1, self.last):
+                if count >= mark and mark not in self.marks:
+                    self.marks[mark] = (time.perf_counter(), _busy(psutil.cpu_times()))
+
+    def __enter__(self) -> SteadyCpu:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    @property
+    def cores(self) -> float | None:
+        if len(self.marks) < 2:
+            return None
+        (t0, busy0), (t1, busy1) = self.marks[self.first - 1], self.marks[self.last]
+        return (busy1 - busy0) / max(t1 - t0, 1e-9)
+
+
+def _busy(times: Any) -> float:
+    """Busy seconds of all CPUs (guest time is already inside user time)."""
+    return times.user + times.nice + times.system + times.irq + times.softirq + times.steal
+
+
+def _busy(times: Any) -> float:
+    """Busy seconds of all CPUs (guest time is already inside user time)."""
+    return times.user + times.nice + times.system + times.irq + times.softirq + times.steal
