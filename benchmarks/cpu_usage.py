@@ -52,8 +52,3 @@ class SteadyCpu:
 def _busy(times: Any) -> float:
     """Busy seconds of all CPUs (guest time is already inside user time)."""
     return times.user + times.nice + times.system + times.irq + times.softirq + times.steal
-
-
-def _busy(times: Any) -> float:
-    """Busy seconds of all CPUs (guest time is already inside user time)."""
-    return times.user + times.nice + times.system + times.irq + times.softirq + times.steal
