@@ -51,6 +51,7 @@ def _restore_for(args: argparse.Namespace) -> tuple[nnx.Module, str, int]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Print top-1, top-5 and loss of the model in `args.model_dir` over a dataset split."""
+    from flax_attention.training.evaluate import pad_batch
     from flax_attention.training.state import TrainState  # optax: not needed by the others
     from flax_attention.training.steps import eval_step
 
@@ -78,7 +79,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     step = jax.jit(partial(eval_step, graphdef, mean=spec.mean, std=spec.std))
     totals: Counter[str] = Counter()
     for i in range(len(ds)):
-        sums = jax.device_get(step(state, _padded(ds[i], args.batch_size)))
+        sums = jax.device_get(step(state, pad_batch(ds[i], args.batch_size, ds[0])))
         totals.update({k: float(v) for k, v in sums.items()})
     count = totals.pop("count")
     print(
@@ -87,16 +88,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"loss {totals['loss'] / count:.4f}"
     )
     return 0
-
-
-def _padded(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-    """`batch` padded with zero rows to `rows` (one compiled shape), plus its float32 "mask"."""
-    n = len(batch["label"])
-    out = {
-        k: np.concatenate([v, np.zeros((rows - n, *v.shape[1:]), v.dtype)])
-        for k, v in batch.items()
-    }
-    return {**out, "mask": (np.arange(rows) < n).astype(np.float32)}
 
 
 def load_image(path: str | Path, spec: DatasetSpec, size: int) -> np.ndarray:

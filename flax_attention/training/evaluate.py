@@ -47,7 +47,7 @@ def evaluate(
     )
     totals: dict[str, float] = {}
     for i in tqdm(range(num_batches), desc="evaluate", leave=False, disable=not progress):
-        batch = _padded(ds[i] if i < len(ds) else None, local_batch, ds[0])
+        batch = pad_batch(ds[i] if i < len(ds) else None, local_batch, ds[0])
         sums = jax.device_get(eval_fn(state, batch))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
@@ -55,8 +55,9 @@ def evaluate(
     return {f"eval_{k}": v / count for k, v in totals.items()}
 
 
-def _padded(batch: dict | None, rows: int, like: dict) -> dict[str, np.ndarray]:
-    """``batch`` (or nothing) padded to ``rows`` rows with zeros, plus a float32 "mask" (rows,)."""
+def pad_batch(batch: dict | None, rows: int, like: dict) -> dict[str, np.ndarray]:
+    """``batch`` (or nothing) padded to ``rows`` rows with zeros, keys and dtypes as in ``like``,
+    plus a float32 "mask" (rows,): one compiled shape for every batch of a split."""
     n = 0 if batch is None else len(batch["label"])
     out = {}
     for key, ref in like.items():
