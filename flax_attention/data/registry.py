@@ -32,7 +32,8 @@ class DatasetSpec:
     features, JPEG/PNG bytes); ``train_transform`` / ``eval_transform`` turn them into uint8
     (image_size, image_size, C) crops, normalised on the device with ``mean`` / ``std``.
     ``gpu_decodable``: JPEG images with ``imagenet_train`` augmentation, which
-    ``gpu_decode.GpuJpegDecoder`` can decode and augment on the GPU. ``build`` writes the dataset into a data_dir with no download (embedded datasets only);
+    ``gpu_decode.GpuJpegDecoder`` can decode and augment on the GPU. ``build`` writes the
+    dataset into a data_dir with no download (embedded datasets only);
     otherwise ``prepare_hint`` says how a user prepares it (formatted with tfds_name, data_dir).
     """
 

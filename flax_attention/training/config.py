@@ -12,6 +12,7 @@ epochs (`"2ep"`, `"0.5ep"`); `in_steps()` turns them into steps once the epoch l
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import os
 import re
@@ -28,46 +29,15 @@ class ConfigError(ValueError):
     """A training configuration value (or config file) that cannot be used; one line."""
 
 
-def _models() -> list[str]:
-    from flax_attention.models import MODELS
+def _registry(module: str, name: str, *, sort: bool = True) -> Callable[[], list[str]]:
+    """The names registered in ``module.name``, read when asked: those modules import this
+    one, so they cannot be imported here at load time."""
 
-    return sorted(MODELS)
+    def names() -> list[str]:
+        registry = getattr(importlib.import_module(module), name)
+        return sorted(registry) if sort else list(registry)
 
-
-def _datasets() -> list[str]:
-    from flax_attention.data import DATASETS
-
-    return sorted(DATASETS)
-
-
-def _optimizers() -> list[str]:
-    from flax_attention.training.optim import OPTIMIZERS
-
-    return sorted(OPTIMIZERS)
-
-
-def _schedules() -> list[str]:
-    from flax_attention.training.optim import SCHEDULES
-
-    return sorted(SCHEDULES)
-
-
-def _parallel_forms() -> list[str]:
-    from flax_attention.training.steps import PARALLEL
-
-    return sorted(PARALLEL)
-
-
-def _decoders() -> list[str]:
-    from flax_attention.data import DECODERS
-
-    return list(DECODERS)
-
-
-def _precisions() -> list[str]:
-    from flax_attention.training.loop import PRECISIONS  # loop imports this module
-
-    return list(PRECISIONS)
+    return names
 
 
 def _at_least(bound: float) -> Callable[[Any], str | None]:
@@ -113,10 +83,14 @@ class TrainConfig:
     """Every setting of a training run; see each field's help (`flax-attention-train --help`)."""
 
     model: str = _field(
-        "se_resnet18", help="registered model (flax-attention list)", choices=_models
+        "se_resnet18",
+        help="registered model (flax-attention list)",
+        choices=_registry("flax_attention.models", "MODELS"),
     )
     dataset: str = _field(
-        "digits", help="dataset (digits: embedded, no download)", choices=_datasets
+        "digits",
+        help="dataset (digits: embedded, no download)",
+        choices=_registry("flax_attention.data", "DATASETS"),
     )
     data_dir: str | None = _field(
         None,
@@ -147,10 +121,12 @@ class TrainConfig:
     optimizer: str = _field(
         "sgd",
         help="optimizer; weight decay applies to conv/linear kernels only",
-        choices=_optimizers,
+        choices=_registry("flax_attention.training.optim", "OPTIMIZERS"),
     )
     schedule: str = _field(
-        "cosine", help="learning-rate schedule, after a linear warm-up from 0", choices=_schedules
+        "cosine",
+        help="learning-rate schedule, after a linear warm-up from 0",
+        choices=_registry("flax_attention.training.optim", "SCHEDULES"),
     )
     warmup_steps: int = _field(0, help="linear warm-up steps", check=_at_least(0))
     weight_decay: float = _field(
@@ -165,12 +141,12 @@ class TrainConfig:
         "jit",
         help="jit: one jax.jit step over a mesh of all devices (batch sharded, global BatchNorm "
         "statistics); pmap: jax.pmap with cross-replica BatchNorm; none: one device",
-        choices=_parallel_forms,
+        choices=_registry("flax_attention.training.steps", "PARALLEL"),
     )
     precision: str = _field(
         "fp32",
         help="bf16: bfloat16 compute, float32 parameters, optimizer state and BatchNorm statistics",
-        choices=_precisions,
+        choices=_registry("flax_attention.training.loop", "PRECISIONS", sort=False),
     )
     seed: int = _field(0, help="seed of the initialisation and the data order", check=_at_least(0))
     resume: bool = _field(
@@ -195,7 +171,7 @@ class TrainConfig:
     decoder: str = _field(
         "auto",
         help="JPEG decoding: cpu, gpu (nvImageCodec) or auto (gpu when available)",
-        choices=_decoders,
+        choices=_registry("flax_attention.data", "DECODERS", sort=False),
     )
     distributed: bool = _field(
         False, help="call jax.distributed.initialize() (multi-host: one process per host)"

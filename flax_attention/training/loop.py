@@ -73,6 +73,7 @@ class _Run:
         self.workdir = Path(cfg.workdir).absolute()
         self.is_main = jax.process_index() == 0
         self.spec = data.get_spec(cfg.dataset)
+        self.decoder = data.choose_decoder(cfg.decoder, cfg.dataset)  # before any data is read
         train_size = len(data.data_source(cfg.dataset, self.spec.train_split, cfg.data_dir))
         self.form = make_parallel(cfg.parallel)
         self.local_batch = _local_batch(cfg.batch_size, self.form)
@@ -113,7 +114,6 @@ class _Run:
             )
         )
         self.eval_fn = self.form.compile_eval(partial(eval_step, self.graphdef, **normalization))
-        self.decoder = data.choose_decoder(cfg.decoder, cfg.dataset)
         self.loader = data.make_loader(
             cfg.dataset,
             train=True,

@@ -163,6 +163,8 @@ class PmapForm(MeshForm):
     def __init__(self, devices: list[jax.Device]):
         super().__init__(devices)
         self.local_devices = [d for d in devices if d.process_index == jax.process_index()]
+        # A batch's rows over this process's devices, on the leading replica axis.
+        self.replica_rows = NamedSharding(Mesh(self.local_devices, (AXIS,)), P(AXIS))
 
     def prepare_model(self, model: nnx.Module) -> None:
         """Cross-replica BatchNorm: every BatchNorm averages its statistics over `data`."""
@@ -178,9 +180,8 @@ class PmapForm(MeshForm):
     def put_batch(self, local_batch: dict[str, np.ndarray | jax.Array]) -> Batch:
         """This process's rows split over its devices on a leading replica axis, copied."""
         n = len(self.local_devices)
-        placed = NamedSharding(Mesh(self.local_devices, (AXIS,)), P(AXIS))
         return {
-            k: jax.device_put(v.reshape(n, -1, *v.shape[1:]), placed)
+            k: jax.device_put(v.reshape(n, -1, *v.shape[1:]), self.replica_rows)
             for k, v in local_batch.items()
         }
 
