@@ -12,7 +12,8 @@ run:
   carries to the device.
 - `gpu-decode` row (CUDA only): `GpuJpegDecoder` on batches of 256, decoded images per second
   and the host CPU it takes; its difference from the CPU decoder's crops.
-- `train` rows: `flax-attention-train`'s loop (`fit`) on that dataset with each decoder, images
+- `train` rows: `flax-attention-train`'s loop (`fit`) on that dataset with each decoder (GPU
+  decoding with 1 and with 3 `decode_threads`, batches decoded at once), images
   per second over the second half of the run (past compilation and the initial buffer) and the
   machine's busy CPU cores over the same windows, next to the same training step on a
   device-resident synthetic batch.
@@ -52,10 +53,11 @@ class Shape:
     log_every: int
     cpu_workers: int
     gpu_workers: int
+    gpu_threads: tuple[int, ...]  # `decode_threads` of the GPU-decoding rows
 
 
-FULL = Shape(1000, (333, 500), (375, 500), 224, 256, "seresnet50", 100, 10, 14, 3)
-QUICK = Shape(48, (60, 90), (70, 100), 32, 8, "resnet18", 6, 2, 1, 1)
+FULL = Shape(1000, (333, 500), (375, 500), 224, 256, "seresnet50", 200, 20, 14, 4, (1, 3))
+QUICK = Shape(48, (60, 90), (70, 100), 32, 8, "resnet18", 6, 2, 1, 1, (2,))
 
 
 def pil_float32_transform(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -194,9 +196,16 @@ def synthetic_step_row(res: Results, shape: Shape, settings: Settings) -> float:
 
 
 def train_row(
-    res: Results, data_dir: Path, shape: Shape, settings: Settings, decoder: str, synthetic: float
+    res: Results,
+    data_dir: Path,
+    shape: Shape,
+    settings: Settings,
+    decoder: str,
+    synthetic: float,
+    decode_threads: int = 1,
 ) -> None:
-    """`fit` on the JPEG dataset with `decoder`: images/s after warm-up, CPU cores used."""
+    """`fit` on the JPEG dataset with `decoder` (and `decode_threads` for GPU decoding):
+    images/s after warm-up, CPU cores used."""
     from flax_attention.training import TrainConfig, fit
     from flax_attention.training.metrics import MetricsLog
 
@@ -214,6 +223,7 @@ def train_row(
             parallel="none",
             num_workers=workers,
             decoder=decoder,
+            decode_threads=decode_threads,
             log_every=shape.log_every,
             checkpoint_every=10 * shape.steps,
             eval_batch_size=shape.batch,
@@ -226,7 +236,7 @@ def train_row(
             with steady_cpu:
                 fit(config)
         except Exception as e:  # A failed configuration is a row, not the end of the suite.
-            res.add({"name": "train", "impl": decoder, "error": error_text(e)})
+            res.add({"name": "train", "impl": decoder, "workers": workers, "error": error_text(e)})
             return
         wall = time.perf_counter() - start
         records = MetricsLog(Path(workdir) / "metrics.jsonl").records()
@@ -239,6 +249,7 @@ def train_row(
             "impl": decoder,
             "model": shape.model,
             "workers": workers,
+            **({"decode_threads": decode_threads} if decoder == "gpu" else {}),
             "img_per_s": round(rate),
             "img_per_s_windows": [round(r) for r in steady],
             "of_synthetic": round(rate / synthetic, 3),
@@ -276,7 +287,8 @@ def run(settings: Settings, data_dir: Path | None = None) -> Results:
             if decoder == "gpu" and not data.gpu_decoding_available():
                 res.add({"name": "train", "impl": "gpu", "skipped": "no CUDA GPU/nvImageCodec"})
                 continue
-            train_row(res, data_dir, shape, settings, decoder, synthetic)
+            for threads in shape.gpu_threads if decoder == "gpu" else (1,):
+                train_row(res, data_dir, shape, settings, decoder, synthetic, threads)
     return res
 
 

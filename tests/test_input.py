@@ -170,6 +170,40 @@ class TestDevice:
         stream.close()
         assert not any(t.name == "prefetch_to_device" for t in threading.enumerate())
 
+    def test_prefetch_threads_prepare_batches_at_once_and_keep_their_order(self):
+        import threading
+        import time
+
+        all_started = threading.Barrier(3, timeout=5)  # Three puts must run at the same time.
+
+        def put(batch):
+            if batch < 3:
+                all_started.wait()
+            time.sleep(0.01 * ((7 - batch) % 3))  # Later batches can finish first.
+            return threading.current_thread().name, batch * 10
+
+        stream = data.prefetch_to_device(((i, f"s{i}") for i in range(9)), put, threads=3)
+        out = list(stream)
+        assert [(value[1], tag) for value, tag in out] == [(i * 10, f"s{i}") for i in range(9)]
+        assert len({value[0] for value, _ in out}) == 3
+        assert not any(t.name.startswith("prefetch_put") for t in threading.enumerate())
+
+    def test_prefetch_threads_raise_the_put_error_after_the_good_batches(self):
+        def put(batch):
+            if batch == 2:
+                raise ValueError("corrupt JPEG")
+            return batch
+
+        stream = data.prefetch_to_device(((i, i) for i in range(6)), put, threads=2)
+        assert [next(stream), next(stream)] == [(0, 0), (1, 1)]
+        with pytest.raises(ValueError, match="corrupt JPEG"):
+            next(stream)
+        stream.close()
+
+    def test_prefetch_threads_must_be_positive(self):
+        with pytest.raises(ValueError, match="prefetch threads"):
+            next(data.prefetch_to_device(iter([(1, None)]), lambda b: b, threads=0))
+
     def test_prefetch_size_must_be_positive(self):
         with pytest.raises(ValueError, match="prefetch size"):
             next(data.prefetch_to_device(iter([(1, None)]), lambda b: b, size=0))

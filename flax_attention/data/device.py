@@ -3,12 +3,13 @@
 Batches cross to the device as uint8 (a quarter of float32's bytes) and are normalised there, in
 the step, with the dataset's mean/std: ``(x / 255 - mean) / std`` in float32, the same formula
 the host used to apply. ``prefetch_to_device`` prepares the next batches (host-to-device copies,
-or GPU decoding) in a background thread while the current step runs.
+or GPU decoding) in background threads while the current step runs.
 """
 
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -35,22 +36,30 @@ def normalize_images(
 
 
 def prefetch_to_device(
-    batches: Iterator[tuple[Any, Any]], put: Callable[[Any], Any], size: int = 2
+    batches: Iterator[tuple[Any, Any]],
+    put: Callable[[Any], Any],
+    size: int = 2,
+    threads: int = 1,
 ) -> Iterator[tuple[Any, Any]]:
     """Yield ``(put(batch), tag)`` for each ``(batch, tag)`` of ``batches``, in order, prepared
-    up to ``size`` batches ahead by a background thread.
+    up to ``size`` batches ahead in the background.
 
-    The thread draws host batches (with ``num_workers=0`` that is where the decoding happens)
-    and runs ``put`` (a host-to-device copy, or GPU decoding), so the caller's thread only
-    dispatches steps: the device never waits on input when the host keeps up. The tag stays
-    attached to its batch, e.g. the loader position *after that batch*, which is what a
-    checkpoint taken after the step must record. An exception in the thread is raised here,
-    after the batches before it; closing the generator stops the thread.
+    A background thread draws host batches (with ``num_workers=0`` that is where the decoding
+    happens) and runs ``put`` (a host-to-device copy, or GPU decoding), so the caller's thread
+    only dispatches steps: the device never waits on input when the host keeps up. With
+    ``threads > 1``, ``put`` runs on that many threads at once, on consecutive batches (it must
+    then be thread-safe); the order of the batches is kept. The tag stays attached to its batch,
+    e.g. the loader position *after that batch*, which is what a checkpoint taken after the step
+    must record. An exception in ``put`` or in ``batches`` is raised here, after the batches
+    before it; closing the generator stops the threads.
     """
     if size < 1:
         raise ValueError(f"prefetch size must be >= 1, got {size}")
-    ready: queue.Queue = queue.Queue(maxsize=size)
+    if threads < 1:
+        raise ValueError(f"prefetch threads must be >= 1, got {threads}")
+    ready: queue.Queue = queue.Queue(maxsize=max(size, threads))
     stop = threading.Event()
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="prefetch_put") if threads > 1 else None
 
     def offer(item: tuple) -> bool:
         while not stop.is_set():
@@ -64,7 +73,8 @@ def prefetch_to_device(
     def produce() -> None:
         try:
             for host_batch, tag in batches:
-                if not offer((_BATCH, put(host_batch), tag)):
+                value = put(host_batch) if pool is None else pool.submit(put, host_batch)
+                if not offer((_BATCH, value, tag)):
                     return
             offer((_END, None, None))
         except BaseException as error:  # Re-raised in the consumer's thread.
@@ -79,10 +89,12 @@ def prefetch_to_device(
                 return
             if kind is _ERROR:
                 raise value
-            yield value, tag
+            yield (value if pool is None else value.result()), tag
     finally:
         stop.set()
         thread.join()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
 
 _BATCH, _END, _ERROR = object(), object(), object()

@@ -23,6 +23,7 @@ single process; evaluation decodes on the CPU.
 import dataclasses
 import functools
 import importlib.util
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -111,8 +112,10 @@ class GpuJpegDecoder:
     3), "label": int32 (B,)} device arrays (see the module docstring).
 
     ``region_decode``: decode only each crop box (nvImageCodec's region of interest), or the
-    whole image and crop it on the GPU. Work runs on a CUDA stream of its own, so it overlaps
-    the training step; call it from the prefetch thread, not the one that dispatches steps.
+    whole image and crop it on the GPU. Each calling thread gets an nvImageCodec decoder and a
+    CUDA stream of its own, so decoding overlaps the training step and several threads can
+    decode consecutive batches at once (``prefetch_to_device(..., threads=n)``); call it from
+    prefetch threads, not the one that dispatches steps.
     """
 
     def __init__(self, size: int, *, region_decode: bool = True):
@@ -123,10 +126,21 @@ class GpuJpegDecoder:
         self.region_decode = region_decode
         self._cupy = cupy
         self._nvimgcodec = nvimgcodec
-        self._decoder = nvimgcodec.Decoder()
         # sRGB uint8, interleaved (the defaults); EXIF orientation ignored as on the CPU path.
         self._params = nvimgcodec.DecodeParams(apply_exif_orientation=False)
-        self._stream = cupy.cuda.Stream(non_blocking=True)
+        self._per_thread = threading.local()  # A decoder and a CUDA stream for each thread.
+
+    @property
+    def _decoder(self) -> Any:
+        if not hasattr(self._per_thread, "decoder"):
+            self._per_thread.decoder = self._nvimgcodec.Decoder()
+        return self._per_thread.decoder
+
+    @property
+    def _stream(self) -> Any:
+        if not hasattr(self._per_thread, "stream"):
+            self._per_thread.stream = self._cupy.cuda.Stream(non_blocking=True)
+        return self._per_thread.stream
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         codec = self._nvimgcodec

@@ -173,6 +173,11 @@ class TrainConfig:
         help="JPEG decoding: cpu, gpu (nvImageCodec) or auto (gpu when available)",
         choices=_registry("flax_attention.data", "DECODERS", sort=False),
     )
+    decode_threads: int = _field(
+        3,
+        help="GPU decoding: batches decoded at once, each on a thread with its own CUDA stream",
+        check=_at_least(1),
+    )
     distributed: bool = _field(
         False, help="call jax.distributed.initialize() (multi-host: one process per host)"
     )

@@ -160,7 +160,13 @@ class _Run:
         dev_state = self.form.put_state(self.state)
         data_state = self.loader.get_state()
         # Each device batch comes with the loader position after it: what a checkpoint records.
-        batches = data.prefetch_to_device(_with_positions(self.loader), self._input_to_device())
+        threads = cfg.decode_threads if self.decoder == "gpu" else 1
+        batches = data.prefetch_to_device(
+            _with_positions(self.loader),
+            self._input_to_device(),
+            size=max(2, threads),
+            threads=threads,
+        )
         meter, pending = Meter(), None
         bar = tqdm(
             total=self.total_steps,
