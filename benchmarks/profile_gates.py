@@ -10,7 +10,7 @@ backward-input, or a fusion's kind and fused ops), the JAX op it came from and i
 
 Every case is compiled first (`--jobs` at once), then each is profiled alone.
 `python -m benchmarks.profile_gates [--gates se,cbam,bam,psa] [--impls xla,...] [--steps 5]
-[--jobs 4] [--quick] [--out DIR]` writes `<out>/profile_gates.json` (rewritten after every case) and prints
+[--jobs 4] [--save-hlo] [--quick] [--out DIR]` writes `<out>/profile_gates.json` (rewritten after every case) and prints
 one line per case; `<out>` is benchmarks/results/<device> unless given. `--quick` uses the
 modules suite's QUICK_SHAPES (a CPU smoke run). On a GPU run it with
 `XLA_FLAGS=--xla_gpu_enable_command_buffer=` so that the profiler sees kernels, not CUDA graphs.
@@ -19,6 +19,7 @@ modules suite's QUICK_SHAPES (a CPU smoke run). On a GPU run it with
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import os
@@ -49,6 +50,11 @@ def compile_case(name: str, impl: str, shape: tuple[int, ...]) -> tuple[Any, Any
     t0 = time.perf_counter()
     compiled = fn.lower(state, spec, spec).compile()
     return compiled, state, time.perf_counter() - t0
+
+
+def hlo_name(name: str, impl: str, shape: tuple[int, ...]) -> str:
+    """File name of a case's optimized HLO under <out>/hlo/."""
+    return f"{name}-{'x'.join(map(str, shape[1:]))}-{impl.replace('+', '_')}.hlo.txt.gz"
 
 
 def profile_case(compiled: Any, state: Any, shape: tuple[int, ...], steps: int) -> dict:
@@ -83,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke)")
     p.add_argument("--out", type=Path, help="folder for profile_gates.json")
     p.add_argument("--jobs", type=int, default=4, help="cases compiled at once (all first)")
+    p.add_argument("--save-hlo", action="store_true", help="also write <out>/hlo/*.hlo.txt.gz")
     args = p.parse_args(argv)
     out = args.out or RESULTS / device_slug(args.quick)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,6 +116,10 @@ def main(argv: list[str] | None = None) -> None:
             compiled, state, compile_s = future.result()
             row["compile_s"] = round(compile_s, 2)
             row.update(profile_case(compiled, state, shape, args.steps))
+            if args.save_hlo:
+                (out / "hlo").mkdir(exist_ok=True)
+                with gzip.open(out / "hlo" / hlo_name(name, impl, shape), "wt") as f:
+                    f.write(compiled.as_text())
         except Exception as e:  # a kernel that fails to lower is a result too
             row["error"] = error_text(e)
         rows.append(row)
