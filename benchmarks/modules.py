@@ -1,7 +1,9 @@
 """Attention modules alone: SE, CBAM, BAM, PSA forward and forward+backward, NHWC bf16.
 
 Shapes are the four ResNet-50 stage outputs at batch 128. Each module runs in training mode
-(BatchNorm on batch statistics). Ours: every `impl` the module has (`xla`, `pallas`). PyTorch:
+(BatchNorm on batch statistics). Ours: every `impl` the module has (`xla`, `pallas`), and for
+CBAM and BAM each formulation of their spatial convs (layers.tap_convs) as impl `<impl>+<form>`,
+e.g. `xla+shifts`. PyTorch:
 the reference modules of flax_attention.reference.layers, channels_last, bf16, eager and
 torch.compile, when torch sees a CUDA device.
 
@@ -35,12 +37,21 @@ from benchmarks.common import (
     torch_sync,
 )
 from flax_attention import BAM, CBAM, PSA, SE
+from flax_attention.layers.tap_convs import SPATIAL_CONVS
 
 SHAPES = ((128, 56, 56, 256), (128, 28, 28, 512), (128, 14, 14, 1024), (128, 7, 7, 2048))
 QUICK_SHAPES = ((2, 8, 8, 64), (2, 5, 7, 128))
 MODES = ("fwd", "fwdbwd")
 KERNEL_IMPLS = ("xla", "xla_passes", "pallas")
 PASSES = {"fwd": 2, "fwdbwd": 5}  # full-tensor passes of the minimal-bytes floor
+TAP_FORMS = tuple(form for form in SPATIAL_CONVS if form != "conv")
+
+
+def split_impl(label: str) -> tuple[str, str]:
+    """An impl label -> (kernel impl, spatial conv formulation): "xla+shifts" -> ("xla",
+    "shifts"), "pallas" -> ("pallas", "conv")."""
+    impl, _, form = label.partition("+")
+    return impl, form or "conv"
 
 
 @dataclass(frozen=True)
@@ -73,8 +84,16 @@ def _torch_modules() -> dict[str, Callable[[int], Any]]:
 
 CASES: dict[str, ModuleCase] = {
     "se": ModuleCase(lambda c, impl, **kw: SE(c, 16, bias=False, impl=impl, **kw), KERNEL_IMPLS),
-    "cbam": ModuleCase(lambda c, impl, **kw: CBAM(c, 16, impl=impl, **kw), KERNEL_IMPLS),
-    "bam": ModuleCase(lambda c, impl, **kw: BAM(c, 16, **kw)),
+    "cbam": ModuleCase(
+        lambda c, impl, **kw: CBAM(
+            c, 16, impl=split_impl(impl)[0], spatial_conv=split_impl(impl)[1], **kw
+        ),
+        (*KERNEL_IMPLS, *(f"xla+{form}" for form in TAP_FORMS), "pallas+shifts"),
+    ),
+    "bam": ModuleCase(
+        lambda c, impl, **kw: BAM(c, 16, spatial_conv=split_impl(impl)[1], **kw),
+        ("xla", *(f"xla+{form}" for form in TAP_FORMS)),
+    ),
     "psa": ModuleCase(lambda c, impl, **kw: PSA(c, c, **kw), flops=_psa_flops),
 }
 

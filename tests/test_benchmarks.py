@@ -151,3 +151,25 @@ def test_input_suite_quick_run_measures_every_host_pipeline_and_trains(tmp_path)
     assert rows[("train", "cpu")]["img_per_s"] > 0 and "error" not in rows[("train", "cpu")]
     assert rows[("gpu-decode", "nvimgcodec")]["skipped"] == "no CUDA GPU/nvImageCodec"
     assert rows[("train", "gpu")]["skipped"] == "no CUDA GPU/nvImageCodec"
+
+
+def test_profile_gates_quick_run_lists_every_kernel(tmp_path):
+    """`python -m benchmarks.profile_gates --quick` on CPU: one row per gate x shape, each
+    with its kernels joined to HLO instructions; CBAM's spatial gate shows its convolutions."""
+    from benchmarks import modules, profile_gates
+
+    profile_gates.main(
+        ["--quick", "--gates", "se,cbam", "--impls", "xla", "--steps", "2", "--out", str(tmp_path)]
+    )
+    rows = json.loads((tmp_path / "profile_gates.json").read_text())["rows"]
+    assert [(r["name"], r["impl"]) for r in rows] == [("se", "xla"), ("se", "xla")] + [
+        ("cbam", "xla")
+    ] * 2
+    assert [r["shape"] for r in rows[:2]] == [list(s) for s in modules.QUICK_SHAPES]
+    for row in rows:
+        assert "error" not in row, row.get("error")
+        assert row["kernels"] > 0 and row["device_ms"] > 0
+        assert sum(op["launches"] for op in row["ops"]) == row["kernels"]
+        assert all(op["category"] != "unmatched" and op["what"] for op in row["ops"])
+    convs = [op for op in rows[-1]["ops"] if op["category"] == "conv"]
+    assert any("conv_general_dilated" in op["source"] for op in convs)

@@ -1,4 +1,5 @@
-"""Faster formulations compute what the plain ones do: the ResNet stem and PSA's branch convs."""
+"""Faster formulations compute what the plain ones do: the ResNet stem, PSA's branch convs,
+CBAM's and BAM's spatial convs."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import pytest
 from flax import nnx
 from parity import assert_close
 
-from flax_attention.layers import PSA
+from flax_attention.layers import BAM, CBAM, PSA
 from flax_attention.layers.branch_convs import FORMULATIONS, branch_convs, plan
 from flax_attention.layers.common import conv_nhwc
+from flax_attention.layers.tap_convs import conv_as_im2col, conv_as_shifts
 from flax_attention.models.stem import StemConv, space_to_depth
 
 
@@ -102,3 +104,80 @@ def test_psa_module_is_the_same_under_every_formulation(formulation: str):
 def test_psa_rejects_unknown_formulation():
     with pytest.raises(ValueError, match="branch_convs"):
         PSA(32, 32, groups=(1, 2, 4, 8), reduction=4, branch_convs="winograd", rngs=nnx.Rngs(0))
+
+
+def _dilated_conv(x: jax.Array, kernel: jax.Array, d: int) -> jax.Array:
+    """The library conv: NHWC x HWIO, stride 1, padding d*(k-1)//2, dilation d."""
+    pad = d * (kernel.shape[0] - 1) // 2
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (1, 1),
+        ((pad, pad), (pad, pad)),
+        rhs_dilation=(d, d),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+
+
+@pytest.mark.parametrize("form", ["shifts", "im2col"])
+@pytest.mark.parametrize(
+    "k, cin, cout, d, hw",
+    [(7, 2, 1, 1, (9, 7)), (3, 2, 3, 2, (5, 6)), (3, 6, 5, 4, (5, 6)), (1, 8, 1, 1, (3, 4))],
+)
+def test_tap_convs_equal_the_library_conv(form: str, k, cin, cout, d, hw):
+    """Both tap formulations (elementwise with its own VJP for narrow convs, per-tap products
+    for 6 and 8 input channels) give the library conv's output and gradients, dilated and odd
+    sizes included."""
+    fn = {"shifts": conv_as_shifts, "im2col": conv_as_im2col}[form]
+    x, kernel = _normal(30, (2, *hw, cin)), _normal(31, (k, k, cin, cout))
+    dy = _normal(32, (2, *hw, cout))
+    assert_close(fn(x, kernel, d), _dilated_conv(x, kernel, d), "output", tol=1e-6)
+    got = jax.grad(lambda x, w: jnp.sum(fn(x, w, d) * dy), argnums=(0, 1))(x, kernel)
+    want = jax.grad(lambda x, w: jnp.sum(_dilated_conv(x, w, d) * dy), argnums=(0, 1))(x, kernel)
+    assert_close(got[0], want[0], "dx", tol=1e-6)
+    assert_close(got[1], want[1], "dkernel", tol=1e-6)
+
+
+@pytest.mark.parametrize("form", ["shifts", "im2col"])
+@pytest.mark.parametrize("gate", ["cbam", "bam"])
+def test_gates_are_the_same_under_every_spatial_conv(gate: str, form: str):
+    """CBAM's and BAM's spatial convs by taps: same parameters, output, gradients (params
+    and x) and BatchNorm statistics as the library convs, training mode, float32."""
+    build = {
+        "cbam": lambda **kw: CBAM(32, 4, **kw),
+        "bam": lambda **kw: BAM(32, 4, dilation=2, **kw),
+    }[gate]
+    x = _normal(41, (2, 9, 7, 32))
+    base, other = build(rngs=nnx.Rngs(0)), build(rngs=nnx.Rngs(0), spatial_conv=form)
+    base_state, other_state = nnx.state(base), nnx.state(other)
+    assert jax.tree.map(jnp.shape, base_state) == jax.tree.map(jnp.shape, other_state)
+    for module in (base, other):
+        module.train()
+    dy = _normal(40, x.shape)
+
+    def grads(module):
+        graphdef, state = nnx.split(module)
+
+        def loss(state, x):
+            return jnp.sum(nnx.merge(graphdef, state)(x) * dy)
+
+        return jax.grad(loss, argnums=(0, 1))(state, x)
+
+    assert_close(other(x), base(x), f"{gate} output", tol=1e-6)
+    for got, want in zip(
+        jax.tree.leaves(nnx.state(other)), jax.tree.leaves(nnx.state(base)), strict=True
+    ):
+        assert_close(got, want, f"{gate} state after a training call", tol=1e-6)
+    got, want = grads(other), grads(base)
+    assert_close(got[1], want[1], f"{gate} dx", tol=1e-6)
+    # As one vector: the biases before a BatchNorm have gradients that are 0 up to rounding.
+    flat = lambda tree: jnp.concatenate([a.ravel() for a in jax.tree.leaves(tree)])  # noqa: E731
+    assert_close(flat(got[0]), flat(want[0]), f"{gate} dparams", tol=1e-6)
+
+
+def test_gates_reject_unknown_spatial_conv():
+    with pytest.raises(ValueError, match="spatial_conv"):
+        CBAM(32, 4, spatial_conv="fft", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="spatial_conv"):
+        BAM(32, 4, spatial_conv="fft", rngs=nnx.Rngs(0))

@@ -24,6 +24,7 @@ from flax_attention.layers.common import (
     global_mean,
     linear,
 )
+from flax_attention.layers.tap_convs import SPATIAL_CONVS, apply_conv
 
 COMBINES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
     "product": jnp.multiply,
@@ -79,7 +80,9 @@ def phase_conv3x3(conv: nnx.Conv, x: jax.Array) -> jax.Array:
 class BAMSpatialGate(nnx.Module):
     """1x1 reduce -> `num_dilated` dilated 3x3 convs (each + BN + ReLU) -> 1x1 to one map.
 
-    NHWC (N, H, W, C) -> (N, H, W, 1).
+    NHWC (N, H, W, C) -> (N, H, W, 1). `spatial_conv` (layers.tap_convs.SPATIAL_CONVS) picks
+    how the convs are computed: "conv" runs the dilated ones in polyphase form
+    (`phase_conv3x3`), the others run every conv by that formulation.
     """
 
     def __init__(
@@ -90,8 +93,11 @@ class BAMSpatialGate(nnx.Module):
         num_dilated: int,
         *,
         rngs: nnx.Rngs,
+        spatial_conv: str = "conv",
         **dt,
     ):
+        check_choice("spatial_conv", spatial_conv, SPATIAL_CONVS)
+        self.spatial_conv = spatial_conv
         self.reduce = conv2d(channels, hidden, 1, bias=True, rngs=rngs, **dt)
         self.reduce_bn = BatchNorm(hidden, rngs=rngs, **dt)
         self.dilated = nnx.List(
@@ -104,14 +110,19 @@ class BAMSpatialGate(nnx.Module):
         self.final = conv2d(hidden, 1, 1, bias=True, rngs=rngs, **dt)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jax.nn.relu(self.reduce_bn(self.reduce(x)))
+        form = self.spatial_conv
+        y = jax.nn.relu(self.reduce_bn(apply_conv(self.reduce, x, form)))
         for conv, bn in zip(self.dilated, self.dilated_bn, strict=True):
-            y = jax.nn.relu(bn(phase_conv3x3(conv, y)))
-        return self.final(y)
+            y = phase_conv3x3(conv, y) if form == "conv" else apply_conv(conv, y, form)
+            y = jax.nn.relu(bn(y))
+        return apply_conv(self.final, y, form)
 
 
 class BAM(nnx.Module):
-    """Bottleneck Attention Module; NHWC (N, H, W, C) -> same shape."""
+    """Bottleneck Attention Module; NHWC (N, H, W, C) -> same shape.
+
+    `spatial_conv` picks how the spatial branch's convs are computed (BAMSpatialGate).
+    """
 
     def __init__(
         self,
@@ -124,6 +135,7 @@ class BAM(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        spatial_conv: str = "conv",
     ):
         check_choice("combine", combine, list(COMBINES))
         check_positive("channels", channels)
@@ -140,7 +152,9 @@ class BAM(nnx.Module):
         self.combine = combine
         self.dtype = dtype
         self.channel = BAMChannelGate(channels, hidden, rngs=rngs, **dt)
-        self.spatial = BAMSpatialGate(channels, hidden, dilation, num_dilated, rngs=rngs, **dt)
+        self.spatial = BAMSpatialGate(
+            channels, hidden, dilation, num_dilated, rngs=rngs, spatial_conv=spatial_conv, **dt
+        )
 
     def gate(self, x: jax.Array) -> jax.Array:
         """The attention `1 + sigmoid(...)` (N, H, W, C) in float32 for an NHWC input."""

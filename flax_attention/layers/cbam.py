@@ -26,6 +26,7 @@ from flax_attention.layers.common import (
     conv2d,
     linear,
 )
+from flax_attention.layers.tap_convs import SPATIAL_CONVS, apply_conv
 
 Pool = Callable[[jax.Array, tuple[int, ...]], jax.Array]
 
@@ -130,7 +131,11 @@ class ChannelGate(nnx.Module):
 
 
 class SpatialGate(nnx.Module):
-    """`x * sigmoid(bn(conv_kxk([pool_a over C, pool_b over C])))`; NHWC -> same shape."""
+    """`x * sigmoid(bn(conv_kxk([pool_a over C, pool_b over C])))`; NHWC -> same shape.
+
+    `spatial_conv` ("conv", "shifts", "im2col"; layers.tap_convs) picks how the kxk conv is
+    computed; the parameters and the sums are the same.
+    """
 
     def __init__(
         self,
@@ -140,13 +145,16 @@ class SpatialGate(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        spatial_conv: str = "conv",
     ):
         check_choice("variant", variant, list(VARIANTS))
+        check_choice("spatial_conv", spatial_conv, SPATIAL_CONVS)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
         spec = VARIANTS[variant]
         self.descriptor = spec.spatial_descriptor
         self.dtype = dtype
+        self.spatial_conv = spatial_conv
         self.conv = conv2d(2, 1, kernel_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.bn = BatchNorm(
             1, momentum=spec.bn_momentum, rngs=rngs, dtype=dtype, param_dtype=param_dtype
@@ -159,7 +167,8 @@ class SpatialGate(nnx.Module):
         The one definition of the gate: the fused path (flax_attention.kernels) calls it too.
         """
         s = jnp.stack([pooled[p] for p in self.descriptor], axis=-1).astype(self.dtype)
-        return jax.nn.sigmoid(self.bn(self.conv(s)).astype(jnp.float32))
+        y = apply_conv(self.conv, s, self.spatial_conv)
+        return jax.nn.sigmoid(self.bn(y).astype(jnp.float32))
 
     def gate(self, x: jax.Array) -> jax.Array:
         """The spatial attention (N, H, W, 1) in float32 for an NHWC input."""
@@ -175,7 +184,8 @@ class SpatialGate(nnx.Module):
 class CBAM(nnx.Module):
     """Channel gate followed by spatial gate (no residual of its own); NHWC -> same shape.
 
-    `impl` ("xla", "xla_passes", "pallas", "auto") picks jax.numpy or the fused passes.
+    `impl` ("xla", "xla_passes", "pallas", "auto") picks jax.numpy or the fused passes;
+    `spatial_conv` how the spatial gate's conv is computed (SpatialGate).
     """
 
     def __init__(
@@ -191,12 +201,15 @@ class CBAM(nnx.Module):
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         impl: str = "xla",
+        spatial_conv: str = "conv",
     ):
         kw = dict(variant=variant, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.channels = channels
         self.impl = impl
         self.channel_gate = ChannelGate(channels, reduction, pool_types=pool_types, impl=impl, **kw)
-        self.spatial_gate = SpatialGate(kernel_size, **kw) if spatial else None
+        self.spatial_gate = (
+            SpatialGate(kernel_size, spatial_conv=spatial_conv, **kw) if spatial else None
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         check_nhwc(x, self.channels, "CBAM")
