@@ -1,4 +1,4 @@
-"""The machine's busy CPU cores over a steady stretch of a training run."""
+"""The busy CPU cores (those this process may run on) over a steady stretch of a training run."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import psutil
 
 
 class SteadyCpu:
-    """The machine's busy CPU cores (all processes: this one, its threads, grain's workers; the
-    GPU machine runs nothing else) while a training run logs windows ``first`` to ``last``
+    """The busy CPU cores among those this process may run on (its affinity, e.g. under
+    ``taskset``: all processes there count, this one, its threads, grain's workers) while a training run logs windows ``first`` to ``last``
     (1-based) to ``metrics``: past compilation and start-up, like the images/s reported."""
 
     def __init__(self, metrics: Path, first: int, last: int):
         self.metrics, self.first, self.last = metrics, first, last
         self.marks: dict[int, tuple[float, float]] = {}
+        self.cpus = psutil.Process().cpu_affinity()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
 
@@ -31,7 +32,7 @@ class SteadyCpu:
             count = self._windows()
             for mark in (self.first - 1, self.last):
                 if count >= mark and mark not in self.marks:
-                    self.marks[mark] = (time.perf_counter(), _busy(psutil.cpu_times()))
+                    self.marks[mark] = (time.perf_counter(), self._busy_seconds())
 
     def __enter__(self) -> SteadyCpu:
         self.thread.start()
@@ -40,6 +41,10 @@ class SteadyCpu:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join()
+
+    def _busy_seconds(self) -> float:
+        per_cpu = psutil.cpu_times(percpu=True)
+        return sum(_busy(per_cpu[i]) for i in self.cpus)
 
     @property
     def cores(self) -> float | None:
@@ -50,5 +55,5 @@ class SteadyCpu:
 
 
 def _busy(times: Any) -> float:
-    """Busy seconds of all CPUs (guest time is already inside user time)."""
+    """Busy seconds in one `psutil.cpu_times` record (guest time is already in user time)."""
     return times.user + times.nice + times.system + times.irq + times.softirq + times.steal

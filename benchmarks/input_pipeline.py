@@ -263,7 +263,9 @@ def run(settings: Settings, data_dir: Path | None = None) -> Results:
     shape = QUICK if settings.quick else FULL
     res = Results("input", settings)
     res.meta.update(
-        shape=dataclasses.asdict(shape), host_cores=os.cpu_count(), suite_doc=__doc__.strip()
+        shape=dataclasses.asdict(shape),
+        host_cores=len(os.sched_getaffinity(0)),
+        suite_doc=__doc__.strip(),
     )
     with tempfile.TemporaryDirectory() as scratch:
         data_dir = data_dir or Path(scratch)
@@ -310,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
     res = Results("input_host", Settings.make(False, args.out))
-    res.meta.update(shape=dataclasses.asdict(FULL), host_cores=os.cpu_count())
+    res.meta.update(shape=dataclasses.asdict(FULL), host_cores=len(os.sched_getaffinity(0)))
     with tempfile.TemporaryDirectory() as scratch:
         photos.write_photo_dataset(
             scratch, num_train=FULL.num_train, num_eval=16, heights=FULL.heights, widths=FULL.widths
