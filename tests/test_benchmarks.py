@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import autotune, warm
+from benchmarks import autotune, scaling, warm
+from benchmarks.common import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -151,3 +152,19 @@ def test_input_suite_quick_run_measures_every_host_pipeline_and_trains(tmp_path)
     assert rows[("train", "cpu")]["img_per_s"] > 0 and "error" not in rows[("train", "cpu")]
     assert rows[("gpu-decode", "nvimgcodec")]["skipped"] == "no CUDA GPU/nvImageCodec"
     assert rows[("train", "gpu")]["skipped"] == "no CUDA GPU/nvImageCodec"
+
+
+def test_scaling_quick_run_records_every_form_and_its_collectives(tmp_path):
+    """`scaling` on 2 of the simulated CPU devices: every form is measured against the
+    one-device jit row, and the shard_map jit step has fewer collectives than the SPMD one."""
+    res = scaling.run(Settings.make(True, tmp_path), counts=(1, 2, 16))
+    assert res.meta["not_run"] == [16]
+    rows = {(r["impl"], r["n_devices"]): r for r in res.rows}
+    assert rows.keys() == {("jit", 1)} | {(impl, 2) for impl in scaling.FORMS}
+    assert all("error" not in r and r["img_per_s"] > 0 and r["efficiency"] > 0 for r in res.rows)
+    collectives = {impl: rows[(impl, 2)]["collectives"] for impl in scaling.FORMS}
+    assert collectives["jit"]["total"] < collectives["jit_spmd"]["total"]
+    assert collectives["pmap_local_bn"] == {"all-reduce": 1, "total": 1}
+    assert collectives["jit_bn_group"] == {"all-reduce": 1, "total": 1}  # groups of one device
+    assert rows[("jit_bn_group", 2)]["bn_group_size"] == 1
+    assert json.loads(res.path.read_text())["rows"] == res.rows

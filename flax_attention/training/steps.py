@@ -152,11 +152,13 @@ class MeshForm:
         self.sharded = NamedSharding(self.mesh, P((REPLICA, AXIS)))
         self.num_devices = n
         self.grad_sync = grad_sync
+        self.bn_group_size = group
         self.bn_groups = n // group
 
     def prepare_model(self, model: nnx.Module) -> None:
-        """Every BatchNorm reduces its statistics over `data` (its group of devices)."""
-        set_batchnorm_axis_name(model, AXIS)
+        """Every BatchNorm reduces its statistics over `data` (its group of devices), or keeps
+        its device's own for groups of one device."""
+        set_batchnorm_axis_name(model, AXIS if self.bn_group_size > 1 else None)
 
     def put_state(self, state: TrainState) -> TrainState:
         """The canonical state placed for this form's step."""
