@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import autotune, scaling, warm
+from benchmarks import autotune, multiprocess, scaling, warm
 from benchmarks.common import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,3 +168,18 @@ def test_scaling_quick_run_records_every_form_and_its_collectives(tmp_path):
     assert collectives["jit_bn_group"] == {"all-reduce": 1, "total": 1}  # groups of one device
     assert rows[("jit_bn_group", 2)]["bn_group_size"] == 1
     assert json.loads(res.path.read_text())["rows"] == res.rows
+
+
+def test_multiprocess_quick_run_resumes_after_kill_and_matches_one_process(tmp_path):
+    """Two CPU processes (2 devices each) train, are killed after a checkpoint, resume and
+    finish with the parameters of one process on 4 devices (float32 tolerance)."""
+    out = tmp_path / "result.json"
+    assert (
+        multiprocess.main(["--quick", "--workdir", str(tmp_path / "run"), "--out", str(out)]) == 0
+    )
+    result = json.loads(out.read_text())
+    assert result["pass"] and result["processes"] == 2
+    assert 0 < result["resumed_from_step"] < result["steps"] == 24
+    assert result["resumed_from_step"] >= result["killed_after_checkpoint"]
+    assert result["max_abs_param_diff"] < 1e-4
+    assert all(v > 0 for v in result["img_per_s"].values())
