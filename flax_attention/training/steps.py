@@ -169,7 +169,7 @@ class MeshForm:
         return state
 
     def put_batch(self, local_batch: dict[str, np.ndarray | jax.Array]) -> Batch:
-        """Global batch sharded on `data` from this process's rows (B / process_count, ...),
+        """Global batch sharded over all devices from this process's rows (B / process_count, ...),
         host arrays or (single process) device arrays."""
         return {k: self._put(v) for k, v in local_batch.items()}
 
