@@ -1,44 +1,101 @@
-"""Data-parallel weak scaling: images/s per device of a training step on 1, 2 and 4 GPUs.
+"""Data-parallel weak scaling: images/s per device of a training step on 1, 2, 4 and 8 GPUs.
 
 Runs the training library's own parallel forms (flax_attention.training.steps), so the numbers
-are those of `python -m train --parallel jit|pmap`: `jit` = one `jax.jit` step over a mesh of the
-first n devices (batch sharded on `data`, state replicated, global BatchNorm statistics), `pmap`
-= `jax.pmap` with cross-replica BatchNorm and `pmean`-ed gradients; `pmap_local_bn` (ablation)
-= `pmap` with per-replica BatchNorm statistics. Per-device batch 256, bf16
-compute, SGD momentum, synthetic data already on the devices. Device counts above what the
-machine has are listed under `not_run` in the JSON.
+are those of `python -m train --parallel jit|pmap`. Rows (`impl`):
+- `jit`: one `jax.jit` of a `shard_map` step over a mesh of the first n devices (batch sharded,
+  state replicated), global BatchNorm statistics in one collective per BatchNorm each way, the
+  gradients averaged in one `pmean` after the backward (`--grad-sync end`);
+- `jit_backward`: the same with each parameter's gradient averaged as the backward produces it
+  (`--grad-sync backward`);
+- `pmap`: `jax.pmap` with cross-replica BatchNorm and averaged gradients;
+- `jit_spmd` (ablation, the `jit` form before shard_map): `jax.jit` of the plain step over the
+  mesh, XLA's SPMD partitioner making the BatchNorm statistics global;
+- `pmap_local_bn` (ablation): `pmap` with each replica's own BatchNorm statistics;
+- `jit_bn_group`: `jit` with `--bn-group-size n/2` (1 on 2 devices: per-device statistics).
+One device runs `jit` only: the base of every row's `efficiency` (images/s per device over the
+one-device `jit` row's). Multi-device rows carry `collectives`: the all-reduce, all-gather,
+reduce-scatter (...) ops in the compiled step's HLO. Per-device batch 256, bf16 compute, SGD
+momentum, synthetic data already on the devices. Device counts above the machine's are listed
+under `not_run`. `--quick`: a one-stage SE ResNet on 16x16 images, 2 per device (CPU smoke).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from benchmarks.common import Results, Settings, error_text, jax_sync, time_fn
-from benchmarks.train import NUM_CLASSES, QUICK_BATCH, QUICK_IMAGE
-from flax_attention.models import create_model
-from flax_attention.training.state import create_train_state
+from benchmarks.common import Results, Settings, count_collectives, error_text, jax_sync, time_fn
+from benchmarks.train import NUM_CLASSES
+from flax_attention.models import BasicBlock, ResNet, create_model
+from flax_attention.training.state import TrainState, create_train_state, set_batchnorm_axis_name
 from flax_attention.training.steps import MeshForm, PmapForm, train_step
 
-DEVICE_COUNTS = (1, 2, 4)
+DEVICE_COUNTS = (1, 2, 4, 8)
 MODELS = ("seresnet50",)
-PER_DEVICE_BATCH = 256
+PER_DEVICE_BATCH, QUICK_BATCH = 256, 2
+IMAGE, QUICK_IMAGE = 224, 16
+
+
+class SpmdForm(MeshForm):
+    """An ablation, the `jit` form before shard_map: `jax.jit` of the step with no axis names
+    over the mesh; XLA's SPMD partitioner makes the BatchNorm statistics global (several
+    small all-reduces per BatchNorm) and reduces the gradients."""
+
+    def prepare_model(self, model: nnx.Module) -> None:
+        set_batchnorm_axis_name(model, None)
+
+    def compile_train(self, step: Callable) -> Callable:
+        return jax.jit(
+            step,
+            in_shardings=(self.replicated, self.sharded),
+            out_shardings=(self.replicated, self.replicated),
+            donate_argnums=0,
+        )
 
 
 class PmapLocalBatchNorm(PmapForm):
     """An ablation, not a training mode: `pmap` with each replica's own BatchNorm statistics,
     so the step's only collective is the gradient `pmean`. Its gap to `pmap` is what the
-    cross-replica BatchNorm all-reduces cost."""
+    cross-replica BatchNorm collectives cost."""
 
     def prepare_model(self, model: nnx.Module) -> None:
-        pass
+        set_batchnorm_axis_name(model, None)
 
 
-FORMS = {"jit": MeshForm, "pmap": PmapForm, "pmap_local_bn": PmapLocalBatchNorm}
+# impl -> form over the given devices
+FORMS: dict[str, Callable[[list[jax.Device]], MeshForm]] = {
+    "jit": lambda devices: MeshForm(devices),
+    "jit_backward": lambda devices: MeshForm(devices, grad_sync="backward"),
+    "pmap": lambda devices: PmapForm(devices),
+    "jit_spmd": lambda devices: SpmdForm(devices),
+    "pmap_local_bn": lambda devices: PmapLocalBatchNorm(devices),
+    "jit_bn_group": lambda devices: MeshForm(devices, bn_group_size=bn_group_size(len(devices))),
+}
+
+
+def bn_group_size(n_devices: int) -> int:
+    """The `jit_bn_group` row's BatchNorm group: half the devices (1 on 2: per-device)."""
+    return max(1, n_devices // 2)
+
+
+def forms_at(n_devices: int) -> list[str]:
+    """The rows measured on `n_devices` devices: `jit` alone on one (the efficiency base)."""
+    return ["jit"] if n_devices == 1 else list(FORMS)
+
+
+def build_model(name: str, quick: bool) -> nnx.Module:
+    """`name` in bf16 compute, or (quick) a one-stage SE ResNet of BasicBlocks."""
+    rngs = nnx.Rngs(0)
+    if quick:
+        return ResNet(
+            BasicBlock, [1], num_classes=NUM_CLASSES, attention="se", rngs=rngs, dtype=jnp.bfloat16
+        )
+    return create_model(name, num_classes=NUM_CLASSES, rngs=rngs, dtype=jnp.bfloat16)
 
 
 def _batches(form: MeshForm, n_items: int, batch: int, image: int) -> list[tuple]:
@@ -58,27 +115,31 @@ def _batches(form: MeshForm, n_items: int, batch: int, image: int) -> list[tuple
     return out
 
 
-def measure(name: str, form_name: str, n: int, settings: Settings, batch: int, image: int):
-    """(compile seconds, Timing) of `name`'s training step in form `form_name` on n devices."""
-    form = FORMS[form_name](jax.devices()[:n])
-    model = create_model(name, num_classes=NUM_CLASSES, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+def measure(
+    name: str, impl: str, n: int, settings: Settings, batch: int, image: int
+) -> tuple[float, dict[str, int], object]:
+    """(compile seconds, collectives of the compiled step, Timing) of `name`'s training step in
+    form `impl` on the first n devices."""
+    form = FORMS[impl](jax.devices()[:n])
+    model = build_model(name, settings.quick)
     form.prepare_model(model)
-    graphdef, state = create_train_state(model, optax.sgd(0.1, momentum=0.9), seed=0)
-    step = form.compile_train(
-        lambda s, b, **kw: train_step(graphdef, optax.sgd(0.1, momentum=0.9), s, b, **kw)
-    )
+    tx = optax.sgd(0.1, momentum=0.9)
+    graphdef, state = create_train_state(model, tx, seed=0)
+    step = form.compile_train(lambda s, b, **kw: train_step(graphdef, tx, s, b, **kw))
     data = _batches(form, settings.inputs, batch * n, image)
-    box = [form.put_state(state)]
+    box: list[TrainState] = [form.put_state(state)]
     t0 = time.perf_counter()
-    box[0], metrics = step(box[0], *data[0])
+    compiled = step.lower(box[0], *data[0]).compile()
+    box[0], metrics = compiled(box[0], *data[0])
     jax_sync(metrics)
     compile_s = time.perf_counter() - t0
 
     def run(batch_dict):
-        box[0], metrics = step(box[0], batch_dict)
+        box[0], metrics = compiled(box[0], batch_dict)
         return metrics["loss"]
 
-    return compile_s, time_fn(run, data, jax_sync, settings)
+    collectives = count_collectives(compiled.as_text())
+    return compile_s, collectives, time_fn(run, data, jax_sync, settings)
 
 
 def run(settings: Settings, counts: tuple[int, ...] = DEVICE_COUNTS) -> Results:
@@ -87,17 +148,26 @@ def run(settings: Settings, counts: tuple[int, ...] = DEVICE_COUNTS) -> Results:
     available = jax.device_count()
     res.meta["not_run"] = [n for n in counts if n > available]
     batch = QUICK_BATCH if settings.quick else PER_DEVICE_BATCH
-    image = QUICK_IMAGE if settings.quick else 224
+    image = QUICK_IMAGE if settings.quick else IMAGE
     for name in MODELS:
+        base = None  # the one-device jit row's images/s
         for n in (n for n in counts if n <= available):
-            for form_name in FORMS:
-                row = {"name": name, "impl": form_name, "n_devices": n, "batch": batch}
+            for impl in forms_at(n):
+                row = {"name": name, "impl": impl, "n_devices": n, "batch": batch}
                 row.update(dtype="bfloat16 compute, float32 params", shape=[batch, image, image, 3])
+                if impl == "jit_bn_group":
+                    row["bn_group_size"] = bn_group_size(n)
                 try:
-                    compile_s, timing = measure(name, form_name, n, settings, batch, image)
+                    compile_s, collectives, timing = measure(name, impl, n, settings, batch, image)
                     row.update(timing.as_dict(), compile_s=round(compile_s, 2))
                     row["img_per_s"] = round(batch * n / timing.median_ms * 1e3, 1)
                     row["img_per_s_per_device"] = round(row["img_per_s"] / n, 1)
+                    if n == 1 and impl == "jit":
+                        base = row["img_per_s_per_device"]
+                    if base:
+                        row["efficiency"] = round(row["img_per_s_per_device"] / base, 4)
+                    if n > 1:
+                        row["collectives"] = collectives
                 except Exception as e:
                     row["error"] = error_text(e)
                 res.add(row)

@@ -10,6 +10,7 @@ import torch
 from flax import nnx
 from parity import assert_close, nchw, nhwc
 
+from benchmarks.common import count_collectives
 from flax_attention.layers import BatchNorm
 from flax_attention.layers.batch_norm import batch_norm_train
 
@@ -108,6 +109,37 @@ def test_pmap_replicas_equal_one_global_batch():
     assert_close(pb.sum(0), gb, "dbias")
     assert_close(pmean[0], mean, "mean")
     assert_close(pvar[0], var, "var")
+
+
+def test_cross_replica_statistics_in_one_collective_each_way():
+    """On 8 replicas whose batch means differ widely, statistics, dx and the running-statistics
+    inputs equal the single-device ones; the compiled step has one all-gather (forward) and one
+    all-reduce (backward), where per-statistic all-reduces would give three."""
+    n_dev = 8
+    x, dy = _inputs(6, shape=(16, 3, 3, C))
+    x = x + 50.0 * np.repeat(np.arange(n_dev, dtype=np.float32), 2)[:, None, None, None]
+    rng = np.random.default_rng(7)
+    scale, bias = (jnp.asarray(rng.standard_normal(C), jnp.float32) for _ in range(2))
+
+    def grads(axis_name):
+        def f(x, dy, scale, bias):
+            y, mean, var = batch_norm_train(x, scale, bias, 1e-5, axis_name, jnp.float32)
+            return (y * dy).sum() + (mean * var).sum(), (mean, var)
+
+        return jax.grad(f, argnums=(0, 2, 3), has_aux=True)
+
+    (gx, gs, gb), (mean, var) = grads(None)(x, dy, scale, bias)
+    split = lambda a: a.reshape(n_dev, -1, *a.shape[1:])  # noqa: E731
+    pm = jax.pmap(grads("r"), axis_name="r", in_axes=(0, 0, None, None))
+    (px, ps, pb), (pmean, pvar) = pm(split(x), split(dy), scale, bias)
+    assert_close(pmean[0], mean, "mean")
+    assert_close(pvar[0], var, "var")
+    assert_close(px.reshape(x.shape), gx, "dx")
+    assert_close(ps.sum(0), gs, "dscale")
+    assert_close(pb.sum(0), gb, "dbias")
+    hlo = pm.lower(split(x), split(dy), scale, bias).compile().as_text()
+    counts = count_collectives(hlo)
+    assert (counts.get("all-gather"), counts.get("all-reduce"), counts["total"]) == (1, 1, 2)
 
 
 def test_bf16_activations_keep_their_dtype():

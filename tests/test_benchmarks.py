@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import autotune, warm
+from benchmarks import autotune, multiprocess, scaling, warm
+from benchmarks.common import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -173,3 +174,34 @@ def test_profile_gates_quick_run_lists_every_kernel(tmp_path):
         assert all(op["category"] != "unmatched" and op["what"] for op in row["ops"])
     convs = [op for op in rows[-1]["ops"] if op["category"] == "conv"]
     assert any("conv_general_dilated" in op["source"] for op in convs)
+
+
+def test_scaling_quick_run_records_every_form_and_its_collectives(tmp_path):
+    """`scaling` on 2 of the simulated CPU devices: every form is measured against the
+    one-device jit row, and the shard_map jit step has fewer collectives than the SPMD one."""
+    res = scaling.run(Settings.make(True, tmp_path), counts=(1, 2, 16))
+    assert res.meta["not_run"] == [16]
+    rows = {(r["impl"], r["n_devices"]): r for r in res.rows}
+    assert rows.keys() == {("jit", 1)} | {(impl, 2) for impl in scaling.FORMS}
+    assert all("error" not in r and r["img_per_s"] > 0 and r["efficiency"] > 0 for r in res.rows)
+    collectives = {impl: rows[(impl, 2)]["collectives"] for impl in scaling.FORMS}
+    assert collectives["jit"]["total"] < collectives["jit_spmd"]["total"]
+    assert collectives["pmap_local_bn"] == {"all-reduce": 1, "total": 1}
+    assert collectives["jit_bn_group"] == {"all-reduce": 1, "total": 1}  # groups of one device
+    assert rows[("jit_bn_group", 2)]["bn_group_size"] == 1
+    assert json.loads(res.path.read_text())["rows"] == res.rows
+
+
+def test_multiprocess_quick_run_resumes_after_kill_and_matches_one_process(tmp_path):
+    """Two CPU processes (2 devices each) train, are killed after a checkpoint, resume and
+    finish with the parameters of one process on 4 devices (float32 tolerance)."""
+    out = tmp_path / "result.json"
+    assert (
+        multiprocess.main(["--quick", "--workdir", str(tmp_path / "run"), "--out", str(out)]) == 0
+    )
+    result = json.loads(out.read_text())
+    assert result["pass"] and result["processes"] == 2
+    assert 0 < result["resumed_from_step"] < result["steps"] == 24
+    assert result["resumed_from_step"] >= result["killed_after_checkpoint"]
+    assert result["max_abs_param_diff"] < 1e-4
+    assert all(v > 0 for v in result["img_per_s"].values())

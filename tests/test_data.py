@@ -258,6 +258,27 @@ class TestPipeline:
         with pytest.raises(ValueError, match="shard_index"):
             images(2, 2)
 
+    def test_training_shards_together_hold_the_one_process_batches(self, data_dir):
+        """Past an epoch boundary, global batch i of two processes (batch 8 each) holds the
+        images and augmentations of a one-process run's batch i (batch 16), interleaved."""
+
+        def batches(shard_index=0, shard_count=1, batch_size=16):
+            ds = data.make_dataset(
+                "digits",
+                train=True,
+                batch_size=batch_size,
+                data_dir=data_dir,
+                shard_index=shard_index,
+                shard_count=shard_count,
+            )
+            return [ds[i] for i in (0, 89, 90)]  # 1437 // 16 = 89 batches an epoch
+
+        full, shard0, shard1 = batches(), batches(0, 2, 8), batches(1, 2, 8)
+        for one, first, second in zip(full, shard0, shard1, strict=True):
+            for key in ("image", "label"):
+                np.testing.assert_array_equal(first[key], one[key][0::2])
+                np.testing.assert_array_equal(second[key], one[key][1::2])
+
     def test_default_shard_is_this_process(self, data_dir):
         full = data.make_dataset("digits", train=False, batch_size=1000, data_dir=data_dir)
         assert len(full[0]["label"]) == 360  # A single process reads everything.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from functools import partial
+from unittest.mock import ANY
 
 import jax
 import jax.numpy as jnp
@@ -15,11 +16,13 @@ import torch.nn.functional as F
 from flax import nnx
 from parity import assert_close
 
+from benchmarks.common import count_collectives
 from flax_attention import checkpoint, data
 from flax_attention.convert import load_torch_state_dict, to_torch_state_dict
 from flax_attention.models import MODELS, BasicBlock, ModelSpec, ResNet
 from flax_attention.reference.models import TorchBasicBlock, TorchResNet, randomize_batchnorms_
 from flax_attention.training import (
+    ConfigError,
     TrainCheckpointer,
     TrainConfig,
     create_train_state,
@@ -70,9 +73,10 @@ def tiny_resnet(in_channels: int = 1, seed: int = 0) -> ResNet:
     return nnx.jit(build)()
 
 
-def run_steps(form_name: str, tx, batches, in_channels: int = 1, model=None):
-    """The canonical state (on host) after one step per batch in parallel form `form_name`."""
-    form = make_parallel(form_name)
+def run_steps(form_name: str, tx, batches, in_channels: int = 1, model=None, **options):
+    """The canonical state (on host) after one step per batch in parallel form `form_name`
+    (made with `options`: grad_sync, bn_group_size)."""
+    form = make_parallel(form_name, **options)
     model = model if model is not None else tiny_resnet(in_channels)
     form.prepare_model(model)
     graphdef, state = create_train_state(model, tx, seed=0)
@@ -100,25 +104,79 @@ def flat(tree) -> dict:
     }
 
 
+def assert_states_close(got, want, what: str, steps: int) -> None:
+    assert int(got.step) == steps
+    for part in ("params", "batch_stats", "opt_state"):
+        want_leaves, got_leaves = flat(getattr(want, part)), flat(getattr(got, part))
+        assert want_leaves.keys() == got_leaves.keys()
+        for key, value in want_leaves.items():
+            np.testing.assert_allclose(
+                got_leaves[key], value, rtol=1e-5, atol=1e-6, err_msg=f"{what} {part}{key}"
+            )
+
+
 def test_parallel_forms_agree():
+    """jit (shard_map) and pmap on 8 devices, gradients averaged after or during the backward,
+    give the one-device step's parameters, BatchNorm statistics and optimizer state."""
     assert jax.device_count() == 8
     tx = make_optimizer("sgd", 0.1, weight_decay=5e-4, momentum=0.9, nesterov=True)
     batches = random_batches(3)
-    results = {name: run_steps(name, tx, batches)[1] for name in ("none", "jit", "pmap")}
-    ref = results["none"]
+    ref = run_steps("none", tx, batches)[1]
     moved = flat(ref.params)
     init = flat(nnx.state(tiny_resnet(), nnx.Param))
     assert any(not np.allclose(moved[k], init[k]) for k in moved), "the steps changed nothing"
     for name in ("jit", "pmap"):
-        got = results[name]
-        assert int(got.step) == 3
-        for part in ("params", "batch_stats", "opt_state"):
-            want_leaves, got_leaves = flat(getattr(ref, part)), flat(getattr(got, part))
-            assert want_leaves.keys() == got_leaves.keys()
-            for key, want in want_leaves.items():
-                np.testing.assert_allclose(
-                    got_leaves[key], want, rtol=1e-5, atol=1e-6, err_msg=f"{name} {part}{key}"
-                )
+        for grad_sync in ("end", "backward"):
+            got = run_steps(name, tx, batches, grad_sync=grad_sync)[1]
+            assert_states_close(got, ref, f"{name} grad_sync={grad_sync}", 3)
+
+
+def test_batchnorm_groups_equal_independent_groups():
+    """bn_group_size=2 on 8 devices: each group of 2 devices (4 rows) normalises with its own
+    statistics, as 4 independent one-device steps do; gradients (hence SGD's new state) and
+    the running statistics are the mean over the groups."""
+    tx = make_optimizer("sgd", 0.1, weight_decay=5e-4, momentum=0.9, nesterov=True)
+    batches = random_batches(2)
+    got = run_steps("jit", tx, batches, bn_group_size=2)[1]
+
+    model = tiny_resnet()
+    graphdef, state = create_train_state(model, tx, seed=0)
+    one_device = jax.jit(partial(train_step, graphdef, tx))
+    mean_of_groups = lambda *leaves: (  # noqa: E731
+        np.mean(leaves, 0) if np.issubdtype(leaves[0].dtype, np.floating) else leaves[0]
+    )
+    for batch in batches:
+        groups = [{k: v[4 * g : 4 * g + 4] for k, v in batch.items()} for g in range(4)]
+        states = [jax.device_get(one_device(state, group)[0]) for group in groups]
+        state = jax.tree.map(mean_of_groups, *states)
+    assert_states_close(got, state, "bn_group_size=2", 2)
+    global_bn = run_steps("none", tx, batches)[1]
+    group_means, global_means = flat(got.batch_stats), flat(global_bn.batch_stats)
+    assert any(not np.allclose(group_means[k], global_means[k]) for k in group_means)
+
+
+def test_jit_step_has_one_collective_per_batchnorm_each_way():
+    """The jit (shard_map) step: an all-gather per BatchNorm forward, an all-reduce per
+    BatchNorm backward and one for the gradients and metrics."""
+    tx = make_optimizer("sgd", 0.1, momentum=0.9)
+    form = make_parallel("jit")
+    model = tiny_resnet()
+    form.prepare_model(model)
+    batch_norms = sum(isinstance(node, nnx.BatchNorm) for _, node in nnx.iter_graph(model))
+    graphdef, state = create_train_state(model, tx, seed=0)
+    step = form.compile_train(partial(train_step, graphdef, tx))
+    lowered = step.lower(form.put_state(state), form.put_batch(random_batches(1)[0]))
+    counts = count_collectives(lowered.compile().as_text())
+    assert counts == {"all-gather": batch_norms, "all-reduce": batch_norms + 1, "total": ANY}
+
+
+def test_bad_form_options_are_config_errors():
+    with pytest.raises(ConfigError, match="bn_group_size must divide the number of devices, 8"):
+        make_parallel("jit", bn_group_size=3)
+    with pytest.raises(ConfigError, match="bn_group_size needs parallel 'jit'"):
+        make_parallel("pmap", bn_group_size=2)
+    with pytest.raises(ConfigError, match="grad_sync"):
+        make_parallel("jit", grad_sync="sometimes")
 
 
 def test_two_sgd_steps_match_pytorch():

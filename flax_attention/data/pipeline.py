@@ -1,6 +1,6 @@
 """grain input pipeline over a registered tfds dataset: shard, shuffle, preprocess, batch.
 
-Order: source -> this process's shard -> (train) per-epoch shuffle + repeat -> preprocess ->
+Order: source -> (train) per-epoch shuffle + repeat -> augment -> this process's shard ->
 batch. Everything up to batching is a random-access ``grain.MapDataset``, so the position in the
 stream is a single index and the iterator from ``make_loader`` checkpoints with grain's own
 ``get_state()`` / ``set_state()``.
@@ -51,8 +51,10 @@ def make_dataset(
     ``num_epochs`` times (None: forever), incomplete last batch dropped. train=False: the eval
     split once, in order, deterministic preprocessing, last batch kept (may be smaller).
     ``split`` overrides the split (tfds syntax), ``image_size`` the spec's S. The data is
-    sharded record-wise over ``shard_count`` processes (default ``jax.process_count()``), this
-    process reading shard ``shard_index`` (default ``jax.process_index()``).
+    sharded element-wise over ``shard_count`` processes (default ``jax.process_count()``), this
+    process reading shard ``shard_index`` (default ``jax.process_index()``); in training the
+    shards interleave one shuffled, augmented stream, so the processes' batches together hold
+    the same images whatever the number of processes (in another row order).
 
     ``decoder="gpu"`` (training split of a JPEG dataset): batches hold the JPEG bytes and the
     drawn crops instead of pixels (``gpu_decode.collate_plans``), for ``GpuJpegDecoder``.
@@ -67,20 +69,24 @@ def make_dataset(
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index={shard_index} not in [0, shard_count={shard_count})")
 
-    ds = grain.MapDataset.source(data_source(name, split, data_dir))[shard_index::shard_count]
+    ds = grain.MapDataset.source(data_source(name, split, data_dir))
     if train:
-        # Shuffling past the first epoch continues with a new permutation per epoch; the
-        # augmentation rng depends on (seed, shard, index in this shard's endless stream).
-        augment_seed = int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
+        # One endless stream for every process: shuffled with a new permutation per epoch,
+        # augmented with an rng that depends on (seed, index in the stream); process p takes
+        # elements p, p + shard_count, ... So global batch i holds stream elements
+        # [i * B, (i + 1) * B), B = shard_count * batch_size, for any number of processes.
+        # (The seed is the one-process seed of the earlier per-shard streams.)
+        augment_seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
         ds = ds.shuffle(seed=seed).repeat(num_epochs)
         if decoder == "gpu":
-            ds = ds.random_map(CropPlan(), seed=augment_seed)
+            ds = ds.random_map(CropPlan(), seed=augment_seed)[shard_index::shard_count]
             return ds.batch(batch_size, drop_remainder=True, batch_fn=collate_plans)
-        ds = ds.random_map(
-            TrainPreprocess(spec.train_transform, size, spec.channels), seed=augment_seed
-        )
+        transform = TrainPreprocess(spec.train_transform, size, spec.channels)
+        ds = ds.random_map(transform, seed=augment_seed)[shard_index::shard_count]
     else:
-        ds = ds.map(EvalPreprocess(spec.eval_transform, size, spec.channels))
+        ds = ds[shard_index::shard_count].map(
+            EvalPreprocess(spec.eval_transform, size, spec.channels)
+        )
     return ds.batch(batch_size, drop_remainder=train)
 
 

@@ -4,7 +4,10 @@ Training-mode normalisation is one `jax.custom_vjp` function, `batch_norm_train`
 computes the batch mean and the biased variance mean((x - mean)^2) in float32 (two passes, as
 exact as PyTorch's) and keeps only x in its own dtype, the mean and 1/std for the backward.
 The backward is the textbook one: one fused reduction of sum(dy) and sum(dy * (x - mean)),
-then one elementwise pass `dx = a * dy + b * (x - mean) + c` with per-channel a, b, c. Plain
+then one elementwise pass `dx = a * dy + b * (x - mean) + c` with per-channel a, b, c.
+Across replicas (`axis_name`) each BatchNorm issues one collective in the forward (an
+all_gather of every replica's exact (mean, variance), combined with Chan's parallel-variance
+formula) and one in the backward (a psum of both sums). Plain
 autodiff of the same forward instead keeps `x - mean` in float32 for the backward (twice the
 bytes of a bf16 activation, written and read once more per layer).
 """
@@ -19,12 +22,6 @@ from flax import nnx
 
 Dtype = jnp.dtype | type
 F32 = jnp.float32
-
-
-def _channel_mean(v: jax.Array, axis_name: str | None) -> jax.Array:
-    """Mean over every axis but the last, and over `axis_name`'s replicas when given."""
-    m = v.mean(tuple(range(v.ndim - 1)))
-    return m if axis_name is None else jax.lax.pmean(m, axis_name)
 
 
 def _global_count(x: jax.Array, axis_name: str | None) -> int | jax.Array:
@@ -50,9 +47,21 @@ def batch_norm_train(
 
 
 def batch_statistics(x32: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
-    """Mean and biased variance of x32 (..., C) per channel, as mean((x - mean)^2)."""
-    mean = _channel_mean(x32, axis_name)
-    return mean, _channel_mean(jnp.square(x32 - mean), axis_name)
+    """Mean and biased variance of x32 (..., C) per channel, as mean((x - mean)^2).
+
+    With `axis_name`, the statistics of every replica's x32 together (each replica holds the
+    same number of rows) from one all_gather of the replicas' (mean_i, var_i), (R, 2, C):
+    mean = mean_i(mean_i), var = mean_i(var_i) + mean_i((mean_i - mean)^2) (Chan et al.'s
+    pairwise combination for equal counts; no E[x^2] - E[x]^2 cancellation).
+    """
+    axes = tuple(range(x32.ndim - 1))
+    mean = x32.mean(axes)
+    var = jnp.square(x32 - mean).mean(axes)
+    if axis_name is None:
+        return mean, var
+    means, variances = jax.lax.all_gather(jnp.stack([mean, var]), axis_name).swapaxes(0, 1)
+    mean = means.mean(0)
+    return mean, variances.mean(0) + jnp.square(means - mean).mean(0)
 
 
 def _forward(x, scale, bias, eps, axis_name, dtype):

@@ -139,9 +139,22 @@ class TrainConfig:
     )
     parallel: str = _field(
         "jit",
-        help="jit: one jax.jit step over a mesh of all devices (batch sharded, global BatchNorm "
-        "statistics); pmap: jax.pmap with cross-replica BatchNorm; none: one device",
+        help="jit: one jax.jit step over a mesh of all devices (batch sharded, shard_map body, "
+        "global BatchNorm statistics); pmap: jax.pmap with cross-replica BatchNorm; none: one "
+        "device",
         choices=_registry("flax_attention.training.steps", "PARALLEL"),
+    )
+    grad_sync: str = _field(
+        "end",
+        help="gradient all-reduce: end (one after the backward) or backward (each parameter's "
+        "as the backward produces it)",
+        choices=_registry("flax_attention.training.steps", "GRAD_SYNCS", sort=False),
+    )
+    bn_group_size: int = _field(
+        0,
+        help="BatchNorm statistics over groups of N consecutive devices (must divide the device "
+        "count; --parallel jit); 0: all devices",
+        check=_at_least(0),
     )
     precision: str = _field(
         "fp32",

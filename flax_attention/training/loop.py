@@ -75,7 +75,9 @@ class _Run:
         self.spec = data.get_spec(cfg.dataset)
         self.decoder = data.choose_decoder(cfg.decoder, cfg.dataset)  # before any data is read
         train_size = len(data.data_source(cfg.dataset, self.spec.train_split, cfg.data_dir))
-        self.form = make_parallel(cfg.parallel)
+        self.form = make_parallel(
+            cfg.parallel, grad_sync=cfg.grad_sync, bn_group_size=cfg.bn_group_size
+        )
         self.local_batch = _local_batch(cfg.batch_size, self.form)
         self.local_eval_batch = _local_batch(cfg.eval_batch_size or cfg.batch_size, self.form)
         self.steps_per_epoch = max(train_size // cfg.batch_size, 1)

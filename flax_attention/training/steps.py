@@ -7,11 +7,18 @@ step with the dataset's `mean`/`std` (float images pass through as they are); a 
 its local rows (B / process_count) and the form assembles the global array.
 
 Forms, same numerics (the mean over the global batch; BatchNorm statistics over the global batch):
-- `jit`: `jax.jit` over a Mesh with a `data` axis over all devices; state replicated, batch
-  sharded on `data`; XLA's SPMD partitioner makes the BatchNorm statistics global.
+- `jit`: `jax.jit` of a `jax.shard_map` step over a mesh of all devices; state replicated, batch
+  sharded; inside, each device runs the step on its rows, BatchNorm reduces its statistics over
+  the mesh axis `data` (one collective per BatchNorm each way) and gradients and metrics are
+  averaged with `lax.pmean`. With `bn_group_size=g` the mesh is (`replica`, `data`) of shape
+  (n / g, g): BatchNorm statistics over each group of g consecutive devices, gradients over all.
 - `pmap`: `jax.pmap` with `axis_name="data"`; gradients, metrics and BatchNorm statistics
-  averaged with `lax.pmean`; state replicated on the leading axis of every array.
-- `none`: `jax.jit` on one device.
+  averaged over the axis; state replicated on the leading axis of every array.
+- `none`: the `jit` form on one device.
+
+`grad_sync` (both multi-device forms): "end" averages every gradient (and the metrics) in one
+`pmean` after the backward; "backward" averages each parameter's gradient as the backward
+produces it (`grad_sync.mean_in_backward`), so those all-reduces can overlap the rest of it.
 """
 
 from __future__ import annotations
@@ -29,12 +36,16 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flax_attention.data.device import normalize_images
+from flax_attention.training.config import ConfigError
+from flax_attention.training.grad_sync import AxisName, mean_in_backward
 from flax_attention.training.loss import cross_entropy, top_k_correct
 from flax_attention.training.state import TrainState, merge_model, set_batchnorm_axis_name
 
 Batch = dict[str, Any]
 Metrics = dict[str, jax.Array]
-AXIS = "data"
+AXIS = "data"  # the BatchNorm axis (a group of devices); the batch is split over it
+REPLICA = "replica"  # the BatchNorm groups (size 1 unless bn_group_size is given)
+GRAD_SYNCS = ("end", "backward")
 
 
 def train_step(
@@ -46,18 +57,23 @@ def train_step(
     label_smoothing: float = 0.0,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    axis_name: str | None = None,
+    axis_name: AxisName | None = None,
+    grad_sync: str = "end",
 ) -> tuple[TrainState, Metrics]:
     """One optimizer update on `batch`; metrics are the batch means of loss, top1, top5.
 
     uint8 images are normalised with the dataset's `mean`/`std` (per channel, on the 0..1
-    scale; None keeps the 0..255 values). With `axis_name` (pmap) the batch is this
-    replica's part, and gradients and metrics are averaged over the axis (BatchNorm averages
-    its statistics itself).
+    scale; None keeps the 0..255 values). With `axis_name` (pmap, shard_map; a name or a
+    tuple of names) the batch is this replica's part, and gradients and metrics are averaged
+    over the axes (BatchNorm reduces its statistics itself): after the backward in one `pmean`
+    (`grad_sync="end"`) or each parameter's gradient as it is produced (`"backward"`).
     """
     images = normalize_images(batch["image"], mean, std)
+    sync_in_backward = axis_name is not None and grad_sync == "backward"
 
     def loss_fn(params, batch_stats):
+        if sync_in_backward:
+            params = mean_in_backward(params, axis_name)
         model = merge_model(
             graphdef, state.replace(params=params, batch_stats=batch_stats), train=True
         )
@@ -72,7 +88,9 @@ def train_step(
         "top1": top_k_correct(logits, batch["label"], 1).mean(),
         "top5": top_k_correct(logits, batch["label"], 5).mean(),
     }
-    if axis_name is not None:
+    if sync_in_backward:
+        metrics = jax.lax.pmean(metrics, axis_name)
+    elif axis_name is not None:
         grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(
@@ -107,19 +125,40 @@ def eval_step(
 
 
 class MeshForm:
-    """`jax.jit` over a 1-D mesh (`data` axis) of `devices`: state replicated, batch sharded.
+    """`jax.jit` of a `jax.shard_map` step over a mesh of `devices`: state replicated, batch
+    sharded over all devices, BatchNorm statistics over the mesh axis `data`.
 
-    The canonical state (what checkpoints hold) is this form's replicated state.
+    The mesh is (`replica`, `data`) of shape (n / g, g), g = `bn_group_size` (0: all n devices;
+    it must divide n). With g < n each BatchNorm normalises with the statistics of its group's
+    g * B / n rows, and the running statistics (which must stay identical on every device) are
+    the average over the groups of each group's update; the gradients are averaged over all.
+    `grad_sync`: "end" or "backward" (see the module docstring). The canonical state (what
+    checkpoints hold) is this form's replicated state.
     """
 
-    def __init__(self, devices: list[jax.Device]):
-        self.mesh = Mesh(np.asarray(devices), (AXIS,))
+    def __init__(
+        self, devices: list[jax.Device], *, grad_sync: str = "end", bn_group_size: int = 0
+    ):
+        n = len(devices)
+        if grad_sync not in GRAD_SYNCS:
+            raise ConfigError(f"grad_sync: unknown value {grad_sync!r}; choose one of {GRAD_SYNCS}")
+        group = bn_group_size or n
+        if bn_group_size < 0 or n % group:
+            raise ConfigError(
+                f"bn_group_size must divide the number of devices, {n} (got {bn_group_size})"
+            )
+        self.mesh = Mesh(np.asarray(devices).reshape(n // group, group), (REPLICA, AXIS))
         self.replicated = NamedSharding(self.mesh, P())
-        self.sharded = NamedSharding(self.mesh, P(AXIS))
-        self.num_devices = len(devices)
+        self.sharded = NamedSharding(self.mesh, P((REPLICA, AXIS)))
+        self.num_devices = n
+        self.grad_sync = grad_sync
+        self.bn_group_size = group
+        self.bn_groups = n // group
 
     def prepare_model(self, model: nnx.Module) -> None:
-        """Nothing: under SPMD the BatchNorm statistics are global already."""
+        """Every BatchNorm reduces its statistics over `data` (its group of devices), or keeps
+        its device's own for groups of one device."""
+        set_batchnorm_axis_name(model, AXIS if self.bn_group_size > 1 else None)
 
     def put_state(self, state: TrainState) -> TrainState:
         """The canonical state placed for this form's step."""
@@ -130,7 +169,7 @@ class MeshForm:
         return state
 
     def put_batch(self, local_batch: dict[str, np.ndarray | jax.Array]) -> Batch:
-        """Global batch sharded on `data` from this process's rows (B / process_count, ...),
+        """Global batch sharded over all devices from this process's rows (B / process_count, ...),
         host arrays or (single process) device arrays."""
         return {k: self._put(v) for k, v in local_batch.items()}
 
@@ -140,8 +179,24 @@ class MeshForm:
         return jax.make_array_from_process_local_data(self.sharded, np.asarray(value))
 
     def compile_train(self, step: Callable) -> Callable:
+        """`step(state, batch, axis_name=..., grad_sync=...)` run per device under shard_map,
+        called as f(placed state, placed batch) -> (placed state, metrics)."""
+
+        def per_device(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+            state, metrics = step(state, batch, axis_name=(REPLICA, AXIS), grad_sync=self.grad_sync)
+            if self.bn_groups > 1:  # the groups' running statistics differ: keep their mean
+                state = state.replace(batch_stats=jax.lax.pmean(state.batch_stats, REPLICA))
+            return state, metrics
+
+        mapped = jax.shard_map(
+            per_device,
+            mesh=self.mesh,
+            in_specs=(P(), P((REPLICA, AXIS))),
+            out_specs=(P(), P()),
+            check_vma=False,  # the explicit collectives make gradients and state replicated
+        )
         return jax.jit(
-            step,
+            mapped,
             in_shardings=(self.replicated, self.sharded),
             out_shardings=(self.replicated, self.replicated),
             donate_argnums=0,
@@ -158,17 +213,18 @@ class MeshForm:
 class PmapForm(MeshForm):
     """`jax.pmap` over the local devices with `axis_name="data"` (all processes' devices form the
     axis). Arrays of the placed state carry a leading replica axis of size local_device_count.
-    Evaluation runs in the mesh form on the canonical state."""
+    Evaluation runs in the mesh form on the canonical state. BatchNorm groups are not
+    supported (`bn_group_size` must be 0)."""
 
-    def __init__(self, devices: list[jax.Device]):
-        super().__init__(devices)
+    def __init__(
+        self, devices: list[jax.Device], *, grad_sync: str = "end", bn_group_size: int = 0
+    ):
+        if bn_group_size:
+            raise ConfigError("bn_group_size needs parallel 'jit' (pmap: 0, all devices)")
+        super().__init__(devices, grad_sync=grad_sync)
         self.local_devices = [d for d in devices if d.process_index == jax.process_index()]
         # A batch's rows over this process's devices, on the leading replica axis.
         self.replica_rows = NamedSharding(Mesh(self.local_devices, (AXIS,)), P(AXIS))
-
-    def prepare_model(self, model: nnx.Module) -> None:
-        """Cross-replica BatchNorm: every BatchNorm averages its statistics over `data`."""
-        set_batchnorm_axis_name(model, AXIS)
 
     def put_state(self, state: TrainState) -> TrainState:
         n = len(self.local_devices)
@@ -187,22 +243,24 @@ class PmapForm(MeshForm):
 
     def compile_train(self, step: Callable) -> Callable:
         return jax.pmap(
-            partial(step, axis_name=AXIS),
+            partial(step, axis_name=AXIS, grad_sync=self.grad_sync),
             axis_name=AXIS,
             devices=self.local_devices,
             donate_argnums=0,
         )
 
 
-PARALLEL: dict[str, Callable[[], MeshForm]] = {
-    "jit": lambda: MeshForm(jax.devices()),
-    "pmap": lambda: PmapForm(jax.devices()),
-    "none": lambda: MeshForm(jax.local_devices()[:1]),
+PARALLEL: dict[str, Callable[..., MeshForm]] = {
+    "jit": lambda **options: MeshForm(jax.devices(), **options),
+    "pmap": lambda **options: PmapForm(jax.devices(), **options),
+    "none": lambda **options: MeshForm(jax.local_devices()[:1], **options),
 }
 
 
-def make_parallel(name: str) -> MeshForm:
-    """The parallel form `name` (`jit`, `pmap` or `none`, see `PARALLEL`) over this host's JAX."""
+def make_parallel(name: str, *, grad_sync: str = "end", bn_group_size: int = 0) -> MeshForm:
+    """The parallel form `name` (`jit`, `pmap` or `none`, see `PARALLEL`) over this host's JAX,
+    with the given gradient synchronisation and BatchNorm group size (see `MeshForm`);
+    `ConfigError` for a combination the form cannot run."""
     if name not in PARALLEL:
         raise ValueError(f"unknown parallel form {name!r}; choose one of {sorted(PARALLEL)}")
-    return PARALLEL[name]()
+    return PARALLEL[name](grad_sync=grad_sync, bn_group_size=bn_group_size)

@@ -1,0 +1,261 @@
+"""A real multi-process training run, killed after a checkpoint, resumed, checked against one
+process: `python -m benchmarks.multiprocess [--quick] [--processes K] --out result.json`.
+
+Every run is the training program itself (`flax_attention.training.cli.main`, `--parallel jit`)
+in child processes on the embedded digits dataset (upscaled to `--image-size`). K processes
+with `jax.distributed.initialize` (coordinator on 127.0.0.1, a free port) each see their own
+devices (GPU: `CUDA_VISIBLE_DEVICES=i`; `--quick`: CPU processes of 2 host devices each):
+1. a one-process reference run on all K x d devices (GPU: one process seeing the K GPUs);
+2. the K-process run, SIGKILLed as soon as its first checkpoint is committed;
+3. the same K-process command again: it resumes from the newest checkpoint and finishes.
+The final models' parameters and BatchNorm statistics are compared. Not bitwise: the global
+batch holds the same images in both runs (`data.make_dataset` interleaves one stream over the
+processes), but each device gets other rows of it, so the BatchNorm and gradient sums are
+rounded in another order; the check is float32 tolerance (matmuls and convolutions at
+"highest" precision, no TF32). The JSON result: steps, images/s of
+each run (median of its logged intervals after the first), the checkpoint the run was killed
+after and the step it resumed from, the largest parameter difference, pass/fail.
+`--quick` (tests): a one-stage SE ResNet, 16x16 images, well under a minute on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK_MODEL = "tiny_se_resnet"  # registered by the workers of a --quick run
+CPU_DEVICES_PER_PROCESS = 2
+RTOL, ATOL = 1e-4, 1e-5
+WORKER = "--worker"  # first argument of a child process
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.multiprocess", description=__doc__)
+    p.add_argument("--processes", type=int, default=2, help="K training processes")
+    p.add_argument("--quick", action="store_true", help="CPU: tiny model and images")
+    p.add_argument("--model", default="seresnet50")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--per-device-batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--checkpoint-every", type=int, default=5)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--workdir", type=Path, default=Path("runs/multiprocess"))
+    p.add_argument("--out", type=Path, default=None, help="JSON result (default: in workdir)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
+    args, train_argv = p.parse_known_args(argv)
+    args.train_argv = train_argv  # more flags of the training program
+    if args.quick:
+        args.model, args.image_size, args.per_device_batch = QUICK_MODEL, 16, 4
+        args.steps, args.checkpoint_every = 24, 4
+    return args
+
+
+def worker(argv: list[str]) -> int:
+    """One training process, argv = [pid (-1: the one-process reference), port, processes,
+    quick (0/1), *training program flags]: join the K-process job, run the program."""
+    import jax
+
+    pid, port, processes, quick = map(int, argv[:4])
+    if pid >= 0:
+        jax.distributed.initialize(f"127.0.0.1:{port}", processes, pid)
+    if quick:
+        from flax_attention.models import MODELS, BasicBlock, ModelSpec
+
+        spec = ModelSpec(QUICK_MODEL, BasicBlock, (1,), "none", "official", {"attention": "se"})
+        MODELS[QUICK_MODEL] = spec
+    from flax_attention.training.cli import main as train_main
+
+    return train_main(argv[4:])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Job:
+    """One run of the training program in `count` child processes (count=1 with pid -1: the
+    one-process reference on every device)."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path, distributed: bool):
+        self.args, self.workdir = args, workdir
+        k = args.processes
+        devices = k * (CPU_DEVICES_PER_PROCESS if args.quick else 1)
+        train = ["--model", args.model, "--dataset", "digits", "--data-dir", str(args.data_dir)]
+        train += ["--image-size", str(args.image_size), "--steps", str(args.steps)]
+        train += ["--batch-size", str(args.per_device_batch * devices), "--lr", "0.05"]
+        train += ["--checkpoint-every", str(args.checkpoint_every), "--log-every", "2"]
+        train += ["--eval-every", "0", "--parallel", "jit", "--precision", args.precision]
+        train += ["--decoder", "cpu", "--no-progress", "--workdir", str(workdir)]
+        port = _free_port()
+        self.commands, self.envs = [], []
+        for pid in range(k) if distributed else [-1]:
+            cmd = [sys.executable, "-m", "benchmarks.multiprocess", WORKER]
+            cmd += [str(pid), str(port), str(k), str(int(args.quick)), *train, *args.train_argv]
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path]))
+            env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"  # no TF32: a float32 comparison
+            local = CPU_DEVICES_PER_PROCESS if args.quick else 1
+            if args.quick:
+                env["JAX_PLATFORMS"] = "cpu"
+                count = local * (1 if distributed else k)
+                env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={count}"
+            else:
+                ids = [pid] if distributed else range(k)
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, ids))
+            self.commands.append(cmd)
+            self.envs.append(env)
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.logs = [open(self.workdir / f"log.{i}.txt", "a") for i in range(len(self.commands))]  # noqa: SIM115
+        self.procs = [
+            subprocess.Popen(c, env=e, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            for c, e, log in zip(self.commands, self.envs, self.logs, strict=True)
+        ]
+
+    def wait(self) -> None:
+        """Wait for every process; RuntimeError with the log's tail if one failed."""
+        deadline = time.monotonic() + self.args.timeout
+        for proc in self.procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        self._close()
+        for i, proc in enumerate(self.procs):
+            if proc.returncode != 0:
+                tail = (self.workdir / f"log.{i}.txt").read_text()[-3000:]
+                raise RuntimeError(f"process {i} exited with {proc.returncode}:\n{tail}")
+
+    def kill_after_checkpoint(self) -> int:
+        """SIGKILL every process once a checkpoint is committed; returns its step."""
+        deadline = time.monotonic() + self.args.timeout
+        while time.monotonic() < deadline:
+            steps = committed_steps(self.workdir)
+            if steps:
+                for proc in self.procs:
+                    proc.send_signal(signal.SIGKILL)
+                for proc in self.procs:
+                    proc.wait()
+                self._close()
+                return max(steps)
+            if any(proc.poll() is not None for proc in self.procs):
+                raise RuntimeError("a process ended before the first checkpoint was committed")
+            time.sleep(0.02)
+        raise TimeoutError("no checkpoint was committed")
+
+    def _close(self) -> None:
+        for log in self.logs:
+            log.close()
+
+
+def committed_steps(workdir: Path) -> list[int]:
+    """Steps of the committed checkpoints (orbax renames `<step>` into place when done)."""
+    directory = workdir / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+
+
+def images_per_s(workdir: Path, after_step: int = 0) -> float | None:
+    """Median logged throughput of the records past `after_step`, the first one left out
+    (it holds the compilation)."""
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    values = [r["images_per_s"] for r in records if "images_per_s" in r and r["step"] > after_step]
+    return round(statistics.median(values[1:]), 1) if len(values) > 1 else None
+
+
+def model_arrays(workdir: Path) -> dict[str, np.ndarray]:
+    """The final model's arrays (parameters and BatchNorm statistics) by path."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from flax_attention.checkpoint_metadata import STATE_DIR
+
+    with ocp.StandardCheckpointer() as ckpt:
+        tree = ckpt.restore((workdir / "model" / STATE_DIR).absolute())
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree.leaves_with_path(tree)}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Reference, killed and resumed runs under `args.workdir`; the result record."""
+    from flax_attention import data
+
+    start = time.perf_counter()
+    args.data_dir = args.workdir / "tfds"
+    data.build_digits(args.data_dir)
+    ref_dir, multi_dir = args.workdir / "one_process", args.workdir / f"{args.processes}_processes"
+    for path in (ref_dir, multi_dir):
+        if path.exists():
+            raise FileExistsError(f"{path} exists; choose a fresh --workdir")
+    reference = Job(args, ref_dir, distributed=False)
+    reference.start()
+    reference.wait()
+    killed = Job(args, multi_dir, distributed=True)
+    killed.start()
+    killed_after = killed.kill_after_checkpoint()
+    resumed = Job(args, multi_dir, distributed=True)
+    resumed.start()
+    resumed.wait()
+    log = (multi_dir / "log.0.txt").read_text()
+    found = re.findall(r"resumed from \S*checkpoints/(\d+)", log)
+    resumed_from = int(found[-1]) if found else None
+    want, got = model_arrays(ref_dir), model_arrays(multi_dir)
+    assert want.keys() == got.keys(), "the two runs saved different models"
+    diff = max(float(np.max(np.abs(got[k] - want[k]))) for k in want)
+    close = all(np.allclose(got[k], want[k], rtol=RTOL, atol=ATOL) for k in want)
+    return {
+        "processes": args.processes,
+        "devices_per_process": CPU_DEVICES_PER_PROCESS if args.quick else 1,
+        "platform": "cpu" if args.quick else "gpu",
+        "model": args.model,
+        "image_size": args.image_size,
+        "global_batch": args.per_device_batch * reference_device_count(args),
+        "precision": args.precision,
+        "steps": args.steps,
+        "img_per_s": {
+            "one_process": images_per_s(ref_dir),
+            "multi_process_resumed": images_per_s(multi_dir, resumed_from or 0),
+        },
+        "killed_after_checkpoint": killed_after,
+        "resumed_from_step": resumed_from,
+        "max_abs_param_diff": diff,
+        "tolerance": {"rtol": RTOL, "atol": ATOL},
+        "pass": bool(close and resumed_from is not None and resumed_from < args.steps),
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+
+
+def reference_device_count(args: argparse.Namespace) -> int:
+    return args.processes * (CPU_DEVICES_PER_PROCESS if args.quick else 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the check and write the JSON result; 0 if it passed, 1 if not."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [WORKER]:
+        return worker(argv[1:])
+    args = parse(argv)
+    result = run(args)
+    out = args.out or args.workdir / "result.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    return 0 if result["pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
