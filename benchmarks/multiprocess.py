@@ -12,7 +12,7 @@ The final models' parameters and BatchNorm statistics are compared. Not bitwise:
 batch holds the same images in both runs (`data.make_dataset` interleaves one stream over the
 processes), but each device gets other rows of it, so the BatchNorm and gradient sums are
 rounded in another order; the check is float32 tolerance (matmuls and convolutions at
-"highest" precision, no TF32). The JSON result: steps, images/s of
+"highest" precision, no TF32; on GPUs deterministic reductions). The JSON result: steps, images/s of
 each run (median of its logged intervals after the first), the checkpoint the run was killed
 after and the step it resumed from, the largest parameter difference, pass/fail.
 `--quick` (tests): a one-stage SE ResNet, 16x16 images, well under a minute on 2 CPU cores.
@@ -116,6 +116,9 @@ class Job:
             else:
                 ids = [pid] if distributed else range(k)
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, ids))
+                # Deterministic reductions (no atomics in convolution backward passes): a run
+                # repeated gives the same bits, so a difference is the row split's rounding.
+                env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_gpu_deterministic_ops=true"
             self.commands.append(cmd)
             self.envs.append(env)
         self.procs: list[subprocess.Popen] = []
@@ -217,6 +220,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     assert want.keys() == got.keys(), "the two runs saved different models"
     diff = max(float(np.max(np.abs(got[k] - want[k]))) for k in want)
     close = all(np.allclose(got[k], want[k], rtol=RTOL, atol=ATOL) for k in want)
+    # The array furthest outside the tolerance, in units of the tolerance (<= 1: inside).
+    excess = {
+        k: float(np.max(np.abs(got[k] - want[k]) / (ATOL + RTOL * np.abs(want[k])))) for k in want
+    }
+    worst = max(excess, key=excess.get)
     return {
         "processes": args.processes,
         "devices_per_process": CPU_DEVICES_PER_PROCESS if args.quick else 1,
@@ -233,6 +241,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "killed_after_checkpoint": killed_after,
         "resumed_from_step": resumed_from,
         "max_abs_param_diff": diff,
+        "worst_array": {
+            "path": worst,
+            "max_abs_diff": float(np.max(np.abs(got[worst] - want[worst]))),
+            "max_abs_value": float(np.max(np.abs(want[worst]))),
+            "in_tolerances": round(excess[worst], 2),
+        },
         "tolerance": {"rtol": RTOL, "atol": ATOL},
         "pass": bool(close and resumed_from is not None and resumed_from < args.steps),
         "wall_s": round(time.perf_counter() - start, 1),
