@@ -5,6 +5,8 @@ are those of `python -m train --parallel jit|pmap`. Rows (`impl`):
 - `jit`: one `jax.jit` of a `shard_map` step over a mesh of the first n devices (batch sharded,
   state replicated), global BatchNorm statistics in one collective per BatchNorm each way, the
   gradients averaged in one `pmean` after the backward (`--grad-sync end`);
+- `jit_flat`: the same with the gradients averaged as one concatenated vector (`--grad-sync
+  flat`: one all-reduce, as `pmap`'s combined ones);
 - `jit_backward`: the same with each parameter's gradient averaged as the backward produces it
   (`--grad-sync backward`);
 - `pmap`: `jax.pmap` with cross-replica BatchNorm and averaged gradients;
@@ -70,6 +72,7 @@ class PmapLocalBatchNorm(PmapForm):
 # impl -> form over the given devices
 FORMS: dict[str, Callable[[list[jax.Device]], MeshForm]] = {
     "jit": lambda devices: MeshForm(devices),
+    "jit_flat": lambda devices: MeshForm(devices, grad_sync="flat"),
     "jit_backward": lambda devices: MeshForm(devices, grad_sync="backward"),
     "pmap": lambda devices: PmapForm(devices),
     "jit_spmd": lambda devices: SpmdForm(devices),

@@ -205,3 +205,13 @@ def test_multiprocess_quick_run_resumes_after_kill_and_matches_one_process(tmp_p
     assert result["resumed_from_step"] >= result["killed_after_checkpoint"]
     assert result["max_abs_param_diff"] < 1e-4
     assert all(v > 0 for v in result["img_per_s"].values())
+
+
+def test_auto_spatial_conv_table_is_the_committed_h200_measurement():
+    """tap_convs.AUTO["gpu"] is what benchmarks.auto_table derives from the committed H200
+    modules.json (fastest forward+backward formulation per gate and stage)."""
+    from benchmarks import auto_table
+    from flax_attention.layers import tap_convs
+
+    rows = json.loads(auto_table.SOURCE.read_text())["rows"]
+    assert auto_table.fastest_formulations(rows) == tap_convs.AUTO["gpu"]

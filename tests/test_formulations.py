@@ -13,7 +13,7 @@ from parity import assert_close
 from flax_attention.layers import BAM, CBAM, PSA
 from flax_attention.layers.branch_convs import FORMULATIONS, branch_convs, plan
 from flax_attention.layers.common import conv_nhwc
-from flax_attention.layers.tap_convs import conv_as_im2col, conv_as_shifts
+from flax_attention.layers.tap_convs import conv_as_im2col, conv_as_shifts, resolve
 from flax_attention.models.stem import StemConv, space_to_depth
 
 
@@ -139,17 +139,21 @@ def test_tap_convs_equal_the_library_conv(form: str, k, cin, cout, d, hw):
     assert_close(got[1], want[1], "dkernel", tol=1e-6)
 
 
-@pytest.mark.parametrize("form", ["shifts", "im2col"])
+@pytest.mark.parametrize("form", ["shifts", "im2col", "auto"])
 @pytest.mark.parametrize("gate", ["cbam", "bam"])
-def test_gates_are_the_same_under_every_spatial_conv(gate: str, form: str):
+def test_gates_are_the_same_under_every_spatial_conv(gate: str, form: str, monkeypatch):
     """CBAM's and BAM's spatial convs by taps: same parameters, output, gradients (params
     and x) and BatchNorm statistics as the library convs, training mode, float32."""
     build = {
         "cbam": lambda **kw: CBAM(32, 4, **kw),
         "bam": lambda **kw: BAM(32, 4, dilation=2, **kw),
     }[gate]
-    x = _normal(41, (2, 9, 7, 32))
-    base, other = build(rngs=nnx.Rngs(0)), build(rngs=nnx.Rngs(0), spatial_conv=form)
+    if form == "auto":  # As on a GPU, where the 8x8 input resolves to a tap formulation.
+        monkeypatch.setattr(jax, "default_backend", lambda: "cuda")
+        assert resolve("auto", gate, 8, 8) in ("shifts", "im2col")
+    x = _normal(41, (2, 8, 8, 32) if form == "auto" else (2, 9, 7, 32))
+    base = build(rngs=nnx.Rngs(0), spatial_conv="conv")
+    other = build(rngs=nnx.Rngs(0), spatial_conv=form)
     base_state, other_state = nnx.state(base), nnx.state(other)
     assert jax.tree.map(jnp.shape, base_state) == jax.tree.map(jnp.shape, other_state)
     for module in (base, other):
@@ -181,3 +185,25 @@ def test_gates_reject_unknown_spatial_conv():
         CBAM(32, 4, spatial_conv="fft", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="spatial_conv"):
         BAM(32, 4, spatial_conv="fft", rngs=nnx.Rngs(0))
+
+
+def test_auto_spatial_conv_picks_the_measured_fastest_by_platform_and_size(monkeypatch):
+    """On GPUs `auto` takes AUTO's entry nearest in H*W; elsewhere the library conv."""
+    assert [resolve("auto", "cbam", s, s) for s in (56, 28, 14, 7)] == ["conv"] * 4
+    assert resolve("shifts", "cbam", 56, 56) == "shifts"
+    monkeypatch.setattr(jax, "default_backend", lambda: "cuda")
+    assert [resolve("auto", "cbam", s, s) for s in (56, 28, 14, 7)] == [
+        "conv",
+        "conv",
+        "im2col",
+        "shifts",
+    ]
+    assert [resolve("auto", "bam", s, s) for s in (56, 28, 14, 7)] == [
+        "conv",
+        "im2col",
+        "conv",
+        "im2col",
+    ]
+    assert resolve("auto", "cbam", 8, 6) == "shifts"  # 48 px: nearest to 7x7
+    assert resolve("auto", "cbam", 112, 112) == "conv"
+    assert resolve("auto", "psa", 7, 7) == "conv"  # no entry for the gate

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from functools import partial
 from unittest.mock import ANY
@@ -126,7 +127,7 @@ def test_parallel_forms_agree():
     init = flat(nnx.state(tiny_resnet(), nnx.Param))
     assert any(not np.allclose(moved[k], init[k]) for k in moved), "the steps changed nothing"
     for name in ("jit", "pmap"):
-        for grad_sync in ("end", "backward"):
+        for grad_sync in ("end", "flat", "backward"):
             got = run_steps(name, tx, batches, grad_sync=grad_sync)[1]
             assert_states_close(got, ref, f"{name} grad_sync={grad_sync}", 3)
 
@@ -155,19 +156,25 @@ def test_batchnorm_groups_equal_independent_groups():
     assert any(not np.allclose(group_means[k], global_means[k]) for k in group_means)
 
 
-def test_jit_step_has_one_collective_per_batchnorm_each_way():
+@pytest.mark.parametrize("grad_sync", ["end", "flat"])
+def test_jit_step_has_one_collective_per_batchnorm_each_way(grad_sync: str):
     """The jit (shard_map) step: an all-gather per BatchNorm forward, an all-reduce per
-    BatchNorm backward and one for the gradients and metrics."""
+    BatchNorm backward and one for the gradients and metrics ("flat": of one float32 vector
+    of every parameter and the 3 metrics)."""
     tx = make_optimizer("sgd", 0.1, momentum=0.9)
-    form = make_parallel("jit")
+    form = make_parallel("jit", grad_sync=grad_sync)
     model = tiny_resnet()
     form.prepare_model(model)
     batch_norms = sum(isinstance(node, nnx.BatchNorm) for _, node in nnx.iter_graph(model))
     graphdef, state = create_train_state(model, tx, seed=0)
     step = form.compile_train(partial(train_step, graphdef, tx))
     lowered = step.lower(form.put_state(state), form.put_batch(random_batches(1)[0]))
-    counts = count_collectives(lowered.compile().as_text())
+    hlo = lowered.compile().as_text()
+    counts = count_collectives(hlo)
     assert counts == {"all-gather": batch_norms, "all-reduce": batch_norms + 1, "total": ANY}
+    if grad_sync == "flat":
+        size = sum(leaf.size for leaf in jax.tree.leaves(state.params)) + 3
+        assert re.search(rf"= f32\[{size}\]\S* all-reduce\(", hlo), "no flat all-reduce"
 
 
 def test_bad_form_options_are_config_errors():

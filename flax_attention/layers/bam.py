@@ -24,7 +24,7 @@ from flax_attention.layers.common import (
     global_mean,
     linear,
 )
-from flax_attention.layers.tap_convs import SPATIAL_CONVS, apply_conv
+from flax_attention.layers.tap_convs import SPATIAL_CONVS, apply_conv, resolve
 
 COMBINES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
     "product": jnp.multiply,
@@ -82,7 +82,8 @@ class BAMSpatialGate(nnx.Module):
 
     NHWC (N, H, W, C) -> (N, H, W, 1). `spatial_conv` (layers.tap_convs.SPATIAL_CONVS) picks
     how the convs are computed: "conv" runs the dilated ones in polyphase form
-    (`phase_conv3x3`), the others run every conv by that formulation.
+    (`phase_conv3x3`), "shifts"/"im2col" run every conv by that formulation, "auto" picks the
+    one measured fastest on this platform at this H x W (`tap_convs.AUTO`).
     """
 
     def __init__(
@@ -93,7 +94,7 @@ class BAMSpatialGate(nnx.Module):
         num_dilated: int,
         *,
         rngs: nnx.Rngs,
-        spatial_conv: str = "conv",
+        spatial_conv: str = "auto",
         **dt,
     ):
         check_choice("spatial_conv", spatial_conv, SPATIAL_CONVS)
@@ -110,7 +111,7 @@ class BAMSpatialGate(nnx.Module):
         self.final = conv2d(hidden, 1, 1, bias=True, rngs=rngs, **dt)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        form = self.spatial_conv
+        form = resolve(self.spatial_conv, "bam", *x.shape[1:3])
         y = jax.nn.relu(self.reduce_bn(apply_conv(self.reduce, x, form)))
         for conv, bn in zip(self.dilated, self.dilated_bn, strict=True):
             y = phase_conv3x3(conv, y) if form == "conv" else apply_conv(conv, y, form)
@@ -135,7 +136,7 @@ class BAM(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
-        spatial_conv: str = "conv",
+        spatial_conv: str = "auto",
     ):
         check_choice("combine", combine, list(COMBINES))
         check_positive("channels", channels)

@@ -146,8 +146,9 @@ class TrainConfig:
     )
     grad_sync: str = _field(
         "end",
-        help="gradient all-reduce: end (one after the backward) or backward (each parameter's "
-        "as the backward produces it)",
+        help="gradient all-reduce: end (a pmean of the gradients after the backward), flat (one "
+        "all-reduce of all of them concatenated) or backward (each parameter's as the backward "
+        "produces it)",
         choices=_registry("flax_attention.training.steps", "GRAD_SYNCS", sort=False),
     )
     bn_group_size: int = _field(

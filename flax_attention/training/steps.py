@@ -17,8 +17,10 @@ Forms, same numerics (the mean over the global batch; BatchNorm statistics over 
 - `none`: the `jit` form on one device.
 
 `grad_sync` (both multi-device forms): "end" averages every gradient (and the metrics) in one
-`pmean` after the backward; "backward" averages each parameter's gradient as the backward
-produces it (`grad_sync.mean_in_backward`), so those all-reduces can overlap the rest of it.
+`pmean` of the gradient tree after the backward (one all-reduce per leaf, which XLA may combine);
+"flat" the same as one all-reduce of every gradient and metric concatenated into one float32
+vector; "backward" averages each parameter's gradient as the backward produces it
+(`grad_sync.mean_in_backward`), so those all-reduces can overlap the rest of it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -45,7 +48,7 @@ Batch = dict[str, Any]
 Metrics = dict[str, jax.Array]
 AXIS = "data"  # the BatchNorm axis (a group of devices); the batch is split over it
 REPLICA = "replica"  # the BatchNorm groups (size 1 unless bn_group_size is given)
-GRAD_SYNCS = ("end", "backward")
+GRAD_SYNCS = ("end", "flat", "backward")
 
 
 def train_step(
@@ -66,7 +69,8 @@ def train_step(
     scale; None keeps the 0..255 values). With `axis_name` (pmap, shard_map; a name or a
     tuple of names) the batch is this replica's part, and gradients and metrics are averaged
     over the axes (BatchNorm reduces its statistics itself): after the backward in one `pmean`
-    (`grad_sync="end"`) or each parameter's gradient as it is produced (`"backward"`).
+    of the tree (`grad_sync="end"`) or of one concatenated vector (`"flat"`), or each
+    parameter's gradient as it is produced (`"backward"`).
     """
     images = normalize_images(batch["image"], mean, std)
     sync_in_backward = axis_name is not None and grad_sync == "backward"
@@ -90,6 +94,9 @@ def train_step(
     }
     if sync_in_backward:
         metrics = jax.lax.pmean(metrics, axis_name)
+    elif axis_name is not None and grad_sync == "flat":
+        flat, unflatten = ravel_pytree((grads, metrics))
+        grads, metrics = unflatten(jax.lax.pmean(flat, axis_name))
     elif axis_name is not None:
         grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
