@@ -8,13 +8,15 @@ devices (GPU: `CUDA_VISIBLE_DEVICES=i`; `--quick`: CPU processes of 2 host devic
 1. a one-process reference run on all K x d devices (GPU: one process seeing the K GPUs);
 2. the K-process run, SIGKILLed as soon as its first checkpoint is committed;
 3. the same K-process command again: it resumes from the newest checkpoint and finishes.
-The final models' parameters and BatchNorm statistics are compared. Not bitwise: the global
-batch holds the same images in both runs (`data.make_dataset` interleaves one stream over the
-processes), but each device gets other rows of it, so the BatchNorm and gradient sums are
-rounded in another order; the check is float32 tolerance (matmuls and convolutions at
-"highest" precision, no TF32; on GPUs deterministic reductions). The JSON result: steps, images/s of
-each run (median of its logged intervals after the first), the checkpoint the run was killed
-after and the step it resumed from, the largest parameter difference, pass/fail.
+The final models' parameters and BatchNorm statistics are compared. Every device trains on
+the same rows in both runs (`data.make_dataset` gives process p its contiguous block of each
+global batch, the rows a one-process run puts on device p), so the runs differ only where
+collectives or compiled kernels round differently across processes; the JSON says whether the
+models are bitwise equal, and the check is float32 tolerance (matmuls and convolutions at
+"highest" precision, no TF32; on GPUs deterministic reductions). The JSON result: steps,
+images/s of each run (median of its logged intervals after the first), the checkpoint the run
+was killed after and the step it resumed from, bitwise equality, the largest parameter
+difference and the array furthest outside the tolerance, pass/fail.
 `--quick` (tests): a one-stage SE ResNet, 16x16 images, well under a minute on 2 CPU cores.
 """
 
@@ -240,6 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "killed_after_checkpoint": killed_after,
         "resumed_from_step": resumed_from,
+        "bitwise_equal": all(np.array_equal(got[k], want[k]) for k in want),
         "max_abs_param_diff": diff,
         "worst_array": {
             "path": worst,

@@ -194,7 +194,8 @@ def test_scaling_quick_run_records_every_form_and_its_collectives(tmp_path):
 
 def test_multiprocess_quick_run_resumes_after_kill_and_matches_one_process(tmp_path):
     """Two CPU processes (2 devices each) train, are killed after a checkpoint, resume and
-    finish with the parameters of one process on 4 devices (float32 tolerance)."""
+    finish with the parameters of one process on 4 devices: each device trains on the same
+    rows in both runs, only the cross-process gradient sums round in another order."""
     out = tmp_path / "result.json"
     assert (
         multiprocess.main(["--quick", "--workdir", str(tmp_path / "run"), "--out", str(out)]) == 0
@@ -203,7 +204,7 @@ def test_multiprocess_quick_run_resumes_after_kill_and_matches_one_process(tmp_p
     assert result["pass"] and result["processes"] == 2
     assert 0 < result["resumed_from_step"] < result["steps"] == 24
     assert result["resumed_from_step"] >= result["killed_after_checkpoint"]
-    assert result["max_abs_param_diff"] < 1e-4
+    assert result["max_abs_param_diff"] < 1e-5
     assert all(v > 0 for v in result["img_per_s"].values())
 
 

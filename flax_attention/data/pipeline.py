@@ -14,7 +14,7 @@ Typical training loop::
 """
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -51,10 +51,12 @@ def make_dataset(
     ``num_epochs`` times (None: forever), incomplete last batch dropped. train=False: the eval
     split once, in order, deterministic preprocessing, last batch kept (may be smaller).
     ``split`` overrides the split (tfds syntax), ``image_size`` the spec's S. The data is
-    sharded element-wise over ``shard_count`` processes (default ``jax.process_count()``), this
-    process reading shard ``shard_index`` (default ``jax.process_index()``); in training the
-    shards interleave one shuffled, augmented stream, so the processes' batches together hold
-    the same images whatever the number of processes (in another row order).
+    sharded over ``shard_count`` processes (default ``jax.process_count()``), this process
+    reading shard ``shard_index`` (default ``jax.process_index()``). In training every process
+    reads one shuffled, augmented stream and takes its contiguous block of each global batch
+    (``_ProcessRows``), so the global batch, row for row, is the same whatever the number of
+    processes: each device normalises and differentiates the same rows as in a one-process run
+    on the same devices. Evaluation shards element-wise.
 
     ``decoder="gpu"`` (training split of a JPEG dataset): batches hold the JPEG bytes and the
     drawn crops instead of pixels (``gpu_decode.collate_plans``), for ``GpuJpegDecoder``.
@@ -72,22 +74,54 @@ def make_dataset(
     ds = grain.MapDataset.source(data_source(name, split, data_dir))
     if train:
         # One endless stream for every process: shuffled with a new permutation per epoch,
-        # augmented with an rng that depends on (seed, index in the stream); process p takes
-        # elements p, p + shard_count, ... So global batch i holds stream elements
-        # [i * B, (i + 1) * B), B = shard_count * batch_size, for any number of processes.
+        # augmented with an rng that depends on (seed, index in the stream). Global batch i
+        # holds stream elements [i * B, (i + 1) * B), B = shard_count * batch_size, and process
+        # p its rows [p * batch_size, (p + 1) * batch_size).
         # (The seed is the one-process seed of the earlier per-shard streams.)
         augment_seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
         ds = ds.shuffle(seed=seed).repeat(num_epochs)
         if decoder == "gpu":
-            ds = ds.random_map(CropPlan(), seed=augment_seed)[shard_index::shard_count]
+            ds = ds.random_map(CropPlan(), seed=augment_seed)
+            ds = _process_rows(ds, batch_size, shard_index, shard_count)
             return ds.batch(batch_size, drop_remainder=True, batch_fn=collate_plans)
         transform = TrainPreprocess(spec.train_transform, size, spec.channels)
-        ds = ds.random_map(transform, seed=augment_seed)[shard_index::shard_count]
+        ds = ds.random_map(transform, seed=augment_seed)
+        ds = _process_rows(ds, batch_size, shard_index, shard_count)
     else:
         ds = ds[shard_index::shard_count].map(
             EvalPreprocess(spec.eval_transform, size, spec.channels)
         )
     return ds.batch(batch_size, drop_remainder=train)
+
+
+class _ProcessRows:
+    """Element j of a process's training stream -> the element of the global stream it is:
+    row j % b of its block [offset, offset + b) of global batch j // b (b = batch_size, global
+    batches of b * shard_count elements)."""
+
+    def __init__(self, stream: Any, batch_size: int, shard_index: int, shard_count: int):
+        self.stream = stream
+        self.batch_size = batch_size
+        self.global_batch = batch_size * shard_count
+        self.offset = batch_size * shard_index
+
+    def __call__(self, j: int) -> Any:
+        batch, row = divmod(int(j), self.batch_size)
+        return self.stream[batch * self.global_batch + self.offset + row]
+
+
+def _process_rows(
+    stream: "grain.MapDataset", batch_size: int, shard_index: int, shard_count: int
+) -> "grain.MapDataset":
+    """This process's rows of every global batch of `stream` (see `_ProcessRows`), in order."""
+    import grain
+
+    if shard_count == 1:
+        return stream
+    rows = len(stream) // (batch_size * shard_count) * batch_size
+    return grain.MapDataset.range(rows).map(
+        _ProcessRows(stream, batch_size, shard_index, shard_count)
+    )
 
 
 def make_loader(
