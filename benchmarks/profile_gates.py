@@ -10,8 +10,10 @@ backward-input, or a fusion's kind and fused ops), the JAX op it came from and i
 
 Every case is compiled first (`--jobs` at once), then each is profiled alone.
 `python -m benchmarks.profile_gates [--gates se,cbam,bam,psa] [--impls xla,...] [--steps 5]
-[--jobs 4] [--save-hlo] [--quick] [--out DIR]` writes `<out>/profile_gates.json` (rewritten after every case) and prints
-one line per case; `<out>` is benchmarks/results/<device> unless given. `--quick` uses the
+[--jobs 4] [--save-hlo] [--quick] [--out DIR]` writes `<out>/profile_gates.json` (rewritten
+after every profiled case) and prints one line per case; `<out>` is
+benchmarks/results/<device> unless given. The 52 compiles of a full run want the machine's
+cores to themselves (beside the input suite on 16 shared cores they did not finish in 200 s). `--quick` uses the
 modules suite's QUICK_SHAPES (a CPU smoke run). On a GPU run it with
 `XLA_FLAGS=--xla_gpu_enable_command_buffer=` so that the profiler sees kernels, not CUDA graphs.
 """
