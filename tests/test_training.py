@@ -318,6 +318,45 @@ def test_resume_after_kill_is_exact(data_dir, tmp_path, monkeypatch, uninterrupt
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_resume_with_other_workers_continues_with_the_same_batches(
+    data_dir, tmp_path, monkeypatch, uninterrupted
+):
+    """Killed with the loader in this process, resumed with 2 worker processes: the data
+    position is the batches consumed, so the run finishes as the uninterrupted one."""
+    ref_dir, ref_seen, ref_result = uninterrupted
+    seen = []
+    patch_loader(monkeypatch, seen, fail_at=6)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(config(data_dir, tmp_path))
+    seen_before = list(seen)
+    seen.clear()
+    patch_loader(monkeypatch, seen)
+    result = fit(config(data_dir, tmp_path, num_workers=2))
+    assert seen_before[:4] + seen[:2] == ref_seen[:6]
+    assert result == {**ref_result, "model_dir": result["model_dir"], "plot": result["plot"]}
+    want = flat(nnx.state(checkpoint.restore(None, ref_dir / "model")))
+    got = flat(nnx.state(checkpoint.restore(None, tmp_path / "model")))
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_checkpoints_of_worker_loaders_before_the_batch_count_still_resume(data_dir):
+    """A data position saved as grain's per-worker state (checkpoints written with workers
+    before positions were batch counts) reads as the batches consumed."""
+    from flax_attention.training.loop import _batches_read
+
+    loader = MAKE_LOADER("digits", train=True, batch_size=16, data_dir=data_dir, num_workers=2)
+    try:
+        for _ in range(5):
+            next(loader)
+        assert _batches_read(json.loads(json.dumps(loader.get_state()))) == 5
+    finally:
+        loader.close()
+    assert _batches_read({"next_index": 7}) == 7
+    with pytest.raises(ValueError, match="unrecognised data position"):
+        _batches_read({"offset": 3})
+
+
 def corrupt(step_dir) -> None:
     for path in step_dir.rglob("*"):
         if path.is_file():

@@ -2,15 +2,15 @@
 
 Order: source -> (train) per-epoch shuffle + repeat -> augment -> this process's shard ->
 batch. Everything up to batching is a random-access ``grain.MapDataset``, so the position in the
-stream is a single index and the iterator from ``make_loader`` checkpoints with grain's own
-``get_state()`` / ``set_state()``.
+stream is a single number, the batches consumed: ``make_loader(..., start=k)`` continues from
+there with any number of workers (the training loop checkpoints that number).
 
 Typical training loop::
 
     it = make_loader("digits", train=True, batch_size=128, seed=0)
-    state = it.get_state()        # small JSON-able dict: store it with the model checkpoint
     batch = next(it)              # {"image": uint8 (128, 16, 16, 1) NHWC, "label": int32 (128,)}
-    it.set_state(state)           # resumes with exactly the same batches
+    ...                           # k batches later, store k with the model checkpoint
+    it = make_loader("digits", train=True, batch_size=128, seed=0, start=k)  # the same batches
 """
 
 from pathlib import Path
@@ -139,13 +139,16 @@ def make_loader(
     num_workers: int = 0,
     num_threads: int = 4,
     decoder: str = "cpu",
+    start: int = 0,
 ) -> "grain.DatasetIterator":
-    """Iterator over the batches of ``make_dataset(...)`` (same arguments, same batches).
+    """Iterator over the batches of ``make_dataset(...)`` (same arguments, same batches), from
+    batch ``start`` on: a run that consumed k batches continues with ``start=k``, whatever the
+    number of workers of either run.
 
     ``num_workers`` > 0 preprocesses in that many worker processes (grain ``mp_prefetch``),
-    0 in this process with ``num_threads`` reader threads. The iterator's ``get_state()``
-    returns a small JSON-able dict; ``set_state(state)`` on a loader built with the same
-    arguments resumes with exactly the batches that would have followed. With workers, call
+    0 in this process with ``num_threads`` reader threads. (grain's own ``get_state()`` /
+    ``set_state()`` work too, between loaders with the same arguments and workers.) With
+    workers, call
     ``close()`` on the iterator when done so that its processes and shared memory are released.
     """
     import grain
@@ -163,6 +166,10 @@ def make_loader(
         shard_count=shard_count,
         decoder=decoder,
     )
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    if start:
+        ds = ds[start:]
     ids = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads)
     )

@@ -10,6 +10,7 @@ images_per_s; one per evaluation: step, eval_loss, eval_top1, eval_top5), `metri
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Callable, Generator, Iterator
 from functools import partial
@@ -116,7 +117,20 @@ class _Run:
             )
         )
         self.eval_fn = self.form.compile_eval(partial(eval_step, self.graphdef, **normalization))
-        self.loader = data.make_loader(
+        self.batches_read = 0  # the data position: training batches consumed
+        self.loader = self._make_loader()
+        self.checkpoints = TrainCheckpointer(
+            self.workdir / "checkpoints",
+            max_to_keep=cfg.keep_checkpoints,
+            run={"model": cfg.model, "dataset": cfg.dataset, "optimizer": cfg.optimizer},
+        )
+        self.log = MetricsLog(self.workdir / "metrics.jsonl", enabled=self.is_main)
+        self.saved_step: int | None = None
+
+    def _make_loader(self) -> Any:
+        """The training loader from batch `batches_read` on."""
+        cfg = self.cfg
+        return data.make_loader(
             cfg.dataset,
             train=True,
             batch_size=self.local_batch,
@@ -125,14 +139,8 @@ class _Run:
             seed=cfg.seed,
             num_workers=cfg.num_workers,
             decoder=self.decoder,
+            start=self.batches_read,
         )
-        self.checkpoints = TrainCheckpointer(
-            self.workdir / "checkpoints",
-            max_to_keep=cfg.keep_checkpoints,
-            run={"model": cfg.model, "dataset": cfg.dataset, "optimizer": cfg.optimizer},
-        )
-        self.log = MetricsLog(self.workdir / "metrics.jsonl", enabled=self.is_main)
-        self.saved_step: int | None = None
 
     def restore(self) -> None:
         """Continue from the newest readable checkpoint (train state and data position). With
@@ -148,7 +156,9 @@ class _Run:
             self.log.truncate_after(0)
             return
         self.state, data_state, step = restored
-        self.loader.set_state(data_state)
+        self.batches_read = _batches_read(data_state)
+        _close(self.loader)
+        self.loader = self._make_loader()
         self.log.truncate_after(step)
         self.saved_step = step
         self._print(f"resumed from {self.checkpoints.directory / str(step)}")
@@ -160,11 +170,11 @@ class _Run:
         self.restore()
         step = int(self.state.step)
         dev_state = self.form.put_state(self.state)
-        data_state = self.loader.get_state()
+        data_state = {"next_index": self.batches_read}
         # Each device batch comes with the loader position after it: what a checkpoint records.
         threads = cfg.decode_threads if self.decoder == "gpu" else 1
         batches = data.prefetch_to_device(
-            _with_positions(self.loader),
+            _with_positions(self.loader, self.batches_read),
             self._input_to_device(),
             size=max(2, threads),
             threads=threads,
@@ -306,16 +316,33 @@ def _closing(batches: Generator, loader: Any, checkpoints: TrainCheckpointer) ->
     finally:
         batches.close()
         checkpoints.wait()
-        close = getattr(loader, "close", None)
-        if close is not None:
-            close()
+        _close(loader)
 
 
-def _with_positions(loader: Any) -> Iterator[tuple[dict, dict]]:
-    """(batch, loader state after it) for the endless training loader."""
-    while True:
-        batch = next(loader)
-        yield batch, loader.get_state()
+def _close(loader: Any) -> None:
+    """Stop a loader's worker processes, if it has any."""
+    close = getattr(loader, "close", None)
+    if close is not None:
+        close()
+
+
+def _with_positions(loader: Any, start: int) -> Iterator[tuple[dict, dict]]:
+    """(batch, data position after it) for the endless training loader that starts at batch
+    `start`: {"next_index": batches consumed}, the same whatever the number of workers."""
+    for position in itertools.count(start + 1):
+        yield next(loader), {"next_index": position}
+
+
+def _batches_read(data_state: dict) -> int:
+    """The batches consumed that a checkpoint's data state records. Checkpoints store
+    {"next_index": k}; one written by a loader with worker processes (before this format)
+    holds grain's per-worker positions, whose sum is k."""
+    if "next_index" in data_state:
+        return int(data_state["next_index"])
+    workers = data_state.get("iterators_in_use_states")
+    if workers and all("next_index" in w for w in workers):
+        return sum(int(w["next_index"]) for w in workers)
+    raise ValueError(f"unrecognised data position in the checkpoint: {data_state}")
 
 
 def _local_batch(global_batch: int, form: MeshForm) -> int:
