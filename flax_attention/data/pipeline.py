@@ -148,11 +148,13 @@ def make_loader(
     ``num_workers`` > 0 preprocesses in that many worker processes (grain ``mp_prefetch``),
     0 in this process with ``num_threads`` reader threads. (grain's own ``get_state()`` /
     ``set_state()`` work too, between loaders with the same arguments and workers.) With
-    workers, call
-    ``close()`` on the iterator when done so that its processes and shared memory are released.
+    workers, call ``close()`` on the iterator when done so that its processes and shared
+    memory are released.
     """
     import grain
 
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
     ds = make_dataset(
         name,
         train=train,
@@ -166,8 +168,6 @@ def make_loader(
         shard_count=shard_count,
         decoder=decoder,
     )
-    if start < 0:
-        raise ValueError(f"start must be >= 0, got {start}")
     if start:
         ds = ds[start:]
     ids = ds.to_iter_dataset(

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.lax import Precision
 
+from flax_attention.kernels.dispatch import platform
 from flax_attention.layers.common import check_choice
 
 SPATIAL_CONVS = ("auto", "conv", "shifts", "im2col")
@@ -133,8 +134,7 @@ def resolve(form: str, gate: str, height: int, width: int) -> str:
     check_choice("spatial_conv", form, SPATIAL_CONVS)
     if form != "auto":
         return form
-    backend = jax.default_backend()
-    rows = AUTO.get("gpu" if backend == "cuda" else backend, {}).get(gate)
+    rows = AUTO.get(platform(), {}).get(gate)
     if not rows:
         return "conv"
     return min(rows, key=lambda row: abs(math.log(row[0] / (height * width))))[1]
