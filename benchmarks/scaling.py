@@ -6,10 +6,10 @@ are those of `python -m train --parallel jit|pmap`. Rows (`impl`):
   state replicated), global BatchNorm statistics in one collective per BatchNorm each way, the
   gradients averaged in one `pmean` after the backward (`--grad-sync end`);
 - `jit_flat`: the same with the gradients averaged as one concatenated vector (`--grad-sync
-  flat`: one all-reduce, as `pmap`'s combined ones);
+  flat`, the training default since it measured 1.4-3.8% faster than `end` on 2 H200);
 - `jit_backward`: the same with each parameter's gradient averaged as the backward produces it
   (`--grad-sync backward`);
-- `pmap`: `jax.pmap` with cross-replica BatchNorm and averaged gradients;
+- `pmap`: `jax.pmap` with cross-replica BatchNorm, gradients averaged as `--grad-sync end`;
 - `jit_spmd` (ablation, the `jit` form before shard_map): `jax.jit` of the plain step over the
   mesh, XLA's SPMD partitioner making the BatchNorm statistics global;
 - `pmap_local_bn` (ablation): `pmap` with each replica's own BatchNorm statistics;
@@ -18,7 +18,11 @@ One device runs `jit` only: the base of every row's `efficiency` (images/s per d
 one-device `jit` row's). Multi-device rows carry `collectives`: the all-reduce, all-gather,
 reduce-scatter (...) ops in the compiled step's HLO. Per-device batch 256, bf16 compute, SGD
 momentum, synthetic data already on the devices. Device counts above the machine's are listed
-under `not_run`. `--quick`: a one-stage SE ResNet on 16x16 images, 2 per device (CPU smoke).
+under `not_run`. At the largest device count the `jit` and `pmap_local_bn` steps are also
+traced: `meta["profiles"]` holds each one's kernel time by category (summed over the devices)
+and its costliest collectives, so the gap between exact and per-device BatchNorm statistics can
+be read as collective time. `--quick`: a one-stage SE ResNet on 16x16 images, 2 per device
+(CPU smoke).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import optax
 from flax import nnx
 
 from benchmarks.common import Results, Settings, count_collectives, error_text, jax_sync, time_fn
+from benchmarks.profiling import profile_calls
 from benchmarks.train import NUM_CLASSES
 from flax_attention.models import BasicBlock, ResNet, create_model
 from flax_attention.training.state import TrainState, create_train_state, set_batchnorm_axis_name
@@ -41,6 +46,8 @@ DEVICE_COUNTS = (1, 2, 4, 8)
 MODELS = ("seresnet50",)
 PER_DEVICE_BATCH, QUICK_BATCH = 256, 2
 IMAGE, QUICK_IMAGE = 224, 16
+PROFILED = ("jit", "pmap_local_bn")  # traced at the largest device count, after the rows
+PROFILE_STEPS, PROFILE_TOP = 5, 12
 
 
 class SpmdForm(MeshForm):
@@ -71,13 +78,15 @@ class PmapLocalBatchNorm(PmapForm):
 
 # impl -> form over the given devices
 FORMS: dict[str, Callable[[list[jax.Device]], MeshForm]] = {
-    "jit": lambda devices: MeshForm(devices),
+    "jit": lambda devices: MeshForm(devices, grad_sync="end"),
     "jit_flat": lambda devices: MeshForm(devices, grad_sync="flat"),
     "jit_backward": lambda devices: MeshForm(devices, grad_sync="backward"),
-    "pmap": lambda devices: PmapForm(devices),
+    "pmap": lambda devices: PmapForm(devices, grad_sync="end"),
     "jit_spmd": lambda devices: SpmdForm(devices),
-    "pmap_local_bn": lambda devices: PmapLocalBatchNorm(devices),
-    "jit_bn_group": lambda devices: MeshForm(devices, bn_group_size=bn_group_size(len(devices))),
+    "pmap_local_bn": lambda devices: PmapLocalBatchNorm(devices, grad_sync="end"),
+    "jit_bn_group": lambda devices: MeshForm(
+        devices, grad_sync="end", bn_group_size=bn_group_size(len(devices))
+    ),
 }
 
 
@@ -118,11 +127,11 @@ def _batches(form: MeshForm, n_items: int, batch: int, image: int) -> list[tuple
     return out
 
 
-def measure(
+def compile_step(
     name: str, impl: str, n: int, settings: Settings, batch: int, image: int
-) -> tuple[float, dict[str, int], object]:
-    """(compile seconds, collectives of the compiled step, Timing) of `name`'s training step in
-    form `impl` on the first n devices."""
+) -> tuple[float, Callable, list[tuple], str]:
+    """`name`'s training step in form `impl` on the first n devices, compiled and run once:
+    (compile seconds, run(batch) -> loss, the placed batches, the compiled HLO text)."""
     form = FORMS[impl](jax.devices()[:n])
     model = build_model(name, settings.quick)
     form.prepare_model(model)
@@ -141,8 +150,36 @@ def measure(
         box[0], metrics = compiled(box[0], batch_dict)
         return metrics["loss"]
 
-    collectives = count_collectives(compiled.as_text())
-    return compile_s, collectives, time_fn(run, data, jax_sync, settings)
+    return compile_s, run, data, compiled.as_text()
+
+
+def measure(
+    name: str, impl: str, n: int, settings: Settings, batch: int, image: int
+) -> tuple[float, dict[str, int], object]:
+    """(compile seconds, collectives of the compiled step, Timing) of `name`'s training step in
+    form `impl` on the first n devices."""
+    compile_s, run, data, hlo_text = compile_step(name, impl, n, settings, batch, image)
+    return compile_s, count_collectives(hlo_text), time_fn(run, data, jax_sync, settings)
+
+
+def profile(name: str, impl: str, n: int, settings: Settings, batch: int, image: int) -> dict:
+    """Where the step's device time goes in form `impl` on n devices: kernel time per category
+    summed over the n devices (`benchmarks.profiling.profile_calls`) and the costliest
+    collectives. A collective kernel's time includes its wait for the slowest device."""
+    _, run, data, hlo_text = compile_step(name, impl, n, settings, batch, image)
+    prof = profile_calls(lambda i: run(*data[i % len(data)]), PROFILE_STEPS, hlo_text)
+    collectives = [op for op in prof["ops"] if op["category"] == "collective"]
+    return {
+        "impl": impl,
+        "n_devices": n,
+        "wall_ms": prof["wall_ms"],
+        "device_ms_per_device": round(prof["device_ms"] / n, 4),
+        "categories_all_devices": prof["categories"],
+        "top_collectives": [
+            {k: op[k] for k in ("op", "ms", "launches", "bytes", "source")}
+            for op in collectives[:PROFILE_TOP]
+        ],
+    }
 
 
 def run(settings: Settings, counts: tuple[int, ...] = DEVICE_COUNTS) -> Results:
@@ -174,4 +211,14 @@ def run(settings: Settings, counts: tuple[int, ...] = DEVICE_COUNTS) -> Results:
                 except Exception as e:
                     row["error"] = error_text(e)
                 res.add(row)
+        largest = max((n for n in counts if n <= available), default=1)
+        if largest > 1 and not settings.warm_only:
+            res.meta.setdefault("profiles", [])
+            for impl in PROFILED:
+                try:
+                    res.meta["profiles"].append(
+                        profile(name, impl, largest, settings, batch, image)
+                    )
+                except Exception as e:
+                    res.meta["profiles"].append({"impl": impl, "error": error_text(e)})
     return res

@@ -189,6 +189,12 @@ def test_scaling_quick_run_records_every_form_and_its_collectives(tmp_path):
     assert collectives["pmap_local_bn"] == {"all-reduce": 1, "total": 1}
     assert collectives["jit_bn_group"] == {"all-reduce": 1, "total": 1}  # groups of one device
     assert rows[("jit_bn_group", 2)]["bn_group_size"] == 1
+    profiles = {p["impl"]: p for p in res.meta["profiles"]}
+    assert list(profiles) == list(scaling.PROFILED) and profiles["jit"]["n_devices"] == 2
+    assert (
+        profiles["jit"]["top_collectives"]
+        and "collective" in profiles["jit"]["categories_all_devices"]
+    )
     assert json.loads(res.path.read_text())["rows"] == res.rows
 
 

@@ -145,10 +145,10 @@ class TrainConfig:
         choices=_registry("flax_attention.training.steps", "PARALLEL"),
     )
     grad_sync: str = _field(
-        "end",
-        help="gradient all-reduce: end (a pmean of the gradients after the backward), flat (one "
-        "all-reduce of all of them concatenated) or backward (each parameter's as the backward "
-        "produces it)",
+        "flat",
+        help="gradient all-reduce: flat (one all-reduce of all gradients concatenated, after the "
+        "backward), end (a pmean of the gradient tree after the backward) or backward (each "
+        "parameter's as the backward produces it)",
         choices=_registry("flax_attention.training.steps", "GRAD_SYNCS", sort=False),
     )
     bn_group_size: int = _field(

@@ -16,10 +16,10 @@ Forms, same numerics (the mean over the global batch; BatchNorm statistics over 
   averaged over the axis; state replicated on the leading axis of every array.
 - `none`: the `jit` form on one device.
 
-`grad_sync` (both multi-device forms): "end" averages every gradient (and the metrics) in one
-`pmean` of the gradient tree after the backward (one all-reduce per leaf, which XLA may combine);
-"flat" the same as one all-reduce of every gradient and metric concatenated into one float32
-vector; "backward" averages each parameter's gradient as the backward produces it
+`grad_sync` (both multi-device forms): "flat" (the default) averages every gradient and metric
+after the backward as one all-reduce of them concatenated into one float32 vector; "end" the
+same as one `pmean` of the gradient tree (one all-reduce per leaf, which XLA combines into a few
+dozen); "backward" averages each parameter's gradient as the backward produces it
 (`grad_sync.mean_in_backward`), so those all-reduces can overlap the rest of it.
 """
 
@@ -48,7 +48,7 @@ Batch = dict[str, Any]
 Metrics = dict[str, jax.Array]
 AXIS = "data"  # the BatchNorm axis (a group of devices); the batch is split over it
 REPLICA = "replica"  # the BatchNorm groups (size 1 unless bn_group_size is given)
-GRAD_SYNCS = ("end", "flat", "backward")
+GRAD_SYNCS = ("flat", "end", "backward")
 
 
 def train_step(
@@ -61,7 +61,7 @@ def train_step(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     axis_name: AxisName | None = None,
-    grad_sync: str = "end",
+    grad_sync: str = "flat",
 ) -> tuple[TrainState, Metrics]:
     """One optimizer update on `batch`; metrics are the batch means of loss, top1, top5.
 
@@ -69,7 +69,7 @@ def train_step(
     scale; None keeps the 0..255 values). With `axis_name` (pmap, shard_map; a name or a
     tuple of names) the batch is this replica's part, and gradients and metrics are averaged
     over the axes (BatchNorm reduces its statistics itself): after the backward in one `pmean`
-    of the tree (`grad_sync="end"`) or of one concatenated vector (`"flat"`), or each
+    of one concatenated vector (`grad_sync="flat"`) or of the tree (`"end"`), or each
     parameter's gradient as it is produced (`"backward"`).
     """
     images = normalize_images(batch["image"], mean, std)
@@ -139,12 +139,12 @@ class MeshForm:
     it must divide n). With g < n each BatchNorm normalises with the statistics of its group's
     g * B / n rows, and the running statistics (which must stay identical on every device) are
     the average over the groups of each group's update; the gradients are averaged over all.
-    `grad_sync`: "end" or "backward" (see the module docstring). The canonical state (what
+    `grad_sync`: "flat", "end" or "backward" (see the module docstring). The canonical state (what
     checkpoints hold) is this form's replicated state.
     """
 
     def __init__(
-        self, devices: list[jax.Device], *, grad_sync: str = "end", bn_group_size: int = 0
+        self, devices: list[jax.Device], *, grad_sync: str = "flat", bn_group_size: int = 0
     ):
         n = len(devices)
         if grad_sync not in GRAD_SYNCS:
@@ -224,7 +224,7 @@ class PmapForm(MeshForm):
     supported (`bn_group_size` must be 0)."""
 
     def __init__(
-        self, devices: list[jax.Device], *, grad_sync: str = "end", bn_group_size: int = 0
+        self, devices: list[jax.Device], *, grad_sync: str = "flat", bn_group_size: int = 0
     ):
         if bn_group_size:
             raise ConfigError("bn_group_size needs parallel 'jit' (pmap: 0, all devices)")
@@ -264,7 +264,7 @@ PARALLEL: dict[str, Callable[..., MeshForm]] = {
 }
 
 
-def make_parallel(name: str, *, grad_sync: str = "end", bn_group_size: int = 0) -> MeshForm:
+def make_parallel(name: str, *, grad_sync: str = "flat", bn_group_size: int = 0) -> MeshForm:
     """The parallel form `name` (`jit`, `pmap` or `none`, see `PARALLEL`) over this host's JAX,
     with the given gradient synchronisation and BatchNorm group size (see `MeshForm`);
     `ConfigError` for a combination the form cannot run."""
