@@ -13,7 +13,8 @@ run:
 - `gpu-decode` row (CUDA only): `GpuJpegDecoder` on batches of 256, decoded images per second
   and the host CPU it takes; its difference from the CPU decoder's crops.
 - `train` rows: `flax-attention-train`'s loop (`fit`) on that dataset with each decoder (GPU
-  decoding with 1 and with 3 `decode_threads`, batches decoded at once), images
+  decoding with 1 and with 3 `decode_threads`, batches decoded at once; `hybrid` with 3 decode
+  threads and each `hybrid_cpu_share` of every batch decoded by CPU workers), images
   per second over the second half of the run (past compilation and the initial buffer) and the
   machine's busy CPU cores over the same windows, next to the same training step on a
   device-resident synthetic batch.
@@ -54,10 +55,16 @@ class Shape:
     cpu_workers: int
     gpu_workers: int
     gpu_threads: tuple[int, ...]  # `decode_threads` of the GPU-decoding rows
+    hybrid_workers: int
+    hybrid_shares: tuple[float, ...]  # `hybrid_cpu_share` of the hybrid rows
 
 
-FULL = Shape(1000, (333, 500), (375, 500), 224, 256, "seresnet50", 200, 20, 14, 4, (1, 3))
-QUICK = Shape(48, (60, 90), (70, 100), 32, 8, "resnet18", 6, 2, 1, 1, (2,))
+FULL = Shape(
+    1000, (333, 500), (375, 500), 224, 256, "seresnet50", 200, 20, 14, 4, (1, 3), 10, (0.25, 0.375)
+)
+QUICK = Shape(48, (60, 90), (70, 100), 32, 8, "resnet18", 6, 2, 1, 1, (2,), 1, (0.5,))
+WORKERS = {"cpu": "cpu_workers", "gpu": "gpu_workers", "hybrid": "hybrid_workers"}
+HYBRID_THREADS = 3
 
 
 def pil_float32_transform(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -203,13 +210,15 @@ def train_row(
     decoder: str,
     synthetic: float,
     decode_threads: int = 1,
+    cpu_share: float | None = None,
 ) -> None:
-    """`fit` on the JPEG dataset with `decoder` (and `decode_threads` for GPU decoding):
-    images/s after warm-up, CPU cores used."""
+    """`fit` on the JPEG dataset with `decoder` (and `decode_threads` for GPU decoding,
+    `cpu_share` for hybrid decoding): images/s after warm-up, CPU cores used."""
     from flax_attention.training import TrainConfig, fit
     from flax_attention.training.metrics import MetricsLog
 
-    workers = shape.gpu_workers if decoder == "gpu" else shape.cpu_workers
+    workers = getattr(shape, WORKERS[decoder])
+    hybrid = {} if cpu_share is None else {"hybrid_cpu_share": cpu_share}
     with tempfile.TemporaryDirectory() as workdir:
         config = TrainConfig(
             model=shape.model,
@@ -224,6 +233,7 @@ def train_row(
             num_workers=workers,
             decoder=decoder,
             decode_threads=decode_threads,
+            **hybrid,
             log_every=shape.log_every,
             checkpoint_every=10 * shape.steps,
             eval_batch_size=shape.batch,
@@ -236,7 +246,10 @@ def train_row(
             with steady_cpu:
                 fit(config)
         except Exception as e:  # A failed configuration is a row, not the end of the suite.
-            res.add({"name": "train", "impl": decoder, "workers": workers, "error": error_text(e)})
+            res.add(
+                {"name": "train", "impl": decoder, "workers": workers, **hybrid}
+                | {"error": error_text(e)}
+            )
             return
         wall = time.perf_counter() - start
         records = MetricsLog(Path(workdir) / "metrics.jsonl").records()
@@ -249,7 +262,8 @@ def train_row(
             "impl": decoder,
             "model": shape.model,
             "workers": workers,
-            **({"decode_threads": decode_threads} if decoder == "gpu" else {}),
+            **({} if decoder == "cpu" else {"decode_threads": decode_threads}),
+            **hybrid,
             "img_per_s": round(rate),
             "img_per_s_windows": [round(r) for r in steady],
             "of_synthetic": round(rate / synthetic, 3),
@@ -285,12 +299,17 @@ def run(settings: Settings, data_dir: Path | None = None) -> Results:
         host_rows(res, data_dir, shape)
         gpu_decode_rows(res, data_dir, shape, settings)
         synthetic = synthetic_step_row(res, shape, settings)
-        for decoder in ("cpu", "gpu"):
-            if decoder == "gpu" and not data.gpu_decoding_available():
-                res.add({"name": "train", "impl": "gpu", "skipped": "no CUDA GPU/nvImageCodec"})
-                continue
-            for threads in shape.gpu_threads if decoder == "gpu" else (1,):
-                train_row(res, data_dir, shape, settings, decoder, synthetic, threads)
+        train_row(res, data_dir, shape, settings, "cpu", synthetic)
+        for decoder in ("gpu", "hybrid"):
+            if not data.gpu_decoding_available():
+                res.add({"name": "train", "impl": decoder, "skipped": "no CUDA GPU/nvImageCodec"})
+        if data.gpu_decoding_available():
+            for threads in shape.gpu_threads:
+                train_row(res, data_dir, shape, settings, "gpu", synthetic, threads)
+            for share in shape.hybrid_shares:
+                train_row(
+                    res, data_dir, shape, settings, "hybrid", synthetic, HYBRID_THREADS, share
+                )
     return res
 
 

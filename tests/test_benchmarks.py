@@ -152,6 +152,7 @@ def test_input_suite_quick_run_measures_every_host_pipeline_and_trains(tmp_path)
     assert rows[("train", "cpu")]["img_per_s"] > 0 and "error" not in rows[("train", "cpu")]
     assert rows[("gpu-decode", "nvimgcodec")]["skipped"] == "no CUDA GPU/nvImageCodec"
     assert rows[("train", "gpu")]["skipped"] == "no CUDA GPU/nvImageCodec"
+    assert rows[("train", "hybrid")]["skipped"] == "no CUDA GPU/nvImageCodec"
 
 
 def test_profile_gates_quick_run_lists_every_kernel(tmp_path):

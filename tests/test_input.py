@@ -277,8 +277,78 @@ class TestGpuDecodingHostSide:
 
     @pytest.mark.skipif(data.gpu_decoding_available(), reason="this machine can decode on the GPU")
     def test_gpu_decoder_refused_without_a_gpu(self):
-        with pytest.raises(ValueError, match="needs a CUDA GPU with nvImageCodec and CuPy"):
-            data.choose_decoder("gpu", "imagenet2012")
+        for name in ("gpu", "hybrid"):
+            with pytest.raises(
+                ValueError, match=f"--decoder {name} cannot be used: it needs a CUDA"
+            ):
+                data.choose_decoder(name, "imagenet2012")
+
+
+def _decode_plans_on_the_cpu(size: int):
+    """A stand-in for GpuJpegDecoder: each plan row decoded, cropped, resized and mirrored on
+    the CPU, which is what the cpu decoder computes for the same record."""
+
+    def decode_plans(plans: dict) -> dict:
+        images = []
+        for i, box in enumerate(plans["box"]):
+            payload = plans["jpeg"][plans["offsets"][i] : plans["offsets"][i + 1]].tobytes()
+            image = preprocess.crop(decode.decode_image(payload, 3), tuple(int(v) for v in box))
+            image = preprocess.resize(image, size, size)
+            images.append(image[:, ::-1] if plans["flip"][i] else image)
+        return {"image": jnp.asarray(np.stack(images)), "label": jnp.asarray(plans["label"])}
+
+    return decode_plans
+
+
+HYBRID_KWARGS = {"train": True, "batch_size": 4, "image_size": 32, "seed": 5}
+
+
+class TestHybridDecoding:
+    def test_rows_are_the_cpu_decoders_then_the_gpu_decoders_plans(self, photo_dir):
+        kw = dict(HYBRID_KWARGS, data_dir=photo_dir)
+        hybrid = data.make_loader("imagenet2012", **kw, decoder="hybrid", cpu_share=0.5)
+        cpu = data.make_loader("imagenet2012", **kw)
+        gpu = data.make_loader("imagenet2012", **kw, decoder="gpu")
+        for _ in range(8):  # Past the first epoch (6 batches).
+            h, c, g = next(hybrid), next(cpu), next(gpu)
+            assert h["image"].shape == (2, 32, 32, 3) and h["image"].dtype == np.uint8
+            np.testing.assert_array_equal(h["image"], c["image"][:2])
+            np.testing.assert_array_equal(h["label"], c["label"])
+            np.testing.assert_array_equal(h["box"], g["box"][2:])
+            np.testing.assert_array_equal(h["flip"], g["flip"][2:])
+            assert h["jpeg"].tobytes() == g["jpeg"][g["offsets"][2] :].tobytes()
+            np.testing.assert_array_equal(h["offsets"], g["offsets"][2:] - g["offsets"][2])
+
+    def test_batches_resume_exactly_from_a_position(self, photo_dir):
+        kw = dict(HYBRID_KWARGS, data_dir=photo_dir, decoder="hybrid", cpu_share=0.3)
+        loader = data.make_loader("imagenet2012", **kw)
+        batches = [next(loader) for _ in range(7)]
+        resumed = data.make_loader("imagenet2012", **kw, start=4)
+        for a, b in zip(batches[4:], [next(resumed) for _ in range(3)], strict=True):
+            assert a.keys() == b.keys()
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+
+    def test_split_batch_decoder_puts_the_decoded_plans_after_the_cpu_rows(self, photo_dir):
+        kw = dict(HYBRID_KWARGS, data_dir=photo_dir)
+        hybrid = data.make_loader("imagenet2012", **kw, decoder="hybrid", cpu_share=0.25)
+        cpu = data.make_loader("imagenet2012", **kw)
+        decode = data.SplitBatchDecoder(_decode_plans_on_the_cpu(32))
+        for _ in range(3):
+            out, expected = decode(next(hybrid)), next(cpu)
+            np.testing.assert_array_equal(np.asarray(out["image"]), expected["image"])
+            np.testing.assert_array_equal(np.asarray(out["label"]), expected["label"])
+
+    def test_cpu_rows_are_a_share_of_the_batch_with_both_decoders_used(self):
+        from flax_attention.data.split_decode import cpu_rows_of
+
+        assert cpu_rows_of(256, 0.375) == 96
+        assert cpu_rows_of(4, 0.01) == 1 and cpu_rows_of(4, 0.99) == 3
+        for share in (0.0, 1.0, -0.5):
+            with pytest.raises(ValueError, match="cpu_share must be in"):
+                cpu_rows_of(8, share)
+        with pytest.raises(ValueError, match="at least 2 rows"):
+            cpu_rows_of(1, 0.5)
 
 
 @pytest.mark.skipif(
@@ -296,6 +366,23 @@ def test_gpu_decoder_matches_the_cpu_decoder(photo_dir, region_decode):
     diff = np.abs(np.asarray(gpu["image"]).astype(int) - cpu["image"])
     # Different JPEG decoders (nvJPEG / libjpeg-turbo) and resamplers (antialiased bilinear /
     # OpenCV area): the same crops, a small difference.
+    assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 12
+
+
+@pytest.mark.skipif(
+    not data.gpu_decoding_available(),
+    reason="GPU JPEG decoding needs a CUDA GPU, nvImageCodec and CuPy, which this machine lacks; "
+    "the benchmarks' input suite runs this comparison on the GPU machine",
+)
+def test_hybrid_decoding_matches_the_cpu_decoder(photo_dir):
+    kwargs = {"train": True, "batch_size": 6, "data_dir": photo_dir, "image_size": 64}
+    cpu = next(data.make_loader("imagenet2012", **kwargs))
+    split = next(data.make_loader("imagenet2012", **kwargs, decoder="hybrid", cpu_share=0.5))
+    out = data.SplitBatchDecoder(data.GpuJpegDecoder(64))(split)
+    np.testing.assert_array_equal(np.asarray(out["label"]), cpu["label"])
+    images = np.asarray(out["image"]).astype(int)
+    np.testing.assert_array_equal(images[:3], cpu["image"][:3])
+    diff = np.abs(images[3:] - cpu["image"][3:])
     assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 12
 
 

@@ -11,6 +11,7 @@ from flax_attention.data.pipeline import DECODERS, choose_decoder, make_dataset,
 from flax_attention.data.preprocess import EvalPreprocess, TrainPreprocess
 from flax_attention.data.registry import DATASETS, DatasetSpec, get_spec
 from flax_attention.data.sources import DatasetNotFoundError, data_source, default_data_dir
+from flax_attention.data.split_decode import SplitBatchDecoder
 from flax_attention.data.synthetic import synthetic_batches
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "DatasetSpec",
     "EvalPreprocess",
     "GpuJpegDecoder",
+    "SplitBatchDecoder",
     "TrainPreprocess",
     "build_digits",
     "choose_decoder",

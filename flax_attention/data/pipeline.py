@@ -23,6 +23,7 @@ from flax_attention.data.gpu_decode import CropPlan, collate_plans, gpu_decoding
 from flax_attention.data.preprocess import EvalPreprocess, TrainPreprocess
 from flax_attention.data.registry import get_spec
 from flax_attention.data.sources import data_source
+from flax_attention.data.split_decode import SplitPlan, collate_split, cpu_rows_of, with_index
 
 if TYPE_CHECKING:
     import grain
@@ -41,6 +42,7 @@ def make_dataset(
     shard_index: int | None = None,
     shard_count: int | None = None,
     decoder: str = "cpu",
+    cpu_share: float = 0.375,
 ) -> "grain.MapDataset":
     """Batched random-access dataset of {"image": uint8 (B, S, S, C) NHWC, "label": int32 (B,)}.
 
@@ -60,6 +62,9 @@ def make_dataset(
 
     ``decoder="gpu"`` (training split of a JPEG dataset): batches hold the JPEG bytes and the
     drawn crops instead of pixels (``gpu_decode.collate_plans``), for ``GpuJpegDecoder``.
+    ``decoder="hybrid"``: the first ``round(cpu_share * batch_size)`` rows of each batch decoded
+    here as with "cpu", the others as crop plans (``split_decode.collate_split``), for
+    ``split_decode.SplitBatchDecoder``.
     """
     import grain
 
@@ -80,11 +85,16 @@ def make_dataset(
         # (The seed is the one-process seed of the earlier per-shard streams.)
         augment_seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
         ds = ds.shuffle(seed=seed).repeat(num_epochs)
+        transform = TrainPreprocess(spec.train_transform, size, spec.channels)
         if decoder == "gpu":
             ds = ds.random_map(CropPlan(), seed=augment_seed)
             ds = _process_rows(ds, batch_size, shard_index, shard_count)
             return ds.batch(batch_size, drop_remainder=True, batch_fn=collate_plans)
-        transform = TrainPreprocess(spec.train_transform, size, spec.channels)
+        if decoder == "hybrid":
+            plan = SplitPlan(transform, batch_size, cpu_rows_of(batch_size, cpu_share))
+            ds = ds.map_with_index(with_index).random_map(plan, seed=augment_seed)
+            ds = _process_rows(ds, batch_size, shard_index, shard_count)
+            return ds.batch(batch_size, drop_remainder=True, batch_fn=collate_split)
         ds = ds.random_map(transform, seed=augment_seed)
         ds = _process_rows(ds, batch_size, shard_index, shard_count)
     else:
@@ -139,6 +149,7 @@ def make_loader(
     num_workers: int = 0,
     num_threads: int = 4,
     decoder: str = "cpu",
+    cpu_share: float = 0.375,
     start: int = 0,
 ) -> "grain.DatasetIterator":
     """Iterator over the batches of ``make_dataset(...)`` (same arguments, same batches), from
@@ -167,6 +178,7 @@ def make_loader(
         shard_index=shard_index,
         shard_count=shard_count,
         decoder=decoder,
+        cpu_share=cpu_share,
     )
     if start:
         ds = ds[start:]
@@ -188,14 +200,15 @@ def _mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-DECODERS = ("auto", "cpu", "gpu")
+DECODERS = ("auto", "cpu", "gpu", "hybrid")
 
 
 def choose_decoder(name: str, dataset: str) -> str:
-    """Resolve ``--decoder`` for the training split of ``dataset``: "cpu" or "gpu".
+    """Resolve ``--decoder`` for the training split of ``dataset``: "cpu", "gpu" or "hybrid".
 
     "auto" is "gpu" where it applies (a JPEG dataset, one process, a CUDA GPU with nvImageCodec
-    and CuPy) and "cpu" elsewhere; "gpu" where it cannot apply is a ``ValueError`` saying why.
+    and CuPy) and "cpu" elsewhere; "gpu" or "hybrid" (which decodes on the GPU too) where it
+    cannot apply is a ``ValueError`` saying why.
     """
     if name not in DECODERS:
         raise ValueError(f"unknown decoder {name!r}; choose one of {list(DECODERS)}")
@@ -212,7 +225,7 @@ def choose_decoder(name: str, dataset: str) -> str:
             "(pip install 'flax-attention[gpu-decode]')"
         )
     if not problems:
-        return "gpu"
+        return "gpu" if name == "auto" else name
     if name == "auto":
         return "cpu"
-    raise ValueError(f"--decoder gpu cannot be used: {'; '.join(problems)}")
+    raise ValueError(f"--decoder {name} cannot be used: {'; '.join(problems)}")

@@ -52,6 +52,10 @@ def _fraction(value: float) -> str | None:
     return None if 0 <= value < 1 else "must be in [0, 1)"
 
 
+def _open_unit_interval(value: float) -> str | None:
+    return None if 0 < value < 1 else "must be in (0, 1)"
+
+
 def _interval(minimum: int) -> Callable[[int | str], str | None]:
     def check(value: int | str) -> str | None:
         if isinstance(value, str):
@@ -184,13 +188,19 @@ class TrainConfig:
     )
     decoder: str = _field(
         "auto",
-        help="JPEG decoding: cpu, gpu (nvImageCodec) or auto (gpu when available)",
+        help="JPEG decoding: cpu, gpu (nvImageCodec), hybrid (part of every batch on the CPU "
+        "workers, the rest on the GPU) or auto (gpu when available)",
         choices=_registry("flax_attention.data", "DECODERS", sort=False),
     )
     decode_threads: int = _field(
         3,
         help="GPU decoding: batches decoded at once, each on a thread with its own CUDA stream",
         check=_at_least(1),
+    )
+    hybrid_cpu_share: float = _field(
+        0.375,
+        help="--decoder hybrid: the share of every batch's rows decoded by the CPU workers",
+        check=_open_unit_interval,
     )
     distributed: bool = _field(
         False, help="call jax.distributed.initialize() (multi-host: one process per host)"

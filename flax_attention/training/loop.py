@@ -139,6 +139,7 @@ class _Run:
             seed=cfg.seed,
             num_workers=cfg.num_workers,
             decoder=self.decoder,
+            cpu_share=cfg.hybrid_cpu_share,
             start=self.batches_read,
         )
 
@@ -172,7 +173,7 @@ class _Run:
         dev_state = self.form.put_state(self.state)
         data_state = {"next_index": self.batches_read}
         # Each device batch comes with the loader position after it: what a checkpoint records.
-        threads = cfg.decode_threads if self.decoder == "gpu" else 1
+        threads = 1 if self.decoder == "cpu" else cfg.decode_threads
         batches = data.prefetch_to_device(
             _with_positions(self.loader, self.batches_read),
             self._input_to_device(),
@@ -221,10 +222,13 @@ class _Run:
         return result
 
     def _input_to_device(self) -> Callable[[dict], dict]:
-        """Host batch -> device batch: a copy, or (GPU decoding) decode, crop and resize there."""
+        """Host batch -> device batch: a copy, or (GPU or hybrid decoding) decode, crop and
+        resize there."""
         if self.decoder == "cpu":
             return self.form.put_batch
         decode = data.GpuJpegDecoder(self.cfg.image_size or self.spec.image_size)
+        if self.decoder == "hybrid":
+            decode = data.SplitBatchDecoder(decode)
         return lambda batch: self.form.put_batch(decode(batch))
 
     def _check(self, pending: tuple[int, dict] | None, meter: Meter) -> None:
