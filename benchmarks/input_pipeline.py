@@ -60,7 +60,19 @@ class Shape:
 
 
 FULL = Shape(
-    1000, (333, 500), (375, 500), 224, 256, "seresnet50", 200, 20, 14, 4, (1, 3), 10, (0.25, 0.375)
+    num_train=1000,
+    heights=(333, 500),
+    widths=(375, 500),
+    image_size=224,
+    batch=256,
+    model="seresnet50",
+    steps=200,
+    log_every=20,
+    cpu_workers=14,
+    gpu_workers=4,
+    gpu_threads=(1, 3),
+    hybrid_workers=10,
+    hybrid_shares=(0.25, 0.375, 0.5),
 )
 QUICK = Shape(48, (60, 90), (70, 100), 32, 8, "resnet18", 6, 2, 1, 1, (2,), 1, (0.5,))
 WORKERS = {"cpu": "cpu_workers", "gpu": "gpu_workers", "hybrid": "hybrid_workers"}
