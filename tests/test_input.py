@@ -339,6 +339,56 @@ class TestHybridDecoding:
             np.testing.assert_array_equal(np.asarray(out["image"]), expected["image"])
             np.testing.assert_array_equal(np.asarray(out["label"]), expected["label"])
 
+    def test_fit_with_hybrid_decoding_trains_on_the_cpu_decoders_batches(
+        self, photo_dir, tmp_path, monkeypatch
+    ):
+        """`fit --decoder hybrid` end to end, the GPU decoder replaced by its CPU stand-in (the
+        real one is compared on the GPU): the CPU workers' rows and the decoded plan rows make
+        the cpu decoder's batches, so both runs end with the same metrics."""
+        from flax_attention.models import MODELS, BasicBlock, ModelSpec
+        from flax_attention.training import TrainConfig, fit
+
+        tiny = "tiny_resnet_for_input_tests"
+        monkeypatch.setitem(MODELS, tiny, ModelSpec(tiny, BasicBlock, (1,), "test", "official", {}))
+        plan_rows = []
+
+        class StandInGpuDecoder:
+            def __init__(self, size: int):
+                self.decode = _decode_plans_on_the_cpu(size)
+
+            def __call__(self, plans: dict) -> dict:
+                plan_rows.append(len(plans["box"]))
+                return self.decode(plans)
+
+        def run(decoder: str, workdir) -> dict:
+            config = TrainConfig(
+                model=tiny,
+                dataset="imagenet2012",
+                data_dir=str(photo_dir),
+                workdir=str(workdir),
+                steps=3,
+                batch_size=8,
+                image_size=32,
+                parallel="none",
+                num_workers=1,
+                decoder=decoder,
+                decode_threads=2,
+                hybrid_cpu_share=0.25,
+                eval_batch_size=6,
+                log_every=1,
+                progress=False,
+            )
+            return fit(config)
+
+        cpu = run("cpu", tmp_path / "cpu")
+        monkeypatch.setattr(data, "choose_decoder", lambda name, dataset: name)
+        monkeypatch.setattr(data, "GpuJpegDecoder", StandInGpuDecoder)
+        hybrid = run("hybrid", tmp_path / "hybrid")
+        assert plan_rows and set(plan_rows) == {6}  # 8 rows: 2 on the CPU, 6 plans
+        assert {k: v for k, v in hybrid.items() if k not in ("model_dir", "plot")} == {
+            k: v for k, v in cpu.items() if k not in ("model_dir", "plot")
+        }
+
     def test_cpu_rows_are_a_share_of_the_batch_with_both_decoders_used(self):
         from flax_attention.data.split_decode import cpu_rows_of
 
