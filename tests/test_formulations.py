@@ -13,7 +13,7 @@ from parity import assert_close
 from flax_attention.layers import BAM, CBAM, PSA
 from flax_attention.layers.branch_convs import FORMULATIONS, branch_convs, plan
 from flax_attention.layers.common import conv_nhwc
-from flax_attention.layers.tap_convs import conv_as_im2col, conv_as_shifts, resolve
+from flax_attention.layers.tap_convs import FORMS, resolve
 from flax_attention.models.stem import StemConv, space_to_depth
 
 
@@ -120,16 +120,16 @@ def _dilated_conv(x: jax.Array, kernel: jax.Array, d: int) -> jax.Array:
     )
 
 
-@pytest.mark.parametrize("form", ["shifts", "im2col"])
+@pytest.mark.parametrize("form", ["shifts", "im2col", "conv_tapgrad"])
 @pytest.mark.parametrize(
     "k, cin, cout, d, hw",
     [(7, 2, 1, 1, (9, 7)), (3, 2, 3, 2, (5, 6)), (3, 6, 5, 4, (5, 6)), (1, 8, 1, 1, (3, 4))],
 )
 def test_tap_convs_equal_the_library_conv(form: str, k, cin, cout, d, hw):
-    """Both tap formulations (elementwise with its own VJP for narrow convs, per-tap products
-    for 6 and 8 input channels) give the library conv's output and gradients, dilated and odd
-    sizes included."""
-    fn = {"shifts": conv_as_shifts, "im2col": conv_as_im2col}[form]
+    """Every tap formulation (elementwise with its own VJP for narrow convs, per-tap products
+    for 6 and 8 input channels; the library conv with the kernel gradient from the taps) gives
+    the library conv's output and gradients, dilated and odd sizes included."""
+    fn = FORMS[form]
     x, kernel = _normal(30, (2, *hw, cin)), _normal(31, (k, k, cin, cout))
     dy = _normal(32, (2, *hw, cout))
     assert_close(fn(x, kernel, d), _dilated_conv(x, kernel, d), "output", tol=1e-6)
@@ -139,7 +139,7 @@ def test_tap_convs_equal_the_library_conv(form: str, k, cin, cout, d, hw):
     assert_close(got[1], want[1], "dkernel", tol=1e-6)
 
 
-@pytest.mark.parametrize("form", ["shifts", "im2col", "auto"])
+@pytest.mark.parametrize("form", ["shifts", "im2col", "conv_tapgrad", "auto"])
 @pytest.mark.parametrize("gate", ["cbam", "bam"])
 def test_gates_are_the_same_under_every_spatial_conv(gate: str, form: str, monkeypatch):
     """CBAM's and BAM's spatial convs by taps: same parameters, output, gradients (params

@@ -11,7 +11,11 @@ formulations here compute the same sums from the k*k shifted views of the zero-p
   fuses the convolution, and its gradient with respect to x, into elementwise kernels, and the
   kernel's gradient is one reduction (`narrow_conv`'s VJP);
 - `im2col`: the taps concatenated on the channel axis, (N, H, W, k*k*C_in), times the kernel
-  reshaped to (k*k*C_in, C_out): one matrix product (and two backward).
+  reshaped to (k*k*C_in, C_out): one matrix product (and two backward);
+- `conv_tapgrad`: the library convolution forward and for the gradient with respect to x, the
+  kernel's gradient from the taps (`conv_with_tap_kernel_grad`): one float32 reduction for
+  narrow convs, one matrix product per tap otherwise. (cuDNN's backward-filter of CBAM's 2 -> 1
+  conv at 56x56 is nine launches.)
 Products accumulate in float32; only the order of the additions differs between them.
 `auto` picks, per platform, gate and H*W, the one measured fastest (`AUTO`).
 """
@@ -19,6 +23,7 @@ Products accumulate in float32; only the order of the additions differs between 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
 
 import jax
@@ -29,7 +34,7 @@ from jax.lax import Precision
 from flax_attention.kernels.dispatch import platform
 from flax_attention.layers.common import check_choice
 
-SPATIAL_CONVS = ("auto", "conv", "shifts", "im2col")
+SPATIAL_CONVS = ("auto", "conv", "shifts", "im2col", "conv_tapgrad")
 FORMULATIONS = SPATIAL_CONVS[1:]
 
 # Platform -> gate -> ((H * W, the fastest formulation there), ...) for `spatial_conv="auto"`:
@@ -84,12 +89,21 @@ def _narrow_fwd(x, kernel, dilation):
 
 def _narrow_bwd(dilation, residuals, dy):
     x, kernel = residuals
-    size, _, cin, cout = kernel.shape
     dx = _narrow_sum(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), dilation)
-    stacked = jnp.stack(taps(x, size, dilation), axis=-1)  # (N, H, W, C_in, k*k)
+    return dx, _narrow_kernel_grad(x, dy, kernel.shape, dilation)
+
+
+def _narrow_kernel_grad(
+    x: jax.Array, dy: jax.Array, shape: tuple[int, ...], dilation: int
+) -> jax.Array:
+    """HWIO kernel gradient of a narrow stride-1 conv of x (N, H, W, C_in) with output
+    cotangent dy (N, H, W, C_out): one float32 reduction over N, H, W of the taps stacked on a
+    minor axis times dy (autodiff would write one reduction per tap and channel)."""
+    size, _, cin, cout = shape
+    stacked = jnp.stack(taps(x.astype(jnp.float32), size, dilation), axis=-1)  # (..., C_in, k*k)
+    dy = dy.astype(jnp.float32)
     dk = jnp.sum(stacked[..., None, :] * dy[..., None, :, None], axis=(0, 1, 2))
-    dk = dk.transpose(2, 0, 1).reshape(size, size, cin, cout)  # (C_in, C_out, k*k) -> HWIO
-    return dx, dk
+    return dk.transpose(2, 0, 1).reshape(size, size, cin, cout)  # (C_in, C_out, k*k) -> HWIO
 
 
 narrow_conv.defvjp(_narrow_fwd, _narrow_bwd)
@@ -125,6 +139,69 @@ def conv_as_im2col(
         preferred_element_type=jnp.float32,
         precision=precision,
     )
+
+
+def _library_conv(
+    x: jax.Array, kernel: jax.Array, dilation: int, precision: Precision | None
+) -> jax.Array:
+    """`lax.conv_general_dilated` of NHWC x and HWIO kernel, stride 1, 'same' padding
+    dilation*(k-1)//2, accumulated and returned in float32."""
+    pad = dilation * (kernel.shape[0] - 1) // 2
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (1, 1),
+        ((pad, pad), (pad, pad)),
+        rhs_dilation=(dilation, dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=precision,
+        preferred_element_type=jnp.float32,
+    )
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_with_tap_kernel_grad(
+    x: jax.Array, kernel: jax.Array, dilation: int = 1, precision: Precision | None = None
+) -> jax.Array:
+    """The library convolution of `conv_as_shifts`'s arguments -> (N, H, W, C_out) float32,
+    whose VJP takes dx from the library (its backward-input convolution) and the kernel's
+    gradient from the taps: `_narrow_kernel_grad` for at most UNROLL_CHANNELS channels in and
+    out, else one matrix product per tap (`tap^T dy`, contracted over N, H, W, in float32)."""
+    return _library_conv(x, kernel, dilation, precision)
+
+
+def _tapgrad_fwd(x, kernel, dilation, precision):
+    return _library_conv(x, kernel, dilation, precision), (x, kernel)
+
+
+def _tapgrad_bwd(dilation, precision, residuals, dy):
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda x_: _library_conv(x_, kernel, dilation, precision), x)
+    (dx,) = input_vjp(dy)
+    size, _, cin, cout = kernel.shape
+    if max(cin, cout) <= UNROLL_CHANNELS:
+        dk = _narrow_kernel_grad(x, dy, kernel.shape, dilation)
+    else:
+        # dy is the float32 image of the caller's cotangent in x's dtype (apply_conv rounds
+        # the output to it), so rounding it back to x's dtype is exact.
+        contract = (((0, 1, 2), (0, 1, 2)), ((), ()))
+        dy_x = dy.astype(x.dtype)
+        dk = jnp.stack(
+            [
+                jax.lax.dot_general(tap, dy_x, contract, preferred_element_type=jnp.float32)
+                for tap in taps(x, size, dilation)
+            ]
+        ).reshape(size, size, cin, cout)
+    return dx, dk.astype(kernel.dtype)
+
+
+conv_with_tap_kernel_grad.defvjp(_tapgrad_fwd, _tapgrad_bwd)
+
+FORMS: dict[str, Callable[..., jax.Array]] = {
+    "shifts": conv_as_shifts,
+    "im2col": conv_as_im2col,
+    "conv_tapgrad": conv_with_tap_kernel_grad,
+}
 
 
 def resolve(form: str, gate: str, height: int, width: int) -> str:
@@ -164,7 +241,7 @@ def apply_conv(conv: nnx.Conv, x: jax.Array, form: str) -> jax.Array:
         raise ValueError(f"spatial_conv={form!r} needs a stride-1 ungrouped 'same' conv2d")
     bias = conv.bias[...] if conv.bias is not None else None
     x, kernel, bias = conv.promote_dtype((x, conv.kernel[...], bias), dtype=conv.dtype)
-    y = (conv_as_shifts if form == "shifts" else conv_as_im2col)(x, kernel, d, conv.precision)
+    y = FORMS[form](x, kernel, d, conv.precision)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(conv.dtype)
