@@ -6,7 +6,8 @@ are those of `python -m train --parallel jit|pmap`. Rows (`impl`):
   state replicated), global BatchNorm statistics in one collective per BatchNorm each way, the
   gradients averaged in one `pmean` after the backward (`--grad-sync end`);
 - `jit_flat`: the same with the gradients averaged as one concatenated vector (`--grad-sync
-  flat`, the training default since it measured 1.4-3.8% faster than `end` on 2 H200);
+  flat`, the training default: 3.7% faster than `end` in the suite's 2-H200 run, 1.4-3.8% in
+  two interleaved lab runs on another 2-H200 machine);
 - `jit_backward`: the same with each parameter's gradient averaged as the backward produces it
   (`--grad-sync backward`);
 - `pmap`: `jax.pmap` with cross-replica BatchNorm, gradients averaged as `--grad-sync end`;

@@ -62,8 +62,9 @@ def make_dataset(
 
     ``decoder="gpu"`` (training split of a JPEG dataset): batches hold the JPEG bytes and the
     drawn crops instead of pixels (``gpu_decode.collate_plans``), for ``GpuJpegDecoder``.
-    ``decoder="hybrid"``: the first ``round(cpu_share * batch_size)`` rows of each batch decoded
-    here as with "cpu", the others as crop plans (``split_decode.collate_split``), for
+    ``decoder="hybrid"``: the first ``split_decode.cpu_rows_of(batch_size, cpu_share)`` rows of
+    each batch (``round(cpu_share * batch_size)``, kept within [1, batch_size - 1]) decoded here
+    as with "cpu", the others as crop plans (``split_decode.collate_split``), for
     ``split_decode.SplitBatchDecoder``.
     """
     import grain

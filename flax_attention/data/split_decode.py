@@ -6,7 +6,8 @@ uses both at once on every batch:
 
 1. Host, per record (grain ``random_map``, ``SplitPlan``): a record whose row in its process's
    batch is below ``cpu_rows`` is decoded and augmented on the CPU exactly as the ``cpu`` decoder
-   does (``TrainPreprocess``, in the grain worker processes); the others get the ``gpu``
+   does (``TrainPreprocess``; in the grain worker processes, so give the loader workers: with
+   none it runs in the training process, beside the GPU decoder); the others get the ``gpu``
    decoder's crop plan (``CropPlan``). Both draw from the record's own generator, so each row is
    the row the ``cpu`` or ``gpu`` decoder would give for that record.
 2. Host, per batch (``collate_split``): {"image": uint8 (cpu_rows, S, S, C), "label": int32 (B,),

@@ -142,10 +142,14 @@ def conv_as_im2col(
 
 
 def _library_conv(
-    x: jax.Array, kernel: jax.Array, dilation: int, precision: Precision | None
+    x: jax.Array,
+    kernel: jax.Array,
+    dilation: int,
+    precision: Precision | None,
+    out_dtype: jnp.dtype | None = jnp.float32,
 ) -> jax.Array:
     """`lax.conv_general_dilated` of NHWC x and HWIO kernel, stride 1, 'same' padding
-    dilation*(k-1)//2, accumulated and returned in float32."""
+    dilation*(k-1)//2, accumulated in float32, returned in `out_dtype` (None: x's dtype)."""
     pad = dilation * (kernel.shape[0] - 1) // 2
     return jax.lax.conv_general_dilated(
         x,
@@ -155,7 +159,7 @@ def _library_conv(
         rhs_dilation=(dilation, dilation),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         precision=precision,
-        preferred_element_type=jnp.float32,
+        preferred_element_type=out_dtype,
     )
 
 
@@ -163,10 +167,14 @@ def _library_conv(
 def conv_with_tap_kernel_grad(
     x: jax.Array, kernel: jax.Array, dilation: int = 1, precision: Precision | None = None
 ) -> jax.Array:
-    """The library convolution of `conv_as_shifts`'s arguments -> (N, H, W, C_out) float32,
-    whose VJP takes dx from the library (its backward-input convolution) and the kernel's
-    gradient from the taps: `_narrow_kernel_grad` for at most UNROLL_CHANNELS channels in and
-    out, else one matrix product per tap (`tap^T dy`, contracted over N, H, W, in float32)."""
+    """The library convolution of `conv_as_shifts`'s arguments -> (N, H, W, C_out) float32.
+
+    Its VJP rounds the output cotangent to x's dtype first (as autodiff of a library conv whose
+    output is in x's dtype sees it; exact under `apply_conv`, which rounds the output to that
+    dtype), then takes dx from the library (its backward-input convolution, in x's dtype) and
+    the kernel's gradient from the taps: `_narrow_kernel_grad` for at most UNROLL_CHANNELS
+    channels in and out, else one matrix product per tap (`tap^T dy` over N, H, W, accumulated
+    in float32)."""
     return _library_conv(x, kernel, dilation, precision)
 
 
@@ -176,19 +184,19 @@ def _tapgrad_fwd(x, kernel, dilation, precision):
 
 def _tapgrad_bwd(dilation, precision, residuals, dy):
     x, kernel = residuals
-    _, input_vjp = jax.vjp(lambda x_: _library_conv(x_, kernel, dilation, precision), x)
+    dy = dy.astype(x.dtype)
+    _, input_vjp = jax.vjp(lambda x_: _library_conv(x_, kernel, dilation, precision, None), x)
     (dx,) = input_vjp(dy)
     size, _, cin, cout = kernel.shape
     if max(cin, cout) <= UNROLL_CHANNELS:
         dk = _narrow_kernel_grad(x, dy, kernel.shape, dilation)
     else:
-        # dy is the float32 image of the caller's cotangent in x's dtype (apply_conv rounds
-        # the output to it), so rounding it back to x's dtype is exact.
         contract = (((0, 1, 2), (0, 1, 2)), ((), ()))
-        dy_x = dy.astype(x.dtype)
         dk = jnp.stack(
             [
-                jax.lax.dot_general(tap, dy_x, contract, preferred_element_type=jnp.float32)
+                jax.lax.dot_general(
+                    tap, dy, contract, precision=precision, preferred_element_type=jnp.float32
+                )
                 for tap in taps(x, size, dilation)
             ]
         ).reshape(size, size, cin, cout)

@@ -199,7 +199,8 @@ class TrainConfig:
     )
     hybrid_cpu_share: float = _field(
         0.375,
-        help="--decoder hybrid: the share of every batch's rows decoded by the CPU workers",
+        help="--decoder hybrid: the share of every batch's rows decoded on the CPU (by the "
+        "--num-workers processes; with 0, in this process beside the GPU decoder)",
         check=_open_unit_interval,
     )
     distributed: bool = _field(

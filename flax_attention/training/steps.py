@@ -159,6 +159,8 @@ class MeshForm:
         self.sharded = NamedSharding(self.mesh, P((REPLICA, AXIS)))
         self.num_devices = n
         self.grad_sync = grad_sync
+        # One device: nothing to average; "flat" would only copy the gradients in and out.
+        self.step_grad_sync = "end" if n == 1 else grad_sync
         self.bn_group_size = group
         self.bn_groups = n // group
 
@@ -190,7 +192,9 @@ class MeshForm:
         called as f(placed state, placed batch) -> (placed state, metrics)."""
 
         def per_device(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-            state, metrics = step(state, batch, axis_name=(REPLICA, AXIS), grad_sync=self.grad_sync)
+            state, metrics = step(
+                state, batch, axis_name=(REPLICA, AXIS), grad_sync=self.step_grad_sync
+            )
             if self.bn_groups > 1:  # the groups' running statistics differ: keep their mean
                 state = state.replace(batch_stats=jax.lax.pmean(state.batch_stats, REPLICA))
             return state, metrics
@@ -250,7 +254,7 @@ class PmapForm(MeshForm):
 
     def compile_train(self, step: Callable) -> Callable:
         return jax.pmap(
-            partial(step, axis_name=AXIS, grad_sync=self.grad_sync),
+            partial(step, axis_name=AXIS, grad_sync=self.step_grad_sync),
             axis_name=AXIS,
             devices=self.local_devices,
             donate_argnums=0,
