@@ -340,7 +340,7 @@ class TestHybridDecoding:
             np.testing.assert_array_equal(np.asarray(out["label"]), expected["label"])
 
     def test_fit_with_hybrid_decoding_trains_on_the_cpu_decoders_batches(
-        self, photo_dir, tmp_path, monkeypatch
+        self, photo_dir, tmp_path, monkeypatch, capsys
     ):
         """`fit --decoder hybrid` end to end, the GPU decoder replaced by its CPU stand-in (the
         real one is compared on the GPU): the CPU workers' rows and the decoded plan rows make
@@ -360,7 +360,7 @@ class TestHybridDecoding:
                 plan_rows.append(len(plans["box"]))
                 return self.decode(plans)
 
-        def run(decoder: str, workdir) -> dict:
+        def run(decoder: str, workdir, workers: int = 1) -> dict:
             config = TrainConfig(
                 model=tiny,
                 dataset="imagenet2012",
@@ -370,7 +370,7 @@ class TestHybridDecoding:
                 batch_size=8,
                 image_size=32,
                 parallel="none",
-                num_workers=1,
+                num_workers=workers,
                 decoder=decoder,
                 decode_threads=2,
                 hybrid_cpu_share=0.25,
@@ -388,6 +388,10 @@ class TestHybridDecoding:
         assert {k: v for k, v in hybrid.items() if k not in ("model_dir", "plot")} == {
             k: v for k, v in cpu.items() if k not in ("model_dir", "plot")
         }
+        assert "--num-workers" not in capsys.readouterr().out
+        in_process = run("hybrid", tmp_path / "in_process", workers=0)
+        assert in_process["eval_loss"] == hybrid["eval_loss"]  # the same batches, in-process
+        assert "note: --decoder hybrid with --num-workers 0" in capsys.readouterr().out
 
     def test_cpu_rows_are_a_share_of_the_batch_with_both_decoders_used(self):
         from flax_attention.data.split_decode import cpu_rows_of

@@ -75,6 +75,11 @@ class _Run:
         self.is_main = jax.process_index() == 0
         self.spec = data.get_spec(cfg.dataset)
         self.decoder = data.choose_decoder(cfg.decoder, cfg.dataset)  # before any data is read
+        if self.decoder == "hybrid" and cfg.num_workers == 0:
+            self._print(
+                "note: --decoder hybrid with --num-workers 0 decodes its CPU rows in this "
+                "process, beside the GPU decoder; give it worker processes (--num-workers N)"
+            )
         train_size = len(data.data_source(cfg.dataset, self.spec.train_split, cfg.data_dir))
         self.form = make_parallel(
             cfg.parallel, grad_sync=cfg.grad_sync, bn_group_size=cfg.bn_group_size
