@@ -323,10 +323,10 @@ def run(settings: Settings, data_dir: Path | None = None) -> Results:
         gpu_decode_rows(res, data_dir, shape, settings)
         synthetic = synthetic_step_row(res, shape, settings)
         train_row(res, data_dir, shape, settings, "cpu", synthetic)
-        for decoder in ("gpu", "hybrid"):
-            if not data.gpu_decoding_available():
+        if not data.gpu_decoding_available():
+            for decoder in ("gpu", "hybrid"):
                 res.add({"name": "train", "impl": decoder, "skipped": "no CUDA GPU/nvImageCodec"})
-        if data.gpu_decoding_available():
+        else:
             for threads in shape.gpu_threads:
                 train_row(res, data_dir, shape, settings, "gpu", synthetic, threads)
             for share in shape.hybrid_shares:

@@ -20,10 +20,10 @@ one-device `jit` row's). Multi-device rows carry `collectives`: the all-reduce, 
 reduce-scatter (...) ops in the compiled step's HLO. Per-device batch 256, bf16 compute, SGD
 momentum, synthetic data already on the devices. Device counts above the machine's are listed
 under `not_run`. At the largest device count the `jit` and `pmap_local_bn` steps are also
-traced: `meta["profiles"]` holds each one's kernel time by category (summed over the devices)
-and its costliest collectives, so the gap between exact and per-device BatchNorm statistics can
-be read as collective time. `--quick`: a one-stage SE ResNet on 16x16 images, 2 per device
-(CPU smoke).
+traced, after their timing: `meta["profiles"]` holds each one's kernel time by category (summed
+over the devices) and its costliest collectives, so the gap between exact and per-device
+BatchNorm statistics can be read as collective time. `--quick`: a one-stage SE ResNet on 16x16
+images, 2 per device (CPU smoke).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ DEVICE_COUNTS = (1, 2, 4, 8)
 MODELS = ("seresnet50",)
 PER_DEVICE_BATCH, QUICK_BATCH = 256, 2
 IMAGE, QUICK_IMAGE = 224, 16
-PROFILED = ("jit", "pmap_local_bn")  # traced at the largest device count, after the rows
+PROFILED = ("jit", "pmap_local_bn")  # traced at the largest device count, after their timing
 PROFILE_STEPS, PROFILE_TOP = 5, 12
 
 
@@ -154,20 +154,11 @@ def compile_step(
     return compile_s, run, data, compiled.as_text()
 
 
-def measure(
-    name: str, impl: str, n: int, settings: Settings, batch: int, image: int
-) -> tuple[float, dict[str, int], object]:
-    """(compile seconds, collectives of the compiled step, Timing) of `name`'s training step in
-    form `impl` on the first n devices."""
-    compile_s, run, data, hlo_text = compile_step(name, impl, n, settings, batch, image)
-    return compile_s, count_collectives(hlo_text), time_fn(run, data, jax_sync, settings)
-
-
-def profile(name: str, impl: str, n: int, settings: Settings, batch: int, image: int) -> dict:
-    """Where the step's device time goes in form `impl` on n devices: kernel time per category
-    summed over the n devices (`benchmarks.profiling.profile_calls`) and the costliest
-    collectives. A collective kernel's time includes its wait for the slowest device."""
-    _, run, data, hlo_text = compile_step(name, impl, n, settings, batch, image)
+def profile(impl: str, n: int, run: Callable, data: list[tuple], hlo_text: str) -> dict:
+    """Where a compiled step's device time goes (`compile_step`'s run, batches and HLO) in form
+    `impl` on n devices: kernel time per category summed over the n devices
+    (`benchmarks.profiling.profile_calls`) and the costliest collectives. A collective kernel's
+    time includes its wait for the slowest device."""
     prof = profile_calls(lambda i: run(*data[i % len(data)]), PROFILE_STEPS, hlo_text)
     collectives = [op for op in prof["ops"] if op["category"] == "collective"]
     return {
@@ -190,6 +181,9 @@ def run(settings: Settings, counts: tuple[int, ...] = DEVICE_COUNTS) -> Results:
     res.meta["not_run"] = [n for n in counts if n > available]
     batch = QUICK_BATCH if settings.quick else PER_DEVICE_BATCH
     image = QUICK_IMAGE if settings.quick else IMAGE
+    largest = max((n for n in counts if n <= available), default=1)
+    if largest > 1:
+        res.meta["profiles"] = []
     for name in MODELS:
         base = None  # the one-device jit row's images/s
         for n in (n for n in counts if n <= available):
@@ -199,7 +193,10 @@ def run(settings: Settings, counts: tuple[int, ...] = DEVICE_COUNTS) -> Results:
                 if impl == "jit_bn_group":
                     row["bn_group_size"] = bn_group_size(n)
                 try:
-                    compile_s, collectives, timing = measure(name, impl, n, settings, batch, image)
+                    compile_s, step, data, hlo_text = compile_step(
+                        name, impl, n, settings, batch, image
+                    )
+                    timing = time_fn(step, data, jax_sync, settings)
                     row.update(timing.as_dict(), compile_s=round(compile_s, 2))
                     row["img_per_s"] = round(batch * n / timing.median_ms * 1e3, 1)
                     row["img_per_s_per_device"] = round(row["img_per_s"] / n, 1)
@@ -208,18 +205,14 @@ def run(settings: Settings, counts: tuple[int, ...] = DEVICE_COUNTS) -> Results:
                     if base:
                         row["efficiency"] = round(row["img_per_s_per_device"] / base, 4)
                     if n > 1:
-                        row["collectives"] = collectives
+                        row["collectives"] = count_collectives(hlo_text)
                 except Exception as e:
                     row["error"] = error_text(e)
                 res.add(row)
-        largest = max((n for n in counts if n <= available), default=1)
-        if largest > 1 and not settings.warm_only:
-            res.meta.setdefault("profiles", [])
-            for impl in PROFILED:
-                try:
-                    res.meta["profiles"].append(
-                        profile(name, impl, largest, settings, batch, image)
-                    )
-                except Exception as e:
-                    res.meta["profiles"].append({"impl": impl, "error": error_text(e)})
+                profiled = n == largest > 1 and impl in PROFILED and not settings.warm_only
+                if profiled and "error" not in row:
+                    try:
+                        res.meta["profiles"].append(profile(impl, n, step, data, hlo_text))
+                    except Exception as e:
+                        res.meta["profiles"].append({"impl": impl, "error": error_text(e)})
     return res

@@ -123,7 +123,6 @@ class _Run:
         )
         self.eval_fn = self.form.compile_eval(partial(eval_step, self.graphdef, **normalization))
         self.batches_read = 0  # the data position: training batches consumed
-        self.loader = self._make_loader()
         self.checkpoints = TrainCheckpointer(
             self.workdir / "checkpoints",
             max_to_keep=cfg.keep_checkpoints,
@@ -163,8 +162,6 @@ class _Run:
             return
         self.state, data_state, step = restored
         self.batches_read = _batches_read(data_state)
-        _close(self.loader)
-        self.loader = self._make_loader()
         self.log.truncate_after(step)
         self.saved_step = step
         self._print(f"resumed from {self.checkpoints.directory / str(step)}")
@@ -177,10 +174,11 @@ class _Run:
         step = int(self.state.step)
         dev_state = self.form.put_state(self.state)
         data_state = {"next_index": self.batches_read}
+        loader = self._make_loader()  # after restore: from the checkpoint's data position
         # Each device batch comes with the loader position after it: what a checkpoint records.
         threads = 1 if self.decoder == "cpu" else cfg.decode_threads
         batches = data.prefetch_to_device(
-            _with_positions(self.loader, self.batches_read),
+            _with_positions(loader, self.batches_read),
             self._input_to_device(),
             size=max(2, threads),
             threads=threads,
@@ -193,7 +191,7 @@ class _Run:
             disable=not (self.is_main and cfg.progress),
             dynamic_ncols=True,
         )
-        with StopOnInterrupt() as interrupt, _closing(batches, self.loader, self.checkpoints):
+        with StopOnInterrupt() as interrupt, _closing(batches, loader, self.checkpoints):
             while step < self.total_steps and not interrupt.requested:
                 batch, data_state = next(batches)
                 dev_state, metrics = self.train_fn(dev_state, batch)
@@ -325,14 +323,9 @@ def _closing(batches: Generator, loader: Any, checkpoints: TrainCheckpointer) ->
     finally:
         batches.close()
         checkpoints.wait()
-        _close(loader)
-
-
-def _close(loader: Any) -> None:
-    """Stop a loader's worker processes, if it has any."""
-    close = getattr(loader, "close", None)
-    if close is not None:
-        close()
+        close = getattr(loader, "close", None)  # a loader with worker processes
+        if close is not None:
+            close()
 
 
 def _with_positions(loader: Any, start: int) -> Iterator[tuple[dict, dict]]:
