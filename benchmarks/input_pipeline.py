@@ -14,23 +14,21 @@ run:
   and the host CPU it takes; its difference from the CPU decoder's crops.
 - `train` rows: `flax-attention-train`'s loop (`fit`) on that dataset with each decoder (GPU
   decoding with 1 and with 3 `decode_threads`, batches decoded at once; `hybrid` with 3 decode
-  threads and each `hybrid_cpu_share` of every batch decoded by CPU workers; `gpu` and `hybrid`
-  again with a shorter GIL switch interval, `sys.setswitchinterval`), images
-  per second over the second half of the run (past compilation and the initial buffer) and the
-  machine's busy CPU cores over the same windows, next to the same training step on a
-  device-resident synthetic batch.
+  threads and each `hybrid_cpu_share` of every batch decoded by CPU workers), images per second
+  over the second half of the run (past compilation and the initial buffer) and the machine's
+  busy CPU cores over the same windows, next to the same training step on a device-resident
+  synthetic batch. `python -m benchmarks` sets `CUDA_DEVICE_MAX_CONNECTIONS` for this suite as
+  the training program does when it decodes on the GPU (`data.share_gpu_with_training`); the
+  value is in the results' `cuda_device_max_connections`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import statistics
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -61,8 +59,6 @@ class Shape:
     gpu_threads: tuple[int, ...]  # `decode_threads` of the GPU-decoding rows
     hybrid_workers: int
     hybrid_shares: tuple[float, ...]  # `hybrid_cpu_share` of the hybrid rows
-    # GIL switch intervals (ms) of extra gpu and hybrid rows (Python's default is 5 ms)
-    switch_intervals_ms: tuple[float, ...]
 
 
 FULL = Shape(
@@ -78,13 +74,11 @@ FULL = Shape(
     gpu_workers=4,
     gpu_threads=(1, 3),
     hybrid_workers=10,
-    hybrid_shares=(0.25, 0.375, 0.5),
-    switch_intervals_ms=(0.25,),
+    hybrid_shares=(0.375,),
 )
-QUICK = Shape(48, (60, 90), (70, 100), 32, 8, "resnet18", 6, 2, 1, 1, (2,), 1, (0.5,), (0.25,))
+QUICK = Shape(48, (60, 90), (70, 100), 32, 8, "resnet18", 6, 2, 1, 1, (2,), 1, (0.5,))
 WORKERS = {"cpu": "cpu_workers", "gpu": "gpu_workers", "hybrid": "hybrid_workers"}
-HYBRID_THREADS = 3  # decode threads of the hybrid rows and of the switch-interval rows
-HYBRID_SHARE = 0.375  # the switch-interval rows' hybrid share
+HYBRID_THREADS = 3  # decode threads of the hybrid rows
 
 
 def pil_float32_transform(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -231,17 +225,14 @@ def train_row(
     synthetic: float,
     decode_threads: int = 1,
     cpu_share: float | None = None,
-    switch_ms: float | None = None,
 ) -> None:
     """`fit` on the JPEG dataset with `decoder` (and `decode_threads` for GPU decoding,
-    `cpu_share` for hybrid decoding, the interpreter's GIL switch interval `switch_ms` for the
-    run): images/s after warm-up, CPU cores used."""
+    `cpu_share` for hybrid decoding): images/s after warm-up, CPU cores used."""
     from flax_attention.training import TrainConfig, fit
     from flax_attention.training.metrics import MetricsLog
 
     workers = getattr(shape, WORKERS[decoder])
     hybrid = {} if cpu_share is None else {"hybrid_cpu_share": cpu_share}
-    options = hybrid | ({} if switch_ms is None else {"gil_switch_interval_ms": switch_ms})
     with tempfile.TemporaryDirectory() as workdir:
         config = TrainConfig(
             model=shape.model,
@@ -266,11 +257,11 @@ def train_row(
         steady_cpu = SteadyCpu(Path(workdir) / "metrics.jsonl", windows // 2 + 1, windows)
         start = time.perf_counter()
         try:
-            with steady_cpu, gil_switch_interval(switch_ms):
+            with steady_cpu:
                 fit(config)
         except Exception as e:  # A failed configuration is a row, not the end of the suite.
             res.add(
-                {"name": "train", "impl": decoder, "workers": workers, **options}
+                {"name": "train", "impl": decoder, "workers": workers, **hybrid}
                 | {"error": error_text(e)}
             )
             return
@@ -286,7 +277,7 @@ def train_row(
             "model": shape.model,
             "workers": workers,
             **({} if decoder == "cpu" else {"decode_threads": decode_threads}),
-            **options,
+            **hybrid,
             "img_per_s": round(rate),
             "img_per_s_windows": [round(r) for r in steady],
             "of_synthetic": round(rate / synthetic, 3),
@@ -302,6 +293,7 @@ def run(settings: Settings, data_dir: Path | None = None) -> Results:
     res.meta.update(
         shape=dataclasses.asdict(shape),
         host_cores=len(os.sched_getaffinity(0)),
+        cuda_device_max_connections=os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"),
         suite_doc=__doc__.strip(),
     )
     with tempfile.TemporaryDirectory() as scratch:
@@ -333,27 +325,7 @@ def run(settings: Settings, data_dir: Path | None = None) -> Results:
                 train_row(
                     res, data_dir, shape, settings, "hybrid", synthetic, HYBRID_THREADS, share
                 )
-            for ms in shape.switch_intervals_ms:
-                for decoder, share in (("gpu", None), ("hybrid", HYBRID_SHARE)):
-                    args = (decoder, synthetic, HYBRID_THREADS, share, ms)
-                    train_row(res, data_dir, shape, settings, *args)
     return res
-
-
-@contextlib.contextmanager
-def gil_switch_interval(ms: float | None) -> Iterator[None]:
-    """The interpreter's thread switch interval set to `ms` milliseconds inside the block
-    (`sys.setswitchinterval`; None: unchanged). A thread that released the GIL for a C call
-    waits up to this long to get it back from a thread running Python code."""
-    if ms is None:
-        yield
-        return
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(ms / 1e3)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
 
 
 def _mean_jpeg_kb(data_dir: Path) -> float:

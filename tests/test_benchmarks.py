@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from benchmarks import autotune, multiprocess, scaling, warm
 from benchmarks.common import Settings
 
@@ -155,20 +153,6 @@ def test_input_suite_quick_run_measures_every_host_pipeline_and_trains(tmp_path)
     assert rows[("gpu-decode", "nvimgcodec")]["skipped"] == "no CUDA GPU/nvImageCodec"
     assert rows[("train", "gpu")]["skipped"] == "no CUDA GPU/nvImageCodec"
     assert rows[("train", "hybrid")]["skipped"] == "no CUDA GPU/nvImageCodec"
-
-
-def test_gil_switch_interval_is_set_inside_the_block_and_restored():
-    from benchmarks.input_pipeline import gil_switch_interval
-
-    before = sys.getswitchinterval()
-    with gil_switch_interval(0.25):
-        assert sys.getswitchinterval() == pytest.approx(0.25e-3)
-    assert sys.getswitchinterval() == before
-    with pytest.raises(RuntimeError, match="inside"), gil_switch_interval(0.5):
-        raise RuntimeError("inside")
-    assert sys.getswitchinterval() == before
-    with gil_switch_interval(None):
-        assert sys.getswitchinterval() == before
 
 
 def test_profile_gates_quick_run_lists_every_kernel(tmp_path):

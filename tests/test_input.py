@@ -3,6 +3,7 @@ JPEG dataset through the grain pipeline (deterministic, resumable), device prefe
 
 import io
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -380,11 +381,15 @@ class TestHybridDecoding:
             )
             return fit(config)
 
+        monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
         cpu = run("cpu", tmp_path / "cpu")
+        assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
         monkeypatch.setattr(data, "choose_decoder", lambda name, dataset: name)
         monkeypatch.setattr(data, "GpuJpegDecoder", StandInGpuDecoder)
         hybrid = run("hybrid", tmp_path / "hybrid")
         assert plan_rows and set(plan_rows) == {6}  # 8 rows: 2 on the CPU, 6 plans
+        # Its decoder streams get hardware queues of their own (data.share_gpu_with_training).
+        assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "32"
         assert {k: v for k, v in hybrid.items() if k not in ("model_dir", "plot")} == {
             k: v for k, v in cpu.items() if k not in ("model_dir", "plot")
         }
@@ -392,6 +397,14 @@ class TestHybridDecoding:
         in_process = run("hybrid", tmp_path / "in_process", workers=0)
         assert in_process["eval_loss"] == hybrid["eval_loss"]  # the same batches, in-process
         assert "note: --decoder hybrid with --num-workers 0" in capsys.readouterr().out
+
+    def test_gpu_sharing_sets_the_cuda_queue_count_unless_the_user_did(self, monkeypatch):
+        monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+        data.share_gpu_with_training()
+        assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "32"
+        monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "4")
+        data.share_gpu_with_training()
+        assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "4"
 
     def test_cpu_rows_are_a_share_of_the_batch_with_both_decoders_used(self):
         from flax_attention.data.split_decode import cpu_rows_of

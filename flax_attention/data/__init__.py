@@ -6,7 +6,11 @@ or build real data, so ``synthetic_batches`` works without them. TensorFlow is n
 
 from flax_attention.data.device import normalize_images, prefetch_to_device
 from flax_attention.data.embedded import build_digits
-from flax_attention.data.gpu_decode import GpuJpegDecoder, gpu_decoding_available
+from flax_attention.data.gpu_decode import (
+    GpuJpegDecoder,
+    gpu_decoding_available,
+    share_gpu_with_training,
+)
 from flax_attention.data.pipeline import DECODERS, choose_decoder, make_dataset, make_loader
 from flax_attention.data.preprocess import EvalPreprocess, TrainPreprocess
 from flax_attention.data.registry import DATASETS, DatasetSpec, get_spec
@@ -33,5 +37,6 @@ __all__ = [
     "make_loader",
     "normalize_images",
     "prefetch_to_device",
+    "share_gpu_with_training",
     "synthetic_batches",
 ]

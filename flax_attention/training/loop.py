@@ -59,7 +59,13 @@ def fit(config: TrainConfig) -> dict[str, Any]:
 
     Raises `data.DatasetNotFoundError` (dataset not prepared), `TrainingDivergedError` (NaN/inf)
     and `TrainingInterruptedError` (Ctrl-C, after saving a checkpoint).
+
+    With GPU or hybrid decoding, the first JAX use of the GPU should happen in here:
+    `data.share_gpu_with_training` sets CUDA's queue count, which only applies to a CUDA context
+    created after it.
     """
+    if config.decoder != "cpu":
+        data.share_gpu_with_training()
     if config.distributed:
         jax.distributed.initialize()
     return _Run(config).train()
