@@ -439,6 +439,40 @@ def test_checkpoint_of_another_model_is_named(data_dir, tmp_path, uninterrupted,
     assert "params.stages.0.0.attention.fc1.kernel: saved float32[64, 4], this run none" in message
 
 
+def test_a_logged_step_is_read_after_the_next_step_is_dispatched(data_dir, tmp_path, monkeypatch):
+    """Logging step N reads its metrics only once step N + 1 is queued, so the device never
+    idles while the host writes the record (it did: 40 ms every --log-every steps on an H200)."""
+    from flax_attention.training import loop
+
+    events = []
+    prefetch, check = data.prefetch_to_device, loop._Run._check
+
+    def recorded_batches(*args, **kwargs):
+        for number, item in enumerate(prefetch(*args, **kwargs), start=1):
+            events.append(("batch", number))  # taken right before its step is dispatched
+            yield item
+
+    def recorded_check(self, pending, meter):
+        if pending is not None:
+            events.append(("read", pending[0]))
+        check(self, pending, meter)
+
+    monkeypatch.setattr(data, "prefetch_to_device", recorded_batches)
+    monkeypatch.setattr(loop._Run, "_check", recorded_check)
+    fit(config(data_dir, tmp_path, checkpoint_every=10))
+    for step in range(1, 6):  # log_every=1: every step is logged
+        assert events.index(("batch", step + 1)) < events.index(("read", step))
+    records = MetricsLog(tmp_path / "metrics.jsonl").records()
+    assert [r["step"] for r in records if "loss" in r and "eval_loss" not in r] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
+
+
 def test_partial_last_metrics_line_is_dropped(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')

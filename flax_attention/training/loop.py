@@ -189,7 +189,7 @@ class _Run:
             size=max(2, threads),
             threads=threads,
         )
-        meter, pending = Meter(), None
+        meter, pending, log_due = Meter(), None, None
         bar = tqdm(
             total=self.total_steps,
             initial=step,
@@ -202,22 +202,25 @@ class _Run:
                 batch, data_state = next(batches)
                 dev_state, metrics = self.train_fn(dev_state, batch)
                 step += 1
-                # Read the previous step's metrics: the device is already busy with this one.
-                self._check(pending, meter)
-                pending = (step, metrics)
+                # The previous step's metrics, and the log record due after it: the device is
+                # already busy with this step, so reading them never leaves it idle.
+                self._settle(pending, log_due, meter, bar)
+                pending, log_due = (step, metrics), None
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == self.total_steps:
-                    self._check(pending, meter)
-                    pending = None
-                    self._log_train(step, meter, bar)
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps:
+                    log_due = step
+                evaluating = cfg.eval_every and step % cfg.eval_every == 0
+                evaluating = evaluating and step < self.total_steps
+                saving = step % cfg.checkpoint_every == 0
+                if evaluating or saving:
+                    self._settle(pending, log_due, meter, bar)
+                    pending, log_due = None, None
+                if evaluating:
                     self._evaluate(step, dev_state)
-                if step % cfg.checkpoint_every == 0:
-                    self._check(pending, meter)
-                    pending = None
+                if saving:
                     self._save(step, dev_state, data_state)
+            self._settle(pending, log_due, meter, bar)
             bar.close()
-            self._check(pending, meter)
             self._save(step, dev_state, data_state)
             self.checkpoints.wait()
             if interrupt.requested:
@@ -239,6 +242,15 @@ class _Run:
         if self.decoder == "hybrid":
             decode = data.SplitBatchDecoder(decode)
         return lambda batch: self.form.put_batch(decode(batch))
+
+    def _settle(
+        self, pending: tuple[int, dict] | None, log_due: int | None, meter: Meter, bar: tqdm
+    ) -> None:
+        """Check `pending`'s metrics (waiting for its step), then write the training log record
+        due after step `log_due`, if any."""
+        self._check(pending, meter)
+        if log_due is not None:
+            self._log_train(log_due, meter, bar)
 
     def _check(self, pending: tuple[int, dict] | None, meter: Meter) -> None:
         """Fetch one step's metrics; stop on a NaN/inf loss."""
