@@ -473,6 +473,33 @@ def test_a_logged_step_is_read_after_the_next_step_is_dispatched(data_dir, tmp_p
     ]
 
 
+def test_the_loop_runs_with_the_setup_objects_frozen(data_dir, tmp_path, monkeypatch):
+    """Full garbage collections during training skip what was alive when the loop started
+    (`gc.freeze`); everything is unfrozen afterwards, and a caller's own freeze is kept."""
+    import gc
+
+    from flax_attention.training import loop
+
+    frozen, check = [], loop._Run._check
+
+    def recorded_check(self, pending, meter):
+        frozen.append(gc.get_freeze_count())
+        check(self, pending, meter)
+
+    monkeypatch.setattr(loop._Run, "_check", recorded_check)
+    assert gc.get_freeze_count() == 0
+    fit(config(data_dir, tmp_path / "run", steps=2))
+    assert frozen and min(frozen) > 10_000  # the model, steps and libraries: many objects
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # the caller's
+    try:
+        count = gc.get_freeze_count()
+        fit(config(data_dir, tmp_path / "frozen", steps=2))
+        assert 0 < gc.get_freeze_count() <= count  # neither unfrozen nor frozen further
+    finally:
+        gc.unfreeze()
+
+
 def test_partial_last_metrics_line_is_dropped(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')

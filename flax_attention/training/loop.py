@@ -10,6 +10,7 @@ images_per_s; one per evaluation: step, eval_loss, eval_top1, eval_top5), `metri
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import math
 from collections.abc import Callable, Generator, Iterator
@@ -197,7 +198,11 @@ class _Run:
             disable=not (self.is_main and cfg.progress),
             dynamic_ncols=True,
         )
-        with StopOnInterrupt() as interrupt, _closing(batches, loader, self.checkpoints):
+        with (
+            StopOnInterrupt() as interrupt,
+            _closing(batches, loader, self.checkpoints),
+            _setup_objects_frozen(),
+        ):
             while step < self.total_steps and not interrupt.requested:
                 batch, data_state = next(batches)
                 dev_state, metrics = self.train_fn(dev_state, batch)
@@ -344,6 +349,27 @@ def _closing(batches: Generator, loader: Any, checkpoints: TrainCheckpointer) ->
         close = getattr(loader, "close", None)  # a loader with worker processes
         if close is not None:
             close()
+
+
+@contextlib.contextmanager
+def _setup_objects_frozen() -> Iterator[None]:
+    """Inside: Python's garbage collector skips every object alive on entry (`gc.freeze`).
+
+    They are the model, optimizer, compiled steps, loaders and libraries: about 320,000 objects
+    for a ResNet-18, and each full collection during training walked all of them again (165 ms
+    on a CPU core) while the accelerator ran out of queued work. Frozen, a full collection only
+    walks what the loop allocated since. Objects are still freed when their last reference goes;
+    only reference cycles among frozen objects wait until the exit. Left alone when the caller
+    has frozen objects itself."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _with_positions(loader: Any, start: int) -> Iterator[tuple[dict, dict]]:
