@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from functools import partial
@@ -459,7 +460,9 @@ def test_a_logged_step_is_read_after_the_next_step_is_dispatched(data_dir, tmp_p
 
     monkeypatch.setattr(data, "prefetch_to_device", recorded_batches)
     monkeypatch.setattr(loop._Run, "_check", recorded_check)
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
     fit(config(data_dir, tmp_path, checkpoint_every=10))
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ  # digits: never decoded on a GPU
     for step in range(1, 6):  # log_every=1: every step is logged
         assert events.index(("batch", step + 1)) < events.index(("read", step))
     records = MetricsLog(tmp_path / "metrics.jsonl").records()

@@ -65,7 +65,7 @@ def fit(config: TrainConfig) -> dict[str, Any]:
     `data.share_gpu_with_training` sets CUDA's queue count, which only applies to a CUDA context
     created after it.
     """
-    if config.decoder != "cpu":
+    if config.decoder != "cpu" and data.get_spec(config.dataset).gpu_decodable:
         data.share_gpu_with_training()
     if config.distributed:
         jax.distributed.initialize()
