@@ -65,8 +65,6 @@ def fit(config: TrainConfig) -> dict[str, Any]:
     `data.share_gpu_with_training` sets CUDA's queue count, which only applies to a CUDA context
     created after it.
     """
-    if config.decoder != "cpu" and data.get_spec(config.dataset).gpu_decodable:
-        data.share_gpu_with_training()
     if config.distributed:
         jax.distributed.initialize()
     return _Run(config).train()
@@ -77,6 +75,8 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig):
         cfg.validate()  # before any data or model is touched (fields may have been reassigned)
+        if cfg.decoder != "cpu" and data.get_spec(cfg.dataset).gpu_decodable:
+            data.share_gpu_with_training()  # before JAX first uses the GPU, just below
         self.cfg = cfg
         self.workdir = Path(cfg.workdir).absolute()
         self.is_main = jax.process_index() == 0
