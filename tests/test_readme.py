@@ -13,3 +13,19 @@ def test_module_example_runs():
     exec(compile(code, "README.md#modules", "exec"), namespace)
     assert namespace["y"].shape == (8, 56, 56, 256)
     assert namespace["z"].shape == (8, 28, 28, 256)
+
+
+def test_headline_table_is_the_one_its_train_result_gives():
+    """The README's training-speed table is `python -m benchmarks.headline` of the result file
+    its caption names, so every number in it comes from one committed run."""
+    import json
+    import re
+
+    from benchmarks.headline import headline
+
+    text = README.read_text()
+    named = re.findall(r"Training step on one .*?`(benchmarks/results/[^`]+/train\.json)`", text)
+    assert len(named) == 1, named
+    source = Path(named[0])
+    result = json.loads((README.parent / source).read_text())
+    assert headline(result, source) in text
