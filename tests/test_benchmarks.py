@@ -223,3 +223,17 @@ def test_auto_spatial_conv_table_is_the_committed_h200_measurement():
 
     rows = json.loads(auto_table.SOURCE.read_text())["rows"]
     assert auto_table.fastest_formulations(rows) == tap_convs.AUTO["gpu"]
+
+
+def test_auto_impl_table_is_the_committed_h200_measurement():
+    """dispatch.AUTO["gpu"] is what benchmarks.auto_table derives from the committed H200
+    modules.json (fastest forward+backward kernel impl per gate and stage, library conv)."""
+    from benchmarks import auto_table
+    from flax_attention.kernels import dispatch
+
+    rows = json.loads(auto_table.SOURCE.read_text())["rows"]
+    assert auto_table.fastest_impls(rows) == dispatch.AUTO["gpu"]
+    faster_fused = [dict(row, median_ms=0.001) for row in rows if row["impl"] == "xla_passes"]
+    assert {choice for _, choice in auto_table.fastest_impls(rows + faster_fused)["cbam"]} == {
+        "xla_passes"
+    }

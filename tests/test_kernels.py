@@ -168,10 +168,13 @@ def test_impl_validation():
 
 
 def test_auto_falls_back_where_the_kernels_do_not_apply(monkeypatch):
-    monkeypatch.setitem(dispatch.AUTO, "cpu", ("pallas", "xla"))
+    monkeypatch.setitem(dispatch.AUTO, "cpu", {"se": ((3136, "xla"), (16, "pallas"))})
     monkeypatch.setitem(dispatch.EXECUTORS, ("pallas", "cpu"), _gpu_interpreter)
-    assert dispatch.resolve("auto", Problem(2, 16, 256, jnp.bfloat16)) == "pallas"
-    assert dispatch.resolve("auto", Problem(2, 16, 64, jnp.bfloat16)) == "xla"
+    assert dispatch.resolve("auto", Problem(2, 16, 256, jnp.bfloat16), "se") == "pallas"
+    assert dispatch.resolve("auto", Problem(2, 16, 64, jnp.bfloat16), "se") == "xla"  # C
+    assert dispatch.resolve("auto", Problem(2, 2500, 256, jnp.bfloat16), "se") == "xla"  # H*W
+    assert dispatch.resolve("auto", Problem(2, 16, 256, jnp.bfloat16), "cbam") == "xla"
+    assert dispatch.resolve("xla_passes", Problem(2, 16, 64, jnp.bfloat16), "se") == "xla_passes"
     with pytest.raises(ValueError, match="C=64 is not a multiple of 256"):
         _gpu_interpreter()(
             passes.CHANNEL_POOL, Problem(2, 16, 64, jnp.float32), x=jnp.ones((2, 16, 64))

@@ -5,11 +5,12 @@
   per tensor read) with every pass run by XLA on whole tensors.
 - `"pallas"`: the same schedule with Pallas kernels: Mosaic GPU (`plgpu.kernel`) on CUDA GPUs,
   `pl.pallas_call` on TPUs, `pl.pallas_call` in the interpreter on CPU.
-- `"auto"`: per platform and shape, the path measured faster (`AUTO`), else `"xla"`.
+- `"auto"`: per platform, gate and H*W, the path measured fastest (`AUTO`), else `"xla"`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -36,9 +37,15 @@ EXECUTORS: dict[tuple[str, str], Callable[[], Any]] = {
     ("pallas", "tpu"): lambda: PallasCall(_tpu),
 }
 
-# Platform -> impls `"auto"` tries in order; the first whose executor takes the shape wins.
-# benchmarks/results/nvidia-h100-80gb-hbm3/modules.json (jax 0.11.2) holds the measurements.
-AUTO: dict[str, tuple[str, ...]] = {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)}
+# Platform -> gate -> ((H * W, the impl whose forward+backward was fastest there), ...) for
+# `impl="auto"`: batch 128, bf16, the ResNet-50 stage sizes, spatial convs as the library conv.
+# Written from benchmarks/results/nvidia-h200/modules.json by `python -m benchmarks.auto_table`
+# (tests/test_benchmarks.py checks the two agree). The entry whose H*W is nearest (in ratio)
+# decides; platforms and gates without one, and shapes the chosen executor does not take, run
+# "xla".
+AUTO: dict[str, dict[str, tuple[tuple[int, str], ...]]] = {
+    "gpu": {"cbam": ((3136, "xla"), (784, "xla"), (196, "xla"), (49, "xla"))},
+}
 
 
 def check_impl(impl: str) -> None:
@@ -60,20 +67,23 @@ def executor(impl: str) -> Any:
     return EXECUTORS[key]()
 
 
-def resolve(impl: str, problem: Problem) -> str:
-    """The concrete impl for `problem` on the default platform: "auto" becomes the first impl
-    of `AUTO` whose executor takes the shape."""
+def resolve(impl: str, problem: Problem, gate: str) -> str:
+    """The concrete impl of `gate` ("se", "cbam") for `problem` on the default platform:
+    "auto" becomes the `AUTO` choice for the nearest measured H*W (see `AUTO`)."""
     check_impl(impl)
     if impl != "auto":
         return impl
-    for choice in AUTO.get(platform(), ("xla",)):
-        if choice == "xla" or executor(choice).unsupported(problem) is None:
-            return choice
-    return "xla"
+    rows = AUTO.get(platform(), {}).get(gate)
+    if not rows:
+        return "xla"
+    choice = min(rows, key=lambda row: abs(math.log(row[0] / problem.hw)))[1]
+    if choice != "xla" and executor(choice).unsupported(problem) is not None:
+        return "xla"
+    return choice
 
 
-def fused_executor(impl: str, x: jax.Array) -> Any | None:
-    """The executor that runs `impl` on NHWC `x`, or None for the module's XLA path."""
+def fused_executor(impl: str, x: jax.Array, gate: str) -> Any | None:
+    """The executor that runs `gate`'s `impl` on NHWC `x`, or None for the module's XLA path."""
     n, h, w, c = x.shape
-    chosen = resolve(impl, Problem(n, h * w, c, x.dtype))
+    chosen = resolve(impl, Problem(n, h * w, c, x.dtype), gate)
     return None if chosen == "xla" else executor(chosen)

@@ -124,7 +124,7 @@ class ChannelGate(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         check_nhwc(x, self.channels, "ChannelGate")
         x = x.astype(self.dtype)
-        executor = fused_executor(self.impl, x)
+        executor = fused_executor(self.impl, x, "cbam")
         if executor is not None:
             return channel_gate_fused(self, x, executor=executor)
         return x * self.gate(x)[:, None, None, :].astype(self.dtype)
@@ -216,7 +216,7 @@ class CBAM(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         check_nhwc(x, self.channels, "CBAM")
         x = x.astype(self.channel_gate.dtype)
-        executor = fused_executor(self.impl, x)
+        executor = fused_executor(self.impl, x, "cbam")
         if executor is not None and self.spatial_gate is not None:
             return cbam_fused(self, x, executor=executor)
         x = self.channel_gate(x)

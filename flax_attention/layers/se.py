@@ -75,7 +75,7 @@ class SE(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         check_nhwc(x, self.channels, "SE")
         x = x.astype(self.dtype)
-        executor = fused_executor(self.impl, x)
+        executor = fused_executor(self.impl, x, "se")
         if executor is not None:
             return channel_gate_fused(self, x, executor=executor)
         return x * self.gate(x)[:, None, None, :].astype(self.dtype)
