@@ -73,13 +73,22 @@ def resolve(impl: str, problem: Problem, gate: str) -> str:
     check_impl(impl)
     if impl != "auto":
         return impl
-    rows = AUTO.get(platform(), {}).get(gate)
-    if not rows:
-        return "xla"
-    choice = min(rows, key=lambda row: abs(math.log(row[0] / problem.hw)))[1]
+    choice = measured_choice(AUTO, gate, problem.hw) or "xla"
     if choice != "xla" and executor(choice).unsupported(problem) is not None:
         return "xla"
     return choice
+
+
+def measured_choice(
+    table: dict[str, dict[str, tuple[tuple[int, str], ...]]], gate: str, hw: int
+) -> str | None:
+    """From a platform -> gate -> ((H * W, choice), ...) table of measurements (`AUTO`,
+    `layers.tap_convs.AUTO`), this platform's choice for `gate` at the measured H * W nearest
+    `hw` in ratio; None where the platform or gate has no entry."""
+    rows = table.get(platform(), {}).get(gate)
+    if not rows:
+        return None
+    return min(rows, key=lambda row: abs(math.log(row[0] / hw)))[1]
 
 
 def fused_executor(impl: str, x: jax.Array, gate: str) -> Any | None:

@@ -22,7 +22,6 @@ Products accumulate in float32; only the order of the additions differs between 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from functools import partial
 
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.lax import Precision
 
-from flax_attention.kernels.dispatch import platform
+from flax_attention.kernels.dispatch import measured_choice
 from flax_attention.layers.common import check_choice
 
 SPATIAL_CONVS = ("auto", "conv", "shifts", "im2col", "conv_tapgrad")
@@ -219,10 +218,7 @@ def resolve(form: str, gate: str, height: int, width: int) -> str:
     check_choice("spatial_conv", form, SPATIAL_CONVS)
     if form != "auto":
         return form
-    rows = AUTO.get(platform(), {}).get(gate)
-    if not rows:
-        return "conv"
-    return min(rows, key=lambda row: abs(math.log(row[0] / (height * width))))[1]
+    return measured_choice(AUTO, gate, height * width) or "conv"
 
 
 def apply_conv(conv: nnx.Conv, x: jax.Array, form: str) -> jax.Array:

@@ -75,12 +75,12 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig):
         cfg.validate()  # before any data or model is touched (fields may have been reassigned)
-        if cfg.decoder != "cpu" and data.get_spec(cfg.dataset).gpu_decodable:
+        self.spec = data.get_spec(cfg.dataset)
+        if cfg.decoder != "cpu" and self.spec.gpu_decodable:
             data.share_gpu_with_training()  # before JAX first uses the GPU, just below
         self.cfg = cfg
         self.workdir = Path(cfg.workdir).absolute()
         self.is_main = jax.process_index() == 0
-        self.spec = data.get_spec(cfg.dataset)
         self.decoder = data.choose_decoder(cfg.decoder, cfg.dataset)  # before any data is read
         if self.decoder == "hybrid" and cfg.num_workers == 0:
             self._print(
@@ -214,8 +214,9 @@ class _Run:
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == self.total_steps:
                     log_due = step
-                evaluating = cfg.eval_every and step % cfg.eval_every == 0
-                evaluating = evaluating and step < self.total_steps
+                evaluating = (
+                    bool(cfg.eval_every) and step % cfg.eval_every == 0 and step < self.total_steps
+                )
                 saving = step % cfg.checkpoint_every == 0
                 if evaluating or saving:
                     self._settle(pending, log_due, meter, bar)
