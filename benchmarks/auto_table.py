@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.common import RESULTS
+from benchmarks.common import RESULTS, read_result
 from benchmarks.modules import KERNEL_IMPLS, split_impl
 
 SOURCE = RESULTS / "nvidia-h200" / "modules.json"
@@ -73,7 +73,7 @@ def fastest_impls(rows: list[dict]) -> Table:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     path = Path(argv[0]) if argv else SOURCE
-    rows = json.loads(path.read_text())["rows"]
+    rows = read_result(path, "modules")["rows"]
     print("tap_convs.AUTO:", json.dumps(fastest_formulations(rows)))
     print("dispatch.AUTO:", json.dumps(fastest_impls(rows)))
 

@@ -297,6 +297,21 @@ def format_row(row: dict[str, Any]) -> str:
     return f"{head:70s} " + "  ".join(vals)
 
 
+def read_result(path: Path, suite: str) -> dict[str, Any]:
+    """The JSON a `suite` run wrote at `path`; a file that is missing, unreadable or of another
+    suite stops the program with one line naming it (exit status 2)."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        print(f"error: cannot read {path}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if not isinstance(result, dict) or result.get("suite") != suite:
+        found = result.get("suite") if isinstance(result, dict) else None
+        print(f"error: {path} is not a {suite} suite result (suite: {found})", file=sys.stderr)
+        raise SystemExit(2)
+    return result
+
+
 def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
 

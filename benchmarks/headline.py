@@ -8,11 +8,10 @@ is what this prints for the file its caption names.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from benchmarks.common import ROOT
+from benchmarks.common import ROOT, read_result
 
 MODELS = ("resnet50", "seresnet50", "cbam_resnet50", "bam_resnet50", "epsanet50_small")
 BASELINE = "resnet50"  # "of our resnet50": the gates' cost in the network
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     source = Path(argv[0]) if argv else SOURCE
     path = source if source.is_absolute() else ROOT / source
-    print(headline(json.loads(path.read_text()), source))
+    print(headline(read_result(path, "train"), source))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks import autotune, multiprocess, scaling, warm
 from benchmarks.common import Settings
 
@@ -237,3 +239,24 @@ def test_auto_impl_table_is_the_committed_h200_measurement():
     assert {choice for _, choice in auto_table.fastest_impls(rows + faster_fused)["cbam"]} == {
         "xla_passes"
     }
+
+
+@pytest.mark.parametrize(
+    ("module", "suite"), [("benchmarks.headline", "train"), ("benchmarks.auto_table", "modules")]
+)
+def test_table_writers_refuse_a_missing_or_wrong_result_in_one_line(
+    module, suite, tmp_path, capsys
+):
+    import importlib
+
+    main = importlib.import_module(module).main
+    wrong = tmp_path / "other.json"
+    wrong.write_text(json.dumps({"suite": "input", "rows": []}))
+    for path, needle in ((tmp_path / "missing.json", "cannot read"), (wrong, "not a")):
+        with pytest.raises(SystemExit) as stop:
+            main([str(path)])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
+        assert str(path) in err[0]
+    assert f"not a {suite} suite result (suite: input)" in err[0]
