@@ -287,7 +287,7 @@ def test_attention_argument_forms():
         BasicBlock(64, 64, attention=3, rngs=nnx.Rngs(0))
 
     def factory(channels, *, rngs, dtype, param_dtype, impl):
-        assert impl == "xla"
+        assert impl == "auto"  # the default
         return nnx.Linear(channels, channels, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     block = nnx.eval_shape(lambda: Bottleneck(64, 16, attention=factory, rngs=nnx.Rngs(0)))

@@ -24,7 +24,8 @@ Dtype = jnp.dtype | type
 F32 = jnp.float32
 
 
-def _global_count(x: jax.Array, axis_name: str | None) -> int | jax.Array:
+def global_count(x: jax.Array, axis_name: str | None) -> int | jax.Array:
+    """Rows (all but the last axis) of x (..., C), over every replica of `axis_name`."""
     count = x.size // x.shape[-1]
     return count if axis_name is None else count * jax.lax.psum(1, axis_name)
 
@@ -56,7 +57,14 @@ def batch_statistics(x32: jax.Array, axis_name: str | None) -> tuple[jax.Array, 
     """
     axes = tuple(range(x32.ndim - 1))
     mean = x32.mean(axes)
-    var = jnp.square(x32 - mean).mean(axes)
+    return combine_replicas(mean, jnp.square(x32 - mean).mean(axes), axis_name)
+
+
+def combine_replicas(
+    mean: jax.Array, var: jax.Array, axis_name: str | None
+) -> tuple[jax.Array, jax.Array]:
+    """Every replica's (mean, biased variance), each (C,) over the same number of rows, as
+    the statistics of all their rows together (identity when `axis_name` is None)."""
     if axis_name is None:
         return mean, var
     means, variances = jax.lax.all_gather(jnp.stack([mean, var]), axis_name).swapaxes(0, 1)
@@ -82,7 +90,7 @@ def _backward(eps, axis_name, dtype, residuals, cotangents):
     d_scale, d_bias = sum_dy_xc * rstd, sum_dy
     if axis_name is not None:  # dx needs the statistics of every replica's dy
         sum_dy, sum_dy_xc = jax.lax.psum((sum_dy, sum_dy_xc), axis_name)
-    n = _global_count(x, axis_name)
+    n = global_count(x, axis_name)
     s = scale.astype(F32)
     a = s * rstd
     b = -s * rstd**3 * sum_dy_xc / n + 2.0 * d_var / n
@@ -142,9 +150,15 @@ class BatchNorm(nnx.BatchNorm):
         y, mean, var = batch_norm_train(
             x, self.scale[...], self.bias[...], self.epsilon, self.axis_name, dtype
         )
-        count = _global_count(x, self.axis_name)
+        self.update_running_statistics(mean, var, global_count(x, self.axis_name))
+        return y
+
+    def update_running_statistics(
+        self, mean: jax.Array, var: jax.Array, count: int | jax.Array
+    ) -> None:
+        """Blend one batch's mean and biased variance (C,), over `count` rows, into the running
+        statistics (the variance made unbiased, times count/(count-1), as PyTorch does)."""
         unbiased = var * (count / jnp.maximum(count - 1, 1))
         keep = self.momentum  # Flax's meaning: weight of the old value (1 - PyTorch's)
         self.mean[...] = jax.lax.stop_gradient(keep * self.mean[...] + (1 - keep) * mean)
         self.var[...] = jax.lax.stop_gradient(keep * self.var[...] + (1 - keep) * unbiased)
-        return y

@@ -30,8 +30,12 @@ class SE(nnx.Module):
 
     `bias=True` is the Caffe original, `bias=False` senet.pytorch; `rd_divisor=8` gives timm's
     hidden width `max(8, int(C/16 + 4) // 8 * 8)`. `impl` ("xla", "xla_passes", "pallas",
-    "auto") picks the jax.numpy path or the fused passes (flax_attention.kernels).
+    "auto") picks the jax.numpy path or the fused passes (flax_attention.kernels). Inside a
+    residual block in training mode, `"auto"` runs the SE fused with the block's last BatchNorm
+    (layers.norm_gate), which makes its pool and product free of passes of their own.
     """
+
+    pool_types = ("avg",)  # what `excite` reads
 
     def __init__(
         self,

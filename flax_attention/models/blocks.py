@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_attention.layers import BAM, CBAM, PSA, SE
+from flax_attention.kernels import fused_executor
+from flax_attention.layers import BAM, CBAM, PSA, SE, ChannelGate
 from flax_attention.layers.batch_norm import BatchNorm
 from flax_attention.layers.common import (
     Dtype,
@@ -23,6 +24,7 @@ from flax_attention.layers.common import (
     check_positive,
     conv2d,
 )
+from flax_attention.layers.norm_gate import FUSED_POOLS, batch_norm_channel_gate
 
 AttentionFactory = Callable[..., nnx.Module]
 
@@ -44,7 +46,7 @@ def make_attention(
     rngs: nnx.Rngs,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
-    impl: str = "xla",
+    impl: str = "auto",
 ) -> nnx.Module | None:
     """Build `attention` for `channels`: None, a preset name, or a factory called as
     `f(channels, *, rngs, dtype, param_dtype, impl)` (presets and factories alike)."""
@@ -106,7 +108,7 @@ class BasicBlock(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
-        impl: str = "xla",
+        impl: str = "auto",
     ):
         _check_block_args(in_channels, planes, stride)
         dt = dict(dtype=dtype, param_dtype=param_dtype)
@@ -124,8 +126,7 @@ class BasicBlock(nnx.Module):
         check_nhwc(x, self.in_channels, type(self).__name__)
         x = x.astype(self.dtype)
         y = jax.nn.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return _finish(self, x, y)
+        return _finish(self, x, self.conv2(y), self.bn2)
 
 
 class Bottleneck(nnx.Module):
@@ -147,7 +148,7 @@ class Bottleneck(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
-        impl: str = "xla",
+        impl: str = "auto",
     ):
         _check_block_args(in_channels, planes, stride)
         dt = dict(dtype=dtype, param_dtype=param_dtype)
@@ -168,8 +169,7 @@ class Bottleneck(nnx.Module):
         x = x.astype(self.dtype)
         y = jax.nn.relu(self.bn1(self.conv1(x)))
         y = jax.nn.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        return _finish(self, x, y)
+        return _finish(self, x, self.conv3(y), self.bn3)
 
 
 class EPSABlock(nnx.Module):
@@ -210,16 +210,36 @@ class EPSABlock(nnx.Module):
         x = x.astype(self.dtype)
         y = jax.nn.relu(self.bn1(self.conv1(x)))
         y = jax.nn.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        return _finish(self, x, y)
+        return _finish(self, x, self.conv3(y), self.bn3)
 
 
 Block = BasicBlock | Bottleneck | EPSABlock
 
 
-def _finish(block: Block, x: jax.Array, y: jax.Array) -> jax.Array:
-    """Attention on the residual branch `y`, then add the shortcut of `x` and ReLU."""
-    if block.attention is not None:
-        y = block.attention(y)
+def _finish(block: Block, x: jax.Array, z: jax.Array, norm: BatchNorm) -> jax.Array:
+    """The residual branch's last BatchNorm `norm` on its conv output `z`, the attention, then
+    add the shortcut of `x` and ReLU."""
+    y = _normalize_and_attend(norm, block.attention, z)
     shortcut = x if block.downsample is None else block.downsample(x)
     return jax.nn.relu(y + shortcut)
+
+
+def _normalize_and_attend(norm: BatchNorm, attention: nnx.Module | None, z: jax.Array) -> jax.Array:
+    """`attention(norm(z))`. In training mode, an SE's or CBAM's channel gate on `impl="auto"`
+    whose measured choice here is XLA runs fused with `norm` (layers.norm_gate: its pools and
+    product cost no pass of their own); CBAM's spatial gate follows it as usual."""
+    if attention is None:
+        return norm(z)
+    gate = attention.channel_gate if isinstance(attention, CBAM) else attention
+    fusable = (
+        isinstance(gate, SE | ChannelGate)
+        and gate.impl == "auto"
+        and set(gate.pool_types) <= set(FUSED_POOLS)
+        and not norm.use_running_average
+        and fused_executor("auto", z, "se" if isinstance(gate, SE) else "cbam") is None
+    )
+    if not fusable:
+        return attention(norm(z))
+    y = batch_norm_channel_gate(norm, gate, z)
+    spatial = getattr(attention, "spatial_gate", None)
+    return y if spatial is None else spatial(y)

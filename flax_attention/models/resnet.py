@@ -41,7 +41,8 @@ class ResNet(nnx.Module):
     `block` is BasicBlock, Bottleneck or EPSABlock; `layers` the number of blocks per stage.
     `attention` (None, preset name or factory) goes inside every block; `stage_attention` after
     every stage except the last, both built with `dtype`, `param_dtype` and `impl` (the gate
-    implementation of SE and CBAM, flax_attention.kernels). `model(x, return_features=True)`
+    implementation of SE and CBAM, flax_attention.kernels; the default "auto" also fuses each
+    block's SE with the BatchNorm before it in training). `model(x, return_features=True)`
     returns `(logits, [stage1, ..., stageS])`, each stage output (after its stage attention) in
     NHWC.
     """
@@ -58,7 +59,7 @@ class ResNet(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
-        impl: str = "xla",
+        impl: str = "auto",
     ):
         check_positive("num_classes", num_classes)
         check_impl(impl)
