@@ -167,3 +167,43 @@ def test_state_dict_round_trip_is_exact(case: Case):
     # PyTorch accepts what we export, strictly.
     target = case.make_torch()
     target.load_state_dict({k: torch.tensor(v) for k, v in exported.items()}, strict=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, "bfloat16"])
+def test_spatial_pools_have_autodiffs_values_and_gradients(dtype):
+    """CBAM's pools over C in one reduction: the values and gradients of jnp.mean and jnp.max
+    (a tie shares the gradient evenly), as PyTorch's `mean(1)` and `amax(1)`; NaN propagates."""
+    import jax
+    import jax.numpy as jnp
+
+    from flax_attention.layers.cbam import mean_and_max_over_channels
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 4, 16)).astype(np.float32)
+    x[0, 0, 0, [3, 9, 12]] = x[0, 0, 0].max() + 1.0  # a three-way tie
+    x = jnp.asarray(x).astype(dtype)
+    w_mean, w_max = (jnp.asarray(rng.standard_normal((2, 3, 4)), jnp.float32) for _ in range(2))
+    mean, peak = mean_and_max_over_channels(x)
+    assert mean.dtype == peak.dtype == jnp.float32
+    np.testing.assert_array_equal(peak, x.max(-1).astype(jnp.float32))
+    assert_close(mean, x.astype(jnp.float32).mean(-1), "mean", tol=1e-6)
+
+    def loss(pools):
+        def f(x):
+            mean, peak = pools(x)
+            return jnp.sum(mean * w_mean + peak * w_max)
+
+        return f
+
+    autodiff = loss(lambda x: (x.astype(jnp.float32).mean(-1), x.max(-1).astype(jnp.float32)))
+    grad = jax.grad(loss(mean_and_max_over_channels))(x)
+    assert grad.dtype == x.dtype
+    tol = 1e-6 if dtype == np.float32 else 1e-2  # bf16 autodiff rounds each term; ours once
+    assert_close(grad.astype(jnp.float32), jax.grad(autodiff)(x).astype(jnp.float32), "dx", tol)
+    xt = torch.tensor(np.asarray(x, np.float32)).permute(0, 3, 1, 2).requires_grad_(True)
+    pooled = torch.mean(xt, 1) * torch.tensor(np.asarray(w_mean))
+    (pooled + torch.amax(xt, 1) * torch.tensor(np.asarray(w_max))).sum().backward()
+    want = jnp.asarray(nhwc(xt.grad)).astype(x.dtype)  # torch's, rounded to x's dtype
+    assert_close(grad.astype(jnp.float32), want.astype(jnp.float32), "dx vs torch", tol=1e-6)
+    _, peak = mean_and_max_over_channels(x.at[1, 2, 3, 5].set(jnp.nan))
+    assert jnp.isnan(peak[1, 2, 3])

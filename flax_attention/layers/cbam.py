@@ -40,6 +40,53 @@ POOLS: dict[str, Pool] = {
 CHANNEL_POOLS = ("avg", "max", "lp", "lse")
 
 
+@jax.custom_vjp
+def mean_and_max_over_channels(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The mean and the maximum over C of NHWC x (N, H, W, C), each (N, H, W) float32, in one
+    reduction that also counts the channels holding the maximum.
+
+    Gradients are autodiff's (the maximum's shared evenly between tied channels, as jnp.max and
+    timm's `amax` do), but the backward is one elementwise pass over x: autodiff of the two
+    reductions instead counts the ties in a reduction of its own and stores an (N, H, W, C)
+    mask for it.
+    """
+    mean, peak, _ = _pools_over_channels(x)
+    return mean, peak
+
+
+def _pools_over_channels(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(mean, max, how many channels hold the max), each float32 (N, H, W), over the last axis
+    of x, as one variadic reduction (NaN propagates to the max, as in jnp.max)."""
+
+    def combine(a, b):
+        (sa, va, ca), (sb, vb, cb) = a, b
+        peak = jnp.maximum(va, vb)  # NaN-propagating
+        ties = jnp.where(va == peak, ca, 0.0) + jnp.where(vb == peak, cb, 0.0)
+        return sa + sb, peak, ties
+
+    x32 = x.astype(jnp.float32)  # exact; a variadic reduction takes one float type
+    init = (jnp.array(0, jnp.float32), jnp.array(-jnp.inf, jnp.float32), jnp.array(0, jnp.float32))
+    operands = (x32, x32, jnp.ones_like(x32))
+    total, peak, ties = jax.lax.reduce(operands, init, combine, (x.ndim - 1,))
+    return total / x.shape[-1], peak, ties
+
+
+def _pools_fwd(x):
+    mean, peak, ties = _pools_over_channels(x)
+    return (mean, peak), (x, peak, ties)
+
+
+def _pools_bwd(residuals, cotangents):
+    x, peak, ties = residuals
+    d_mean, d_max = cotangents
+    at_max = x.astype(jnp.float32) == peak[..., None]
+    dx = (d_mean / x.shape[-1])[..., None] + jnp.where(at_max, (d_max / ties)[..., None], 0.0)
+    return (dx.astype(x.dtype),)
+
+
+mean_and_max_over_channels.defvjp(_pools_fwd, _pools_bwd)
+
+
 @dataclass(frozen=True)
 class CBAMVariant:
     """What differs between the authors' CBAM and timm's."""
@@ -174,7 +221,8 @@ class SpatialGate(nnx.Module):
 
     def gate(self, x: jax.Array) -> jax.Array:
         """The spatial attention (N, H, W, 1) in float32 for an NHWC input."""
-        return self.excite({p: POOLS[p](x, (3,)) for p in self.descriptor})
+        mean, peak = mean_and_max_over_channels(x)
+        return self.excite({"avg": mean, "max": peak})
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim != 4:
@@ -187,7 +235,9 @@ class CBAM(nnx.Module):
     """Channel gate followed by spatial gate (no residual of its own); NHWC -> same shape.
 
     `impl` ("xla", "xla_passes", "pallas", "auto") picks jax.numpy or the fused passes;
-    `spatial_conv` how the spatial gate's conv is computed (SpatialGate).
+    `spatial_conv` how the spatial gate's conv is computed (SpatialGate). Inside a residual
+    block in training mode, `"auto"` runs the channel gate fused with the block's last BatchNorm
+    (layers.norm_gate) where the measured choice is XLA.
     """
 
     def __init__(
