@@ -5,7 +5,9 @@
   per tensor read) with every pass run by XLA on whole tensors.
 - `"pallas"`: the same schedule with Pallas kernels: Mosaic GPU (`plgpu.kernel`) on CUDA GPUs,
   `pl.pallas_call` on TPUs, `pl.pallas_call` in the interpreter on CPU.
-- `"auto"`: per platform, gate and H*W, the path measured fastest (`AUTO`), else `"xla"`.
+- `"auto"`: per platform, gate and H*W, the path measured fastest (`AUTO`), else `"xla"`. In a
+  residual block in training mode an SE on `"auto"` runs fused with the BatchNorm before it
+  (layers.norm_gate) instead.
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ EXECUTORS: dict[tuple[str, str], Callable[[], Any]] = {
 # decides; platforms and gates without one, and shapes the chosen executor does not take, run
 # "xla".
 AUTO: dict[str, dict[str, tuple[tuple[int, str], ...]]] = {
-    "gpu": {"cbam": ((3136, "xla"), (784, "xla"), (196, "xla"), (49, "xla"))},
+    "gpu": {
+        "se": ((3136, "xla"), (784, "xla"), (196, "xla"), (49, "xla")),
+        "cbam": ((3136, "xla"), (784, "xla"), (196, "xla"), (49, "xla")),
+    },
 }
 
 

@@ -82,8 +82,7 @@ class BAMSpatialGate(nnx.Module):
 
     NHWC (N, H, W, C) -> (N, H, W, 1). `spatial_conv` (layers.tap_convs.SPATIAL_CONVS) picks
     how the convs are computed: "conv" runs the dilated ones in polyphase form
-    (`phase_conv3x3`), "shifts"/"im2col"/"conv_tapgrad" run every conv by that formulation
-    (conv_tapgrad: the library's dilated conv, kernel gradients from the taps), "auto" picks the
+    (`phase_conv3x3`), "shifts"/"im2col" run every conv by that formulation, "auto" picks the
     one measured fastest on this platform at this H x W (`tap_convs.AUTO`).
     """
 

@@ -12,10 +12,6 @@ formulations here compute the same sums from the k*k shifted views of the zero-p
   kernel's gradient is one reduction (`narrow_conv`'s VJP);
 - `im2col`: the taps concatenated on the channel axis, (N, H, W, k*k*C_in), times the kernel
   reshaped to (k*k*C_in, C_out): one matrix product (and two backward);
-- `conv_tapgrad`: the library convolution forward and for the gradient with respect to x, the
-  kernel's gradient from the taps (`conv_with_tap_kernel_grad`): one float32 reduction for
-  narrow convs, one matrix product per tap otherwise. (cuDNN's backward-filter of CBAM's 2 -> 1
-  conv at 56x56 is nine launches.)
 Products accumulate in float32; only the order of the additions differs between them.
 `auto` picks, per platform, gate and H*W, the one measured fastest (`AUTO`).
 """
@@ -33,7 +29,7 @@ from jax.lax import Precision
 from flax_attention.kernels.dispatch import measured_choice
 from flax_attention.layers.common import check_choice
 
-SPATIAL_CONVS = ("auto", "conv", "shifts", "im2col", "conv_tapgrad")
+SPATIAL_CONVS = ("auto", "conv", "shifts", "im2col")
 FORMULATIONS = SPATIAL_CONVS[1:]
 
 # Platform -> gate -> ((H * W, the fastest formulation there), ...) for `spatial_conv="auto"`:
@@ -42,8 +38,8 @@ FORMULATIONS = SPATIAL_CONVS[1:]
 # (tests/test_benchmarks.py checks the two agree). Other platforms use the library conv.
 AUTO: dict[str, dict[str, tuple[tuple[int, str], ...]]] = {
     "gpu": {
-        "cbam": ((3136, "conv"), (784, "conv"), (196, "im2col"), (49, "shifts")),
-        "bam": ((3136, "conv"), (784, "im2col"), (196, "conv"), (49, "im2col")),
+        "cbam": ((3136, "conv"), (784, "im2col"), (196, "conv"), (49, "shifts")),
+        "bam": ((3136, "conv"), (784, "im2col"), (196, "im2col"), (49, "im2col")),
     },
 }
 UNROLL_CHANNELS = 4  # up to this many channels in and out, `shifts` multiplies elementwise
@@ -140,74 +136,9 @@ def conv_as_im2col(
     )
 
 
-def _library_conv(
-    x: jax.Array,
-    kernel: jax.Array,
-    dilation: int,
-    precision: Precision | None,
-    out_dtype: jnp.dtype | None = jnp.float32,
-) -> jax.Array:
-    """`lax.conv_general_dilated` of NHWC x and HWIO kernel, stride 1, 'same' padding
-    dilation*(k-1)//2, accumulated in float32, returned in `out_dtype` (None: x's dtype)."""
-    pad = dilation * (kernel.shape[0] - 1) // 2
-    return jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        (1, 1),
-        ((pad, pad), (pad, pad)),
-        rhs_dilation=(dilation, dilation),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=precision,
-        preferred_element_type=out_dtype,
-    )
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv_with_tap_kernel_grad(
-    x: jax.Array, kernel: jax.Array, dilation: int = 1, precision: Precision | None = None
-) -> jax.Array:
-    """The library convolution of `conv_as_shifts`'s arguments -> (N, H, W, C_out) float32.
-
-    Its VJP rounds the output cotangent to x's dtype first (as autodiff of a library conv whose
-    output is in x's dtype sees it; exact under `apply_conv`, which rounds the output to that
-    dtype), then takes dx from the library (its backward-input convolution, in x's dtype) and
-    the kernel's gradient from the taps: `_narrow_kernel_grad` for at most UNROLL_CHANNELS
-    channels in and out, else one matrix product per tap (`tap^T dy` over N, H, W, accumulated
-    in float32)."""
-    return _library_conv(x, kernel, dilation, precision)
-
-
-def _tapgrad_fwd(x, kernel, dilation, precision):
-    return _library_conv(x, kernel, dilation, precision), (x, kernel)
-
-
-def _tapgrad_bwd(dilation, precision, residuals, dy):
-    x, kernel = residuals
-    dy = dy.astype(x.dtype)
-    _, input_vjp = jax.vjp(lambda x_: _library_conv(x_, kernel, dilation, precision, None), x)
-    (dx,) = input_vjp(dy)
-    size, _, cin, cout = kernel.shape
-    if max(cin, cout) <= UNROLL_CHANNELS:
-        dk = _narrow_kernel_grad(x, dy, kernel.shape, dilation)
-    else:
-        contract = (((0, 1, 2), (0, 1, 2)), ((), ()))
-        dk = jnp.stack(
-            [
-                jax.lax.dot_general(
-                    tap, dy, contract, precision=precision, preferred_element_type=jnp.float32
-                )
-                for tap in taps(x, size, dilation)
-            ]
-        ).reshape(size, size, cin, cout)
-    return dx, dk.astype(kernel.dtype)
-
-
-conv_with_tap_kernel_grad.defvjp(_tapgrad_fwd, _tapgrad_bwd)
-
 FORMS: dict[str, Callable[..., jax.Array]] = {
     "shifts": conv_as_shifts,
     "im2col": conv_as_im2col,
-    "conv_tapgrad": conv_with_tap_kernel_grad,
 }
 
 
