@@ -7,8 +7,8 @@ in one category (convolution / matmul library calls, reduction fusions, elementw
 copies, collectives, other), with its time per step and the bytes its operands and result
 occupy, so that memory-bound categories can be read against the copy bandwidth.
 
-`python -m benchmarks.profile_step [--models resnet50,...] [--steps 5] [--quick] [--save-hlo]
-[--out DIR]` writes `<out>/profile_step.json` (per model: categories and the 25 costliest
+`python -m benchmarks.profile_step [--models resnet50,...] [--impl auto] [--steps 5] [--quick]
+[--save-hlo] [--out DIR]` writes `<out>/profile_step.json` (per model: categories and the 25 costliest
 instructions); `<out>` is benchmarks/results/<device> unless given.
 """
 
@@ -28,8 +28,8 @@ from benchmarks.profiling import profile_calls
 TOP = 25  # instructions kept per model
 
 
-def profile(name: str, batch: int, image: int, steps: int, hlo_dir: Path | None) -> dict:
-    step = train.flax_step(name, "xla", batch, image, inputs=2)
+def profile(name: str, impl: str, batch: int, image: int, steps: int, hlo_dir: Path | None) -> dict:
+    step = train.flax_step(name, impl, batch, image, inputs=2)
     hlo_text = step.compiled.as_text()
     if hlo_dir is not None:
         with gzip.open(hlo_dir / f"{name}.hlo.txt.gz", "wt") as f:
@@ -37,6 +37,7 @@ def profile(name: str, batch: int, image: int, steps: int, hlo_dir: Path | None)
     prof = profile_calls(lambda i: step(*step.data[i % 2]), steps, hlo_text)
     return {
         "name": name,
+        "impl": impl,
         "batch": batch,
         "wall_ms_per_step_traced": prof["wall_ms_traced"],
         "device_ms_per_step": prof["device_ms"],
@@ -49,6 +50,7 @@ def profile(name: str, batch: int, image: int, steps: int, hlo_dir: Path | None)
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(train.MODELS), help="comma-separated models")
+    p.add_argument("--impl", default="auto", help="the gates' impl (the models' default)")
     p.add_argument("--steps", type=int, default=5, help="steps traced per model")
     p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke)")
     p.add_argument("--out", type=Path, help="folder for profile_step.json")
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in args.models.split(","):
         try:
-            row = profile(name, batch, image, args.steps, args.out if args.save_hlo else None)
+            hlo_dir = args.out if args.save_hlo else None
+            row = profile(name, args.impl, batch, image, args.steps, hlo_dir)
         except Exception as e:
             row = {"name": name, "error": error_text(e)}
         rows.append(row)

@@ -41,8 +41,9 @@ NUM_CLASSES = 1000
 
 
 def model_impls(name: str, kernel_impls: tuple[str, ...]) -> tuple[str, ...]:
-    """The gate impls to run for `name`: `kernel_impls` for the models with SE / CBAM gates."""
-    return kernel_impls if name in ("seresnet50", "cbam_resnet50") else ("xla",)
+    """The gate impls to run for `name`: `kernel_impls` for the models with SE / CBAM gates,
+    the default ("auto") for the others."""
+    return kernel_impls if name in ("seresnet50", "cbam_resnet50") else ("auto",)
 
 
 def make_step(model: nnx.Module, tx: optax.GradientTransformation):
@@ -184,7 +185,7 @@ def run(
     settings: Settings,
     models: tuple[str, ...] = MODELS,
     frameworks: tuple[str, ...] = ("flax", "torch", "torch.compile"),
-    kernel_impls: tuple[str, ...] = ("xla",),
+    kernel_impls: tuple[str, ...] = ("auto",),
 ) -> Results:
     """Measure every model in every framework (ours with each of `kernel_impls` for the gated
     models); returns the suite's results."""

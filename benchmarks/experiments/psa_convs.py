@@ -1,7 +1,8 @@
 """PSA's grouped branch convolutions in other formulations, timed forward+backward on one GPU.
 
-For each ResNet-50 stage shape of EPSANet-50 (batch 128, NHWC, bf16; PSA input = the block's
-width, branches (k, groups) = (3, 1), (5, 4), (7, 8), (9, 16), each to width/4 channels):
+For each PSA shape of EPSANet-50 (batch 128, NHWC, bf16; PSA input = the block's width,
+branches (k, groups) = (3, 1), (5, 4), (7, 8), (9, 16), each to width/4 channels; every stage's
+first block, strided from stage 2 on, and its other blocks, `blocks` of them):
 - `grouped`: `lax.conv` with `feature_group_count` (the library's form);
 - `dense`: the same kernel scattered into a block-diagonal dense kernel (groups x the FLOPs, the
   matrix units used at full width);
@@ -10,6 +11,11 @@ width, branches (k, groups) = (3, 1), (5, 4), (7, 8), (9, 16), each to width/4 c
 - `auto` (whole module's convs): the library's choice per branch (`branch_convs.plan`).
 The formulations are the library's (`flax_attention.layers.branch_convs`).
 TFLOP/s count the grouped convolutions' useful FLOPs (2 * MACs, forward + both gradients).
+The H200 result (2026-11-30) also holds two formulations measured then removed from the library:
+`depthwise` (a depthwise conv with channel multiplier out/g in float32, then a sum over each
+group's inputs: 6-51x slower than `grouped`) and `channels_first` (the grouped conv on NCHW:
+within 5% of `grouped` in 18 of 21 branch shapes, 1-4% faster than the best of the others only
+for k=7 and 9 at 14x14 stride 2).
 
 `python -m benchmarks.experiments.psa_convs [--quick] [--out DIR]` writes `<out>/psa_convs.json`
 (by default benchmarks/experiments/results/<device>/).
@@ -28,8 +34,18 @@ from benchmarks.common import Settings, device_slug, error_text, jax_sync, rando
 from flax_attention.layers.branch_convs import FORMULATIONS, branch_convs, plan
 
 BRANCHES = ((3, 1), (5, 4), (7, 8), (9, 16))
-# (stage, H=W, width, stride of the PSA convs): the first block of stages 2-4 strides.
-STAGES = ((1, 56, 64, 1), (2, 56, 128, 2), (3, 28, 256, 2), (4, 14, 512, 2))
+# (stage, H=W of the input, width, stride, blocks of this shape in EPSANet-50), the shapes
+# with the most blocks first: the first block of stages 2-4 strides.
+STAGES = (
+    (1, 56, 64, 1, 3),
+    (3, 14, 256, 1, 5),
+    (2, 28, 128, 1, 3),
+    (4, 7, 512, 1, 2),
+    (2, 56, 128, 2, 1),
+    (3, 28, 256, 2, 1),
+    (4, 14, 512, 2, 1),
+)
+BRANCH_FORMULATIONS = ("grouped", "dense")
 BATCH, QUICK_BATCH = 128, 2
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -86,10 +102,14 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     args.out = args.out or RESULTS / device_slug(args.quick)
     settings = Settings.make(args.quick)
+    if not args.quick:  # compiles dominate: 70 cases
+        settings.samples, settings.sample_ms = 15, 10.0
     batch = QUICK_BATCH if args.quick else BATCH
-    stages = ((1, 8, 64, 1), (2, 8, 64, 2)) if args.quick else STAGES
+    stages = ((1, 8, 64, 1, 3), (2, 8, 64, 2, 1)) if args.quick else STAGES
+    meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "batch": batch}
+    args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for stage, hw, width, stride in stages:
+    for stage, hw, width, stride, blocks in stages:
         split = width // len(BRANCHES)
         keys = jax.random.split(jax.random.key(stage), len(BRANCHES))
         kernels = [
@@ -98,10 +118,11 @@ def main(argv: list[str] | None = None) -> None:
         ]
         h_out = -(-hw // stride)
         shape = (batch, hw, hw, width)
-        cases = [("branch", f, i) for i in range(len(BRANCHES)) for f in ("grouped", "dense")]
-        cases += [("module", f, None) for f in ("grouped", "dense", "merged", "auto")]
+        cases = [("branch", f, i) for i in range(len(BRANCHES)) for f in BRANCH_FORMULATIONS]
+        cases += [("module", f, None) for f in ("merged", "auto")]
         for scope, formulation, i in cases:
-            row = {"stage": stage, "shape": list(shape), "scope": scope, "variant": formulation}
+            row = {"stage": stage, "shape": list(shape), "stride": stride, "blocks": blocks}
+            row.update(scope=scope, variant=formulation)
             if scope == "branch":
                 k, g = BRANCHES[i]
                 row.update(kernel=k, groups=g)
@@ -117,14 +138,14 @@ def main(argv: list[str] | None = None) -> None:
                 row["error"] = error_text(e)
             rows.append(row)
             print(
-                f"stage {stage} {scope:6s} k={row.get('kernel', '-')} g={row.get('groups', '-')}"
+                f"stage {stage} s{stride} {scope:6s} k={row.get('kernel', '-')} "
+                f"g={row.get('groups', '-')}"
                 f" {formulation:8s} {row.get('median_ms', float('nan')):8.3f} ms"
                 f" {row.get('useful_tflop_s', float('nan')):7.1f} TFLOP/s {row.get('error', '')}",
                 flush=True,
             )
-    meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "batch": batch}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "psa_convs.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+            # after every row: a run cut short keeps what it measured
+            (args.out / "psa_convs.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
