@@ -8,8 +8,8 @@ copies, collectives, other), with its time per step and the bytes its operands a
 occupy, so that memory-bound categories can be read against the copy bandwidth.
 
 `python -m benchmarks.profile_step [--models resnet50,...] [--impl auto] [--steps 5] [--quick]
-[--save-hlo] [--out DIR]` writes `<out>/profile_step.json` (per model: categories and the 25 costliest
-instructions); `<out>` is benchmarks/results/<device> unless given.
+[--save-hlo] [--out DIR]` writes `<out>/profile_step.json` (per model: categories and the 25
+costliest instructions); `<out>` is benchmarks/results/<device> unless given.
 """
 
 from __future__ import annotations

@@ -94,6 +94,15 @@ def test_other_pools_are_refused():
         batch_norm_channel_gate(norm, gate, _data(0)[0])
 
 
+def test_inputs_other_than_nhwc_with_the_norms_channels_are_refused():
+    norm, gate = _norm_and_gate(0)
+    x = _data(0)[0]
+    with pytest.raises(ValueError, match="rank-4 NHWC"):
+        batch_norm_channel_gate(norm, gate, x[0])
+    with pytest.raises(ValueError, match="NCHW"):
+        batch_norm_channel_gate(norm, gate, jnp.zeros((2, C, 5, 5)))
+
+
 def test_bfloat16_close_to_float32():
     """In bf16 the output keeps the dtype and stays within bf16 rounding of the float32 one."""
     x, dy = _data(2)

@@ -10,12 +10,12 @@ NHWC x (N, H, W, C), batch statistics in float32, `a = scale / sqrt(var + eps)`:
 The gate's descriptors need no pass of their own: `mean_HW(y) = a * (mean_HW(x) - mean) + bias`,
 and the per-sample means `mean_HW(x)` are the partial sums the batch mean is reduced from; y is
 monotone in x, so `max_HW(y)` is y at x's maximum over H*W (its minimum where a < 0), which the
-same pass finds. So the forward reads x twice for the statistics and once for `out` (BatchNorm then SE reads it the same
-three times, then writes y, reads it to pool and reads it again to multiply). The backward
-reduces `S1 = sum_HW(dout)` and `S2 = sum_HW(dout * (x - mean))` per sample in one pass over
-(dout, x); the gate's cotangent is `sum_HW(dout * y) = a * S2 + bias * S1`, and y's cotangent
-(`dout * g + d_mean_HW / (H * W)`, plus `d_max_HW / ties` where x is at its extreme) has
-per-channel sums that follow from S1 and S2 too, so one more elementwise pass writes dx
+same pass finds. So the forward reads x twice for the statistics and once for `out` (BatchNorm
+then SE reads it the same three times, then writes y, reads it to pool and again to multiply).
+The backward reduces `S1 = sum_HW(dout)` and `S2 = sum_HW(dout * (x - mean))` per sample in one
+pass over (dout, x); the gate's cotangent is `sum_HW(dout * y) = a * S2 + bias * S1`, and y's
+cotangent (`dout * g + d_mean_HW / (H * W)`, plus `d_max_HW / ties` where x is at its extreme)
+has per-channel sums that follow from S1 and S2 too, so one more elementwise pass writes dx
 (BatchNorm then SE: a pass for the gate's cotangent, then BatchNorm's own two). The values are
 the composition's; in a compute dtype narrower than float32, y is not rounded before it is
 pooled and multiplied (so max-pool ties are those of x, not of the rounded y).
@@ -29,6 +29,7 @@ from flax import nnx
 
 from flax_attention.kernels.schedule import custom_vjp
 from flax_attention.layers.batch_norm import F32, BatchNorm, combine_replicas, global_count
+from flax_attention.layers.common import check_nhwc
 
 FUSED_POOLS = ("avg", "max")
 
@@ -41,6 +42,7 @@ def batch_norm_channel_gate(norm: BatchNorm, gate: nnx.Module, x: jax.Array) -> 
     FUSED_POOLS, and `gate.excite({pool: (N, C) float32})` gives the gate (N, C) in float32.
     Gradients reach x, norm's scale and bias, and gate's state.
     """
+    check_nhwc(x, norm.num_features, "batch_norm_channel_gate")
     pools = tuple(gate.pool_types)
     if not set(pools) <= set(FUSED_POOLS):
         raise ValueError(f"pool_types {list(pools)} are not within {list(FUSED_POOLS)}")

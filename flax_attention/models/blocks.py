@@ -230,7 +230,9 @@ def _normalize_and_attend(norm: BatchNorm, attention: nnx.Module | None, z: jax.
     product cost no pass of their own); CBAM's spatial gate follows it as usual."""
     if attention is None:
         return norm(z)
-    gate = attention.channel_gate if isinstance(attention, CBAM) else attention
+    gate, spatial = attention, None
+    if isinstance(attention, CBAM):
+        gate, spatial = attention.channel_gate, attention.spatial_gate
     fusable = (
         isinstance(gate, SE | ChannelGate)
         and gate.impl == "auto"
@@ -241,5 +243,4 @@ def _normalize_and_attend(norm: BatchNorm, attention: nnx.Module | None, z: jax.
     if not fusable:
         return attention(norm(z))
     y = batch_norm_channel_gate(norm, gate, z)
-    spatial = getattr(attention, "spatial_gate", None)
     return y if spatial is None else spatial(y)
