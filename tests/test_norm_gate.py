@@ -1,6 +1,5 @@
-"""BatchNorm + a channel gate (SE, CBAM's) + CBAM's spatial gate as one custom VJP
-(layers.norm_gate) against the modules composed: alone, across pmap replicas and inside
-residual blocks."""
+"""BatchNorm + a channel gate (SE, CBAM's) as one custom VJP (layers.norm_gate) against the
+modules composed: alone, across pmap replicas and inside residual blocks."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import pytest
 from flax import nnx
 from parity import assert_close
 
-from flax_attention.layers import SE, BatchNorm, ChannelGate, SpatialGate
+from flax_attention.layers import SE, BatchNorm, ChannelGate
 from flax_attention.layers.norm_gate import batch_norm_channel_gate
 from flax_attention.models import blocks
 from flax_attention.models.blocks import BasicBlock, Bottleneck
@@ -34,16 +33,6 @@ def _norm_and_gate(seed: int, bias: bool = True, axis_name: str | None = None, p
     return norm, SE(C, 4, bias=bias, rngs=nnx.Rngs(seed + 1))
 
 
-def _spatial_gate(seed: int, variant: str = "official", axis_name: str | None = None):
-    """CBAM's spatial gate with running statistics away from their initial values."""
-    spatial = SpatialGate(variant=variant, rngs=nnx.Rngs(seed))
-    spatial.bn.axis_name = axis_name
-    spatial.bn.mean[...] = jnp.full((1,), 0.3, jnp.float32)
-    spatial.bn.var[...] = jnp.full((1,), 1.7, jnp.float32)
-    spatial.bn.scale[...] = jnp.full((1,), -1.3, jnp.float32)
-    return spatial
-
-
 def _data(seed: int, shape=(4, 5, 6, C)):
     """Inputs with per-channel offsets and scales (the statistics matter), and a cotangent."""
     rng = np.random.default_rng(seed)
@@ -62,29 +51,6 @@ def _value_and_grads(fn, norm, gate, x, dy):
 
 def _composed(norm, gate, x):
     return gate(norm(x))
-
-
-def _cbam_value_and_grads(fn, norm, gate, spatial, x, dy):
-    def loss(norm, gate, spatial, x):
-        out = fn(norm, gate, spatial, x)
-        return (out * dy).sum() + 0.1 * jnp.square(out.astype(jnp.float32)).sum(), out
-
-    return nnx.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(norm, gate, spatial, x)
-
-
-def _cbam_fused(norm, gate, spatial, x):
-    return batch_norm_channel_gate(norm, gate, x, spatial)
-
-
-def _cbam_composed(norm, gate, spatial, x):
-    return spatial(gate(norm(x)))
-
-
-def _assert_same_grads(grads, ref_grads):
-    leaves, ref_leaves = jax.tree.leaves_with_path(grads), jax.tree.leaves(ref_grads)
-    assert len(leaves) == len(ref_leaves)
-    for (path, g), ref in zip(leaves, ref_leaves, strict=True):
-        assert_close(g, ref, f"gradient {jax.tree_util.keystr(path)}")
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -122,47 +88,6 @@ def test_equals_batch_norm_then_cbam_channel_gate(pools):
     assert_close(norm.var[...], ref_norm.var[...], "running var")
 
 
-@pytest.mark.parametrize("variant", ["official", "timm"])
-def test_equals_batch_norm_then_cbam(variant: str):
-    """With CBAM's spatial gate inside too (its pools over C of the gated tensor recomputed
-    from x): the values, the gradients of x, both gates and the norm, and the running
-    statistics of both BatchNorms equal the composition's."""
-    x, dy = _data(10)
-    norm, gate = _norm_and_gate(11, pools=("avg", "max"))
-    spatial = _spatial_gate(12, variant)
-    ref = nnx.clone((norm, gate, spatial))
-    (_, out), grads = _cbam_value_and_grads(_cbam_fused, norm, gate, spatial, x, dy)
-    (_, ref_out), ref_grads = _cbam_value_and_grads(_cbam_composed, *ref, x, dy)
-    assert_close(out, ref_out, "output")
-    _assert_same_grads(grads, ref_grads)
-    for module, ref_module in zip((norm, spatial.bn), (ref[0], ref[2].bn), strict=True):
-        assert_close(module.mean[...], ref_module.mean[...], "running mean")
-        assert_close(module.var[...], ref_module.var[...], "running var")
-
-
-def test_spatial_max_gradient_is_shared_between_tied_channels():
-    """Two identical channels hold the maximum over C at every pixel: its gradient is split
-    between them, as jnp.max splits it (the composition's)."""
-    x, dy = _data(13)
-    x = x.at[..., 1].set(x[..., 0])
-    norm, gate = _norm_and_gate(14, pools=("avg",))
-    norm.scale[...] = norm.scale[...].at[1].set(norm.scale[0])
-    # y's channels 0 and 1 near 3, the others within 0.5 of 0; g near 1 on 0 and 1
-    norm.bias[...] = norm.bias[...].at[:2].set(3.0).at[2:].multiply(0.1)
-    norm.scale[...] = norm.scale[...].at[2:].multiply(0.1)
-    gate.fc2.kernel[...] = gate.fc2.kernel[...].at[:, 1].set(gate.fc2.kernel[:, 0])
-    gate.fc2.bias[...] = gate.fc2.bias[...].at[:2].set(10.0)
-    spatial = _spatial_gate(15)
-    ref = nnx.clone((norm, gate, spatial))
-    (_, out), grads = _cbam_value_and_grads(_cbam_fused, norm, gate, spatial, x, dy)
-    (_, ref_out), ref_grads = _cbam_value_and_grads(_cbam_composed, *ref, x, dy)
-    assert_close(out, ref_out, "output")
-    assert bool((out[..., 0] == out[..., 1]).all()) and bool(
-        (out[..., 0] > out[..., 2:].max(-1)).all()
-    )
-    _assert_same_grads(grads, ref_grads)
-
-
 def test_other_pools_are_refused():
     norm, gate = _norm_and_gate(0, pools=("avg", "lse"))
     with pytest.raises(ValueError, match="lse"):
@@ -193,47 +118,33 @@ def test_bfloat16_close_to_float32():
     assert_close(dx, ref_dx, "dx", tol=3e-2)
 
 
-@pytest.mark.parametrize("spatial", [False, True])
-def test_pmap_replicas_equal_one_global_batch(spatial: bool):
-    """With the norms' axis_name, statistics and dx are the whole batch's; the parameters'
-    gradients are per-replica sums that add up to the global ones (with CBAM's spatial gate
-    inside too, its BatchNorm's statistics are the global ones)."""
+def test_pmap_replicas_equal_one_global_batch():
+    """With the norm's axis_name, statistics and dx are the whole batch's; the parameters'
+    gradients are per-replica sums that add up to the global ones."""
     n_dev = 4
     x, dy = _data(4, shape=(8, 3, 5, C))
-    norm, gate = _norm_and_gate(5, axis_name="r", pools=("avg", "max") if spatial else None)
-    ref_norm, ref_gate = _norm_and_gate(5, pools=("avg", "max") if spatial else None)
-    gates = (gate, _spatial_gate(6, axis_name="r") if spatial else None)
-    ref_gates = (ref_gate, _spatial_gate(6) if spatial else None)
+    norm, gate = _norm_and_gate(5, axis_name="r")
+    ref_norm, ref_gate = _norm_and_gate(5)
     split = lambda a: a.reshape(n_dev, -1, *a.shape[1:])  # noqa: E731
-    graphdef, state = nnx.split((norm, gates))
-
-    def fused(norm, gates, x):
-        return batch_norm_channel_gate(norm, gates[0], x, gates[1])
-
-    def composed(norm, gates, x):
-        y = gates[0](norm(x))
-        return y if gates[1] is None else gates[1](y)
+    graphdef, state = nnx.split((norm, gate))
 
     def replica(state, x, dy):
-        norm, gates = nnx.merge(graphdef, state)
-        (_, out), grads = _value_and_grads(fused, norm, gates, x, dy)
-        return out, grads, nnx.state((norm, gates), nnx.BatchStat)
+        norm, gate = nnx.merge(graphdef, state)
+        (_, out), grads = _value_and_grads(batch_norm_channel_gate, norm, gate, x, dy)
+        return out, grads, nnx.state(norm, nnx.BatchStat)
 
     out, grads, stats = jax.pmap(replica, axis_name="r", in_axes=(None, 0, 0))(
         state, split(x), split(dy)
     )
-    (_, ref_out), ref_grads = _value_and_grads(composed, ref_norm, ref_gates, x, dy)
+    (_, ref_out), ref_grads = _value_and_grads(_composed, ref_norm, ref_gate, x, dy)
     assert_close(out.reshape(x.shape), ref_out, "output")
     *param_grads, dx = jax.tree.leaves(grads)
     *ref_param_grads, ref_dx = jax.tree.leaves(ref_grads)
-    assert len(param_grads) == len(ref_param_grads) == (9 if spatial else 6)
     assert_close(dx.reshape(x.shape), ref_dx, "dx")
     for g, ref in zip(param_grads, ref_param_grads, strict=True):
         assert_close(g.sum(0), ref, "parameter gradient")
-    ref_stats = jax.tree.leaves(nnx.state((ref_norm, ref_gates), nnx.BatchStat))
-    assert len(ref_stats) == (4 if spatial else 2)
-    for stat, ref in zip(jax.tree.leaves(stats), ref_stats, strict=True):
-        assert_close(stat[0], ref, "running statistic")
+    assert_close(stats["mean"][...][0], ref_norm.mean[...], "running mean")
+    assert_close(stats["var"][...][0], ref_norm.var[...], "running var")
 
 
 @pytest.mark.parametrize(
@@ -243,9 +154,9 @@ def test_pmap_replicas_equal_one_global_batch(spatial: bool):
 def test_block_fuses_its_channel_gate_with_its_last_batch_norm_in_training_only(
     block_type, attention, monkeypatch
 ):
-    """With impl="auto" a block's SE, or CBAM's two gates, run through batch_norm_channel_gate
-    in training mode, with the values and gradients of impl="xla", which composes the
-    modules; not in eval mode."""
+    """With impl="auto" a block's SE, or CBAM's channel gate (its spatial gate after it), runs
+    through batch_norm_channel_gate in training mode, with the values and gradients of
+    impl="xla", which composes the modules; not in eval mode."""
     calls = []
 
     def counted(*args):
@@ -262,7 +173,6 @@ def test_block_fuses_its_channel_gate_with_its_last_batch_norm_in_training_only(
     (_, out), (g_block, _, g_x) = values[0]
     (_, ref_out), (ref_block, _, ref_x) = values[1]
     assert len(calls) == 1
-    assert (calls[0][3] is not None) == attention.startswith("cbam")  # the spatial gate inside
     assert_close(out, ref_out, "output")
     assert_close(g_x, ref_x, "dx")
     for g, ref in zip(jax.tree.leaves(g_block), jax.tree.leaves(ref_block), strict=True):

@@ -6,8 +6,8 @@
 - `"pallas"`: the same schedule with Pallas kernels: Mosaic GPU (`plgpu.kernel`) on CUDA GPUs,
   `pl.pallas_call` on TPUs, `pl.pallas_call` in the interpreter on CPU.
 - `"auto"`: per platform, gate and H*W, the path measured fastest (`AUTO`), else `"xla"`. In a
-  residual block in training mode an SE, or a CBAM (both its gates), on `"auto"` runs fused
-  with the BatchNorm before it (layers.norm_gate) where that choice is `"xla"`.
+  residual block in training mode an SE, or CBAM's channel gate, on `"auto"` runs fused with
+  the BatchNorm before it (layers.norm_gate) where that choice is `"xla"`.
 """
 
 from __future__ import annotations

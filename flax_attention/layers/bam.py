@@ -8,7 +8,6 @@ Their channel pool is an HxH window (global only on square inputs); ours is the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -31,36 +30,6 @@ COMBINES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
     "product": jnp.multiply,
     "sum": jnp.add,
 }
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def attend(x: jax.Array, c: jax.Array, s: jax.Array, combine: str) -> jax.Array:
-    """`x * (1 + sigmoid(combine(c, s)))`, the attention rounded to x's dtype before the product.
-
-    x: NHWC (N, H, W, C); c: the channel branch (N, 1, 1, C) float32; s: the spatial branch
-    (N, H, W, 1) float32; -> x's shape and dtype. The backward recomputes the attention from
-    c and s (autodiff instead stores its float32 (N, H, W, C) pre-activation) and reads
-    (cotangent, x) twice: once for dx and the sum over C, once for the sum over H*W.
-    """
-    return x * (1.0 + jax.nn.sigmoid(COMBINES[combine](c, s))).astype(x.dtype)
-
-
-def _attend_fwd(x, c, s, combine):
-    return attend(x, c, s, combine), (x, c, s)
-
-
-def _attend_bwd(combine, residuals, d_out):
-    x, c, s = residuals
-    t = jax.nn.sigmoid(COMBINES[combine](c, s))
-    d_out = d_out.astype(jnp.float32)
-    dx = d_out * (1.0 + t).astype(x.dtype).astype(jnp.float32)
-    d_pre = d_out * x.astype(jnp.float32) * t * (1.0 - t)
-    d_c = d_pre * s if combine == "product" else d_pre
-    d_s = d_pre * c if combine == "product" else d_pre
-    return dx.astype(x.dtype), d_c.sum((1, 2), keepdims=True), d_s.sum(-1, keepdims=True)
-
-
-attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 class BAMChannelGate(nnx.Module):
@@ -188,8 +157,13 @@ class BAM(nnx.Module):
             channels, hidden, dilation, num_dilated, rngs=rngs, spatial_conv=spatial_conv, **dt
         )
 
+    def gate(self, x: jax.Array) -> jax.Array:
+        """The attention `1 + sigmoid(...)` (N, H, W, C) in float32 for an NHWC input."""
+        c = self.channel(x).astype(jnp.float32)[:, None, None, :]
+        s = self.spatial(x).astype(jnp.float32)
+        return 1.0 + jax.nn.sigmoid(COMBINES[self.combine](c, s))
+
     def __call__(self, x: jax.Array) -> jax.Array:
         check_nhwc(x, self.channels, "BAM")
         x = x.astype(self.dtype)
-        c = self.channel(x).astype(jnp.float32)[:, None, None, :]
-        return attend(x, c, self.spatial(x).astype(jnp.float32), self.combine)
+        return x * self.gate(x).astype(self.dtype)

@@ -236,7 +236,7 @@ class CBAM(nnx.Module):
 
     `impl` ("xla", "xla_passes", "pallas", "auto") picks jax.numpy or the fused passes;
     `spatial_conv` how the spatial gate's conv is computed (SpatialGate). Inside a residual
-    block in training mode, `"auto"` runs both gates fused with the block's last BatchNorm
+    block in training mode, `"auto"` runs the channel gate fused with the block's last BatchNorm
     (layers.norm_gate) where the measured choice is XLA.
     """
 

@@ -225,10 +225,9 @@ def _finish(block: Block, x: jax.Array, z: jax.Array, norm: BatchNorm) -> jax.Ar
 
 
 def _normalize_and_attend(norm: BatchNorm, attention: nnx.Module | None, z: jax.Array) -> jax.Array:
-    """`attention(norm(z))`. In training mode, an SE, or a CBAM's channel gate with its spatial
-    gate, on `impl="auto"` whose measured choice here is XLA runs fused with `norm`
-    (layers.norm_gate: the channel gate's pools and product cost no pass of their own, and
-    nothing the size of z is stored but z)."""
+    """`attention(norm(z))`. In training mode, an SE's or CBAM's channel gate on `impl="auto"`
+    whose measured choice here is XLA runs fused with `norm` (layers.norm_gate: its pools and
+    product cost no pass of their own); CBAM's spatial gate follows it as usual."""
     if attention is None:
         return norm(z)
     gate, spatial = attention, None
@@ -243,4 +242,5 @@ def _normalize_and_attend(norm: BatchNorm, attention: nnx.Module | None, z: jax.
     )
     if not fusable:
         return attention(norm(z))
-    return batch_norm_channel_gate(norm, gate, z, spatial)
+    y = batch_norm_channel_gate(norm, gate, z)
+    return y if spatial is None else spatial(y)
