@@ -17,29 +17,6 @@ Dtype = jnp.dtype | type
 conv_init = he_normal_fan_out
 
 
-@jax.custom_vjp
-def relu(x: jax.Array) -> jax.Array:
-    """`max(x, 0)`, elementwise, with jax.nn.relu's values and gradients.
-
-    The backward masks the cotangent with the output (`y > 0` holds exactly where `x > 0`, NaN
-    included: both give 0). The output is what the next layer keeps for its own backward, so
-    the pre-activation is neither stored nor recomputed, as autodiff of jax.nn.relu needs it.
-    """
-    return jnp.maximum(x, 0)
-
-
-def _relu_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    y = relu(x)
-    return y, y
-
-
-def _relu_bwd(y: jax.Array, dy: jax.Array) -> tuple[jax.Array]:
-    return (jnp.where(y > 0, dy, jnp.zeros_like(dy)),)
-
-
-relu.defvjp(_relu_fwd, _relu_bwd)
-
-
 def conv2d(
     in_channels: int,
     out_channels: int,

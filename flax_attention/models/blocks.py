@@ -23,7 +23,6 @@ from flax_attention.layers.common import (
     check_nhwc,
     check_positive,
     conv2d,
-    relu,
 )
 from flax_attention.layers.norm_gate import FUSED_POOLS, batch_norm_channel_gate
 
@@ -126,7 +125,7 @@ class BasicBlock(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         check_nhwc(x, self.in_channels, type(self).__name__)
         x = x.astype(self.dtype)
-        y = relu(self.bn1(self.conv1(x)))
+        y = jax.nn.relu(self.bn1(self.conv1(x)))
         return _finish(self, x, self.conv2(y), self.bn2)
 
 
@@ -168,8 +167,8 @@ class Bottleneck(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         check_nhwc(x, self.in_channels, type(self).__name__)
         x = x.astype(self.dtype)
-        y = relu(self.bn1(self.conv1(x)))
-        y = relu(self.bn2(self.conv2(y)))
+        y = jax.nn.relu(self.bn1(self.conv1(x)))
+        y = jax.nn.relu(self.bn2(self.conv2(y)))
         return _finish(self, x, self.conv3(y), self.bn3)
 
 
@@ -209,8 +208,8 @@ class EPSABlock(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         check_nhwc(x, self.in_channels, type(self).__name__)
         x = x.astype(self.dtype)
-        y = relu(self.bn1(self.conv1(x)))
-        y = relu(self.bn2(self.conv2(y)))
+        y = jax.nn.relu(self.bn1(self.conv1(x)))
+        y = jax.nn.relu(self.bn2(self.conv2(y)))
         return _finish(self, x, self.conv3(y), self.bn3)
 
 
@@ -222,7 +221,7 @@ def _finish(block: Block, x: jax.Array, z: jax.Array, norm: BatchNorm) -> jax.Ar
     add the shortcut of `x` and ReLU."""
     y = _normalize_and_attend(norm, block.attention, z)
     shortcut = x if block.downsample is None else block.downsample(x)
-    return relu(y + shortcut)
+    return jax.nn.relu(y + shortcut)
 
 
 def _normalize_and_attend(norm: BatchNorm, attention: nnx.Module | None, z: jax.Array) -> jax.Array:

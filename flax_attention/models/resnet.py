@@ -23,7 +23,6 @@ from flax_attention.layers.common import (
     check_positive,
     global_mean,
     linear,
-    relu,
 )
 from flax_attention.models.blocks import AttentionFactory, make_attention
 from flax_attention.models.stem import StemConv
@@ -100,7 +99,7 @@ class ResNet(nnx.Module):
     ) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
         check_nhwc(x, self.in_channels, "ResNet")
         x = x.astype(self.dtype)
-        x = max_pool_3x3_s2(relu(self.bn1(self.conv1(x))))
+        x = max_pool_3x3_s2(jax.nn.relu(self.bn1(self.conv1(x))))
         features = []
         for i, stage in enumerate(self.stages):
             for block in stage:
