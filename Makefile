@@ -16,8 +16,9 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
+# Two pytest workers (CI has two cores): the suite is mostly single-threaded XLA compiles.
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 train: $(STAMP)
 	$(BIN)/python -m train
