@@ -260,3 +260,26 @@ def test_table_writers_refuse_a_missing_or_wrong_result_in_one_line(
         assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
         assert str(path) in err[0]
     assert f"not a {suite} suite result (suite: input)" in err[0]
+
+
+def test_spatial_convs_experiment_swaps_one_stage_of_the_table_at_a_time():
+    """The experiment's cases: the library's table, then each stage with each other
+    formulation; inside `spatial_table` the library resolves to the swapped entry, and the
+    table is restored after."""
+    from benchmarks.experiments import spatial_convs
+    from flax_attention.layers import tap_convs
+
+    sizes = spatial_convs.stage_sizes(224)
+    assert sizes == (56, 28, 14, 7)
+    before = {platform: dict(table) for platform, table in tap_convs.AUTO.items()}
+    bam_56 = tap_convs.resolve("auto", "bam", 56, 56)  # another gate's entry: untouched
+    (first, library), *swaps = spatial_convs.cases(sizes, "cbam", len(sizes))
+    assert first is None and len(swaps) == len(sizes) * (len(tap_convs.FORMULATIONS) - 1)
+    for stage, choices in swaps:
+        changed = [hw for hw in choices if choices[hw] != library[hw]]
+        assert changed == [sizes[stage - 1] ** 2]
+        with spatial_convs.spatial_table("cbam", choices):
+            resolved = [tap_convs.resolve("auto", "cbam", h, h) for h in sizes]
+            assert resolved == [choices[h * h] for h in sizes]
+            assert tap_convs.resolve("auto", "bam", 56, 56) == bam_56
+        assert before == tap_convs.AUTO

@@ -1,0 +1,127 @@
+"""CBAM's and BAM's spatial-conv formulation per stage, timed in the whole training step.
+
+`layers.tap_convs.AUTO` picks, per stage size, the formulation of the spatial gates' convs
+(`conv`, `shifts`, `im2col`) that was fastest for the module alone (modules suite, batch 128).
+In the network the choice meets the rest of the step (what XLA fuses the taps with, cuDNN's
+algorithms at batch 256): the H200 profile of cbam_resnet50 (2026-11-30) shows `im2col` at
+28x28 writing its (N, H, W, 98) taps at 0.23 ms per block, and cuDNN's kernel gradient of the
+7x7 conv at 56x56 taking 0.24 ms per block. So this times the train suite's step (batch 256,
+bf16) with the library's table, then with one stage's entry swapped for each other
+formulation, one stage at a time; a row's `vs_auto_ms` is its step time minus the table's.
+
+`python -m benchmarks.experiments.spatial_convs [--models cbam_resnet50,bam_resnet50] [--quick]
+[--out DIR]` writes `<out>/spatial_convs.json` (by default
+benchmarks/experiments/results/<device>/) after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import jax
+
+from benchmarks import train
+from benchmarks.common import Settings, device_slug, error_text, jax_sync, time_fn
+from flax_attention.kernels.dispatch import platform
+from flax_attention.layers import tap_convs
+
+GATES = {"cbam_resnet50": "cbam", "bam_resnet50": "bam"}  # model -> its tap_convs.AUTO gate
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def stage_sizes(image: int) -> tuple[int, ...]:
+    """H (= W) of ResNet-50's four stages for a square `image`: strides 4, 8, 16, 32."""
+    return tuple(image // stride for stride in (4, 8, 16, 32))
+
+
+@contextmanager
+def spatial_table(gate: str, choices: dict[int, str]) -> Iterator[None]:
+    """`tap_convs.AUTO` on this platform with `gate`'s entries set to `choices` (H*W ->
+    formulation) while the context lasts: the models built and traced inside it use them."""
+    key = platform()
+    saved = tap_convs.AUTO.get(key)
+    rows = tuple(sorted(choices.items(), reverse=True))
+    tap_convs.AUTO[key] = {**(saved or {}), gate: rows}
+    try:
+        yield
+    finally:
+        if saved is None:
+            del tap_convs.AUTO[key]
+        else:
+            tap_convs.AUTO[key] = saved
+
+
+def measure(name: str, settings: Settings, batch: int, image: int) -> dict:
+    """The train suite's step of `name` (impl "auto"): compiled, timed, its convolutions
+    counted in the compiled HLO."""
+    step = train.flax_step(name, "auto", batch, image, settings.inputs)
+    timing = time_fn(step, step.data, jax_sync, settings)
+    hlo = step.compiled.as_text()
+    convolutions = hlo.count(" convolution(") + hlo.count("__cudnn$conv")
+    return {
+        **timing.as_dict(),
+        "img_per_s": round(batch / timing.median_ms * 1e3, 1),
+        "compile_s": round(step.compile_s, 2),
+        "hlo_convolutions": convolutions,
+    }
+
+
+def cases(sizes: tuple[int, ...], gate: str, stages: int) -> Iterator[tuple[int | None, dict]]:
+    """(swapped stage or None, H*W -> formulation): the library's table, then the first
+    `stages` stages each with every other formulation."""
+    library = {h * h: tap_convs.resolve("auto", gate, h, h) for h in sizes}
+    yield None, library
+    for stage, h in enumerate(sizes[:stages], start=1):
+        for form in tap_convs.FORMULATIONS:
+            if form != library[h * h]:
+                yield stage, {**library, h * h: form}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(GATES), help="comma-separated, of " + str(GATES))
+    p.add_argument("--quick", action="store_true", help="tiny shapes, stage 1 only (CPU smoke)")
+    p.add_argument("--out", type=Path, help="folder for spatial_convs.json")
+    args = p.parse_args(argv)
+    args.out = args.out or RESULTS / device_slug(args.quick)
+    settings = Settings.make(args.quick)
+    batch = train.QUICK_BATCH if args.quick else train.BATCH
+    image = train.QUICK_IMAGE if args.quick else train.IMAGE
+    sizes = stage_sizes(image)
+    meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "batch": batch}
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in [m for m in args.models.split(",") if m]:
+        if name not in GATES:
+            raise SystemExit(f"unknown model {name!r}; choose from {list(GATES)}")
+        gate, auto_ms = GATES[name], None
+        for stage, choices in cases(sizes, gate, 1 if args.quick else len(sizes)):
+            row = {"name": name, "swapped_stage": stage, "shape": [batch, image, image, 3]}
+            row["formulations"] = [choices[h * h] for h in sizes]  # stages 1-4
+            try:
+                with spatial_table(gate, choices):
+                    row.update(measure(name, settings, batch, image))
+                if stage is None:
+                    auto_ms = row["median_ms"]
+                elif auto_ms is not None:
+                    row["vs_auto_ms"] = round(row["median_ms"] - auto_ms, 3)
+            except Exception as e:
+                row["error"] = error_text(e)
+            rows.append(row)
+            print(
+                f"{name} stage {stage or '-'} {' '.join(row['formulations']):26s}"
+                f" {row.get('median_ms', float('nan')):8.3f} ms"
+                f" {row.get('vs_auto_ms', 0.0):+7.3f} {row.get('error', '')}",
+                flush=True,
+            )
+            (args.out / "spatial_convs.json").write_text(
+                json.dumps({**meta, "rows": rows}, indent=1)
+            )
+
+
+if __name__ == "__main__":
+    main()
