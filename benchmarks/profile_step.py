@@ -7,9 +7,10 @@ in one category (convolution / matmul library calls, reduction fusions, elementw
 copies, collectives, other), with its time per step and the bytes its operands and result
 occupy, so that memory-bound categories can be read against the copy bandwidth.
 
-`python -m benchmarks.profile_step [--models resnet50,...] [--impl auto] [--steps 5] [--quick]
-[--save-hlo] [--out DIR]` writes `<out>/profile_step.json` (per model: categories and the 25
-costliest instructions); `<out>` is benchmarks/results/<device> unless given.
+`python -m benchmarks.profile_step [--models resnet50,...] [--impl auto] [--steps 5] [--top 25]
+[--quick] [--save-hlo] [--out DIR]` writes `<out>/profile_step.json` (per model: categories and
+the `--top` costliest instructions, every one with `--top 0`); `<out>` is
+benchmarks/results/<device> unless given.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from benchmarks import train
 from benchmarks.common import RESULTS, device_slug, error_text
 from benchmarks.profiling import profile_calls
 
-TOP = 25  # instructions kept per model
 
-
-def profile(name: str, impl: str, batch: int, image: int, steps: int, hlo_dir: Path | None) -> dict:
+def profile(
+    name: str, impl: str, batch: int, image: int, steps: int, top: int, hlo_dir: Path | None
+) -> dict:
     step = train.flax_step(name, impl, batch, image, inputs=2)
     hlo_text = step.compiled.as_text()
     if hlo_dir is not None:
@@ -43,7 +44,7 @@ def profile(name: str, impl: str, batch: int, image: int, steps: int, hlo_dir: P
         "device_ms_per_step": prof["device_ms"],
         "kernels_per_step": prof["kernels"],
         "categories": prof["categories"],
-        "top": prof["ops"][:TOP],
+        "top": prof["ops"][:top] if top else prof["ops"],
     }
 
 
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default=",".join(train.MODELS), help="comma-separated models")
     p.add_argument("--impl", default="auto", help="the gates' impl (the models' default)")
     p.add_argument("--steps", type=int, default=5, help="steps traced per model")
+    p.add_argument("--top", type=int, default=25, help="instructions kept per model (0: all)")
     p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke)")
     p.add_argument("--out", type=Path, help="folder for profile_step.json")
     p.add_argument("--save-hlo", action="store_true", help="also write <out>/<model>.hlo.txt.gz")
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models.split(","):
         try:
             hlo_dir = args.out if args.save_hlo else None
-            row = profile(name, args.impl, batch, image, args.steps, hlo_dir)
+            row = profile(name, args.impl, batch, image, args.steps, args.top, hlo_dir)
         except Exception as e:
             row = {"name": name, "error": error_text(e)}
         rows.append(row)

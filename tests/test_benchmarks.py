@@ -179,6 +179,20 @@ def test_profile_gates_quick_run_lists_every_kernel(tmp_path):
     assert any("conv_general_dilated" in op["source"] for op in convs)
 
 
+def test_profile_step_keeps_every_instruction_with_top_zero(tmp_path):
+    """`python -m benchmarks.profile_step --quick --top 0` on CPU: the resnet50 step's every
+    instruction, their launches adding up to the step's kernels (the default keeps 25)."""
+    from benchmarks import profile_step
+
+    profile_step.main(
+        ["--quick", "--models", "resnet50", "--steps", "1", "--top", "0", "--out", str(tmp_path)]
+    )
+    (row,) = json.loads((tmp_path / "profile_step.json").read_text())["rows"]
+    assert "error" not in row, row.get("error")
+    assert len(row["top"]) > 25
+    assert sum(op["launches"] for op in row["top"]) == row["kernels_per_step"]
+
+
 def test_scaling_quick_run_records_every_form_and_its_collectives(tmp_path):
     """`scaling` on 2 of the simulated CPU devices: every form is measured against the
     one-device jit row, and the shard_map jit step has fewer collectives than the SPMD one."""
