@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, help="folder for profile_step.json")
     p.add_argument("--save-hlo", action="store_true", help="also write <out>/<model>.hlo.txt.gz")
     args = p.parse_args(argv)
+    if args.top < 0:
+        p.error(f"--top must be >= 0 (0 keeps every instruction), got {args.top}")
     args.out = args.out or RESULTS / device_slug(args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
     batch = train.QUICK_BATCH if args.quick else train.BATCH

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -297,3 +298,22 @@ def test_spatial_convs_experiment_swaps_one_stage_of_the_table_at_a_time():
             assert resolved == [choices[h * h] for h in sizes]
             assert tap_convs.resolve("auto", "bam", 56, 56) == bam_56
         assert before == tap_convs.AUTO
+
+
+@pytest.mark.parametrize(
+    "module, args",
+    [
+        ("benchmarks.experiments.spatial_convs", ["--models", "cbam_resnet50,resnet50"]),
+        ("benchmarks.experiments.spatial_convs", ["--models", ","]),
+        ("benchmarks.profile_step", ["--top", "-1"]),
+    ],
+)
+def test_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys, module, args):
+    """A model the experiment does not sweep, no model, or a negative --top: one usage line,
+    exit status 2, before any output folder is made."""
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--quick", "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    assert "error: --" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

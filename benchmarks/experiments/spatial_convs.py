@@ -28,6 +28,7 @@ from pathlib import Path
 import jax
 
 from benchmarks import train
+from benchmarks.__main__ import SAMPLING
 from benchmarks.common import Settings, device_slug, error_text, jax_sync, time_fn
 from flax_attention.kernels.dispatch import platform
 from flax_attention.layers import tap_convs
@@ -90,19 +91,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="tiny shapes, stage 1 only (CPU smoke)")
     p.add_argument("--out", type=Path, help="folder for spatial_convs.json")
     args = p.parse_args(argv)
+    models = [m for m in args.models.split(",") if m]
+    unknown = [m for m in models if m not in GATES]
+    if unknown or not models:
+        p.error(f"--models: unknown {unknown or 'none given'}; choose from {list(GATES)}")
     args.out = args.out or RESULTS / device_slug(args.quick)
     settings = Settings.make(args.quick)
     if not args.quick:  # the train suite's sampling: its step times are comparable
-        settings.samples, settings.sample_ms = 6, 300.0
+        for key, value in SAMPLING["train"].items():
+            setattr(settings, key, value)
     batch = train.QUICK_BATCH if args.quick else train.BATCH
     image = train.QUICK_IMAGE if args.quick else train.IMAGE
     sizes = stage_sizes(image)
     meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "batch": batch}
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name in [m for m in args.models.split(",") if m]:
-        if name not in GATES:
-            raise SystemExit(f"unknown model {name!r}; choose from {list(GATES)}")
+    for name in models:
         gate, auto_ms = GATES[name], None
         for stage, choices in cases(sizes, gate, 1 if args.quick else len(sizes)):
             row = {"name": name, "swapped_stage": stage, "shape": [batch, image, image, 3]}
