@@ -8,9 +8,15 @@ algorithms at batch 256): the H200 profile of cbam_resnet50 (2026-11-30) shows `
 7x7 conv at 56x56 taking 0.24 ms per block. So this times the train suite's step (batch 256,
 bf16) with the library's table, then with one stage's entry swapped for each other
 formulation, one stage at a time; a row's `vs_auto_ms` is its step time minus the table's.
-The H200 result (2026-11-30) holds the first six cbam_resnet50 rows only (the session's device
-time ran out), sampled 30 x 20 ms (now the train suite's 6 x 300 ms): every swap was slower,
-by 1.1-4.5 ms a step, than the table's (`conv`, `im2col`, `conv`, `shifts`).
+
+The H200 result (2026-11-30) is bam_resnet50's: every swap is slower than the table's (`conv`,
+`im2col`, `im2col`), by 1.0-1.1 ms at stage 1 and 0.2-0.8 ms at stages 2-3. That run also swapped
+stage 4, where bam_resnet50 has no BAM: those two rows time the same program as the table's and
+came out +0.48 and +0.60 ms, the noise of one row. An earlier partial cbam_resnet50 run (in git
+history) found every swap of stages 1-3 slower than the then table (`conv`, `im2col`, `conv`,
+`shifts`); it predates the narrow conv's kernel gradient on a major axis, after which `shifts`
+measured fastest at every stage (modules suite) and +5.7% in the network (5,521 against 5,224
+img/s, one interleaved A/B).
 
 `python -m benchmarks.experiments.spatial_convs [--models cbam_resnet50,bam_resnet50] [--quick]
 [--out DIR]` writes `<out>/spatial_convs.json` (by default
@@ -33,7 +39,8 @@ from benchmarks.common import Settings, device_slug, error_text, jax_sync, time_
 from flax_attention.kernels.dispatch import platform
 from flax_attention.layers import tap_convs
 
-GATES = {"cbam_resnet50": "cbam", "bam_resnet50": "bam"}  # model -> its tap_convs.AUTO gate
+# model -> (its tap_convs.AUTO gate, how many stages have one: BAM sits after stages 1-3 only)
+GATES = {"cbam_resnet50": ("cbam", 4), "bam_resnet50": ("bam", 3)}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -87,7 +94,9 @@ def cases(sizes: tuple[int, ...], gate: str, stages: int) -> Iterator[tuple[int 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default=",".join(GATES), help="comma-separated, of " + str(GATES))
+    p.add_argument(
+        "--models", default=",".join(GATES), help="comma-separated, of " + str(list(GATES))
+    )
     p.add_argument("--quick", action="store_true", help="tiny shapes, stage 1 only (CPU smoke)")
     p.add_argument("--out", type=Path, help="folder for spatial_convs.json")
     args = p.parse_args(argv)
@@ -107,8 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in models:
-        gate, auto_ms = GATES[name], None
-        for stage, choices in cases(sizes, gate, 1 if args.quick else len(sizes)):
+        (gate, stages), auto_ms = GATES[name], None
+        for stage, choices in cases(sizes, gate, 1 if args.quick else stages):
             row = {"name": name, "swapped_stage": stage, "shape": [batch, image, image, 3]}
             row["formulations"] = [choices[h * h] for h in sizes]  # stages 1-4
             try:

@@ -40,7 +40,7 @@ FORMULATIONS = SPATIAL_CONVS[1:]
 # (tests/test_benchmarks.py checks the two agree). Other platforms use the library conv.
 AUTO: dict[str, dict[str, tuple[tuple[int, str], ...]]] = {
     "gpu": {
-        "cbam": ((3136, "conv"), (784, "im2col"), (196, "conv"), (49, "shifts")),
+        "cbam": ((3136, "shifts"), (784, "shifts"), (196, "shifts"), (49, "shifts")),
         "bam": ((3136, "conv"), (784, "im2col"), (196, "im2col"), (49, "im2col")),
     },
 }
