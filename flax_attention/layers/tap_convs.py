@@ -108,11 +108,11 @@ def _narrow_kernel_grad(
     padded = jnp.pad(x.astype(jnp.float32), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     padded = padded.transpose(3, 0, 1, 2)  # (C_in, N, H + 2 pad, W + 2 pad)
     rows, cols = jnp.divmod(jnp.arange(size * size), size)
-    taps = jax.vmap(
+    gathered = jax.vmap(
         lambda i, j: lax.dynamic_slice(padded, (0, 0, i * dilation, j * dilation), (cin, n, h, w))
     )(rows, cols)  # (k*k, C_in, N, H, W)
     dy = dy.astype(jnp.float32).transpose(3, 0, 1, 2)  # (C_out, N, H, W)
-    dk = jnp.sum(taps[:, :, None] * dy[None, None], axis=(3, 4, 5))  # (k*k, C_in, C_out)
+    dk = jnp.sum(gathered[:, :, None] * dy[None, None], axis=(3, 4, 5))  # (k*k, C_in, C_out)
     return dk.reshape(size, size, cin, cout)
 
 
