@@ -117,7 +117,11 @@ def flax_step(name: str, impl: str, batch: int, image: int, inputs: int) -> Flax
 
 
 def flax_row(name: str, impl: str, settings: Settings, batch: int, image: int) -> dict:
-    step = flax_step(name, impl, batch, image, settings.inputs)
+    return step_row(flax_step(name, impl, batch, image, settings.inputs), settings, batch)
+
+
+def step_row(step: FlaxStep, settings: Settings, batch: int) -> dict:
+    """A built step's row: compile time, peak memory and (unless warming) its timing, img/s."""
     row = {
         "compile_s": round(step.compile_s, 2),
         "peak_mem_gb": round(step.peak_bytes / 2**30, 3) if step.peak_bytes else None,

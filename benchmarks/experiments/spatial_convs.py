@@ -35,7 +35,7 @@ import jax
 
 from benchmarks import train
 from benchmarks.__main__ import SAMPLING
-from benchmarks.common import Settings, device_slug, error_text, jax_sync, time_fn
+from benchmarks.common import Settings, device_slug, error_text
 from flax_attention.kernels.dispatch import platform
 from flax_attention.layers import tap_convs
 
@@ -67,18 +67,12 @@ def spatial_table(gate: str, choices: dict[int, str]) -> Iterator[None]:
 
 
 def measure(name: str, settings: Settings, batch: int, image: int) -> dict:
-    """The train suite's step of `name` (impl "auto"): compiled, timed, its convolutions
-    counted in the compiled HLO."""
+    """The train suite's row of `name`'s step (impl "auto"), with its convolutions counted in
+    the compiled HLO."""
     step = train.flax_step(name, "auto", batch, image, settings.inputs)
-    timing = time_fn(step, step.data, jax_sync, settings)
     hlo = step.compiled.as_text()
     convolutions = hlo.count(" convolution(") + hlo.count("__cudnn$conv")
-    return {
-        **timing.as_dict(),
-        "img_per_s": round(batch / timing.median_ms * 1e3, 1),
-        "compile_s": round(step.compile_s, 2),
-        "hlo_convolutions": convolutions,
-    }
+    return {**train.step_row(step, settings, batch), "hlo_convolutions": convolutions}
 
 
 def cases(sizes: tuple[int, ...], gate: str, stages: int) -> Iterator[tuple[int | None, dict]]:

@@ -47,12 +47,17 @@ AUTO: dict[str, dict[str, tuple[tuple[int, str], ...]]] = {
 UNROLL_CHANNELS = 4  # up to this many channels in and out, `shifts` multiplies elementwise
 
 
+def _pad_same(x: jax.Array, size: int, dilation: int = 1) -> jax.Array:
+    """NHWC x (N, H, W, C) zero-padded by dilation*(size-1)//2 on each side of H and W."""
+    pad = dilation * (size - 1) // 2
+    return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+
 def taps(x: jax.Array, size: int, dilation: int = 1) -> list[jax.Array]:
     """The size*size shifted views of NHWC x (N, H, W, C), zero-padded by
     dilation*(size-1)//2 on each side, row-major over the kernel: each (N, H, W, C)."""
-    pad = dilation * (size - 1) // 2
     _, h, w, _ = x.shape
-    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    xp = _pad_same(x, size, dilation)
     return [
         xp[:, i * dilation : i * dilation + h, j * dilation : j * dilation + w]
         for i in range(size)
@@ -104,8 +109,7 @@ def _narrow_kernel_grad(
     """
     size, _, cin, cout = shape
     n, h, w, _ = x.shape
-    pad = dilation * (size - 1) // 2
-    padded = jnp.pad(x.astype(jnp.float32), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    padded = _pad_same(x.astype(jnp.float32), size, dilation)
     padded = padded.transpose(3, 0, 1, 2)  # (C_in, N, H + 2 pad, W + 2 pad)
     rows, cols = jnp.divmod(jnp.arange(size * size), size)
     gathered = jax.vmap(
