@@ -49,9 +49,10 @@ TAP_FORMS = tuple(form for form in SPATIAL_CONVS if form != "conv")
 
 def split_impl(label: str) -> tuple[str, str]:
     """An impl label -> (kernel impl, spatial conv formulation): "xla+shifts" -> ("xla",
-    "shifts"), "pallas" -> ("pallas", "conv")."""
+    "shifts"), "pallas" -> ("pallas", "conv"), "auto" -> ("auto", "auto") (every choice the
+    committed tables', as a user who leaves both at "auto" gets)."""
     impl, _, form = label.partition("+")
-    return impl, form or "conv"
+    return impl, form or ("auto" if impl == "auto" else "conv")
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,14 @@ def _torch_modules() -> dict[str, Callable[[int], Any]]:
 
 
 CASES: dict[str, ModuleCase] = {
-    "se": ModuleCase(lambda c, impl, **kw: SE(c, 16, bias=False, impl=impl, **kw), KERNEL_IMPLS),
+    "se": ModuleCase(
+        lambda c, impl, **kw: SE(c, 16, bias=False, impl=impl, **kw), (*KERNEL_IMPLS, "auto")
+    ),
     "cbam": ModuleCase(
         lambda c, impl, **kw: CBAM(
             c, 16, impl=split_impl(impl)[0], spatial_conv=split_impl(impl)[1], **kw
         ),
-        (*KERNEL_IMPLS, *(f"xla+{form}" for form in TAP_FORMS), "pallas+shifts"),
+        (*KERNEL_IMPLS, *(f"xla+{form}" for form in TAP_FORMS), "pallas+shifts", "auto"),
     ),
     "bam": ModuleCase(
         lambda c, impl, **kw: BAM(c, 16, spatial_conv=split_impl(impl)[1], **kw),
