@@ -45,7 +45,7 @@ STAGES = (
     (3, 28, 256, 2, 1),
     (4, 14, 512, 2, 1),
 )
-BRANCH_FORMULATIONS = ("grouped", "dense")
+BRANCH_FORMULATIONS = ("grouped", "dense", "blocked")
 BATCH, QUICK_BATCH = 128, 2
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         h_out = -(-hw // stride)
         shape = (batch, hw, hw, width)
         cases = [("branch", f, i) for i in range(len(BRANCHES)) for f in BRANCH_FORMULATIONS]
-        cases += [("module", f, None) for f in ("merged", "auto")]
+        cases += [("module", f, None) for f in ("merged", "blocked", "auto")]
         for scope, formulation, i in cases:
             row = {"stage": stage, "shape": list(shape), "stride": stride, "blocks": blocks}
             row.update(scope=scope, variant=formulation)
