@@ -60,62 +60,10 @@ def merged(x: jax.Array, branches: Sequence[Branch], stride: int) -> list[jax.Ar
     return jnp.split(y, [sum(bounds[:i]) for i in range(1, len(bounds))], axis=-1)
 
 
-TAP_BLOCK = 3  # `blocked`: taps per block side
-
-
-def blocked(x: jax.Array, branches: Sequence[Branch], stride: int) -> list[jax.Array]:
-    """Every block-diagonal kernel cut into 3x3 blocks of taps, all blocks of all branches one
-    3x3 conv with their outputs side by side, each branch the sum of its blocks' outputs
-    shifted by the block's offset."""
-    t = TAP_BLOCK
-    n, h, w, cin = x.shape
-    lo = max(kernel.shape[0] // 2 for kernel, _ in branches)
-    layout, blocks = [], []
-    for kernel, g in branches:
-        k, out = kernel.shape[0], kernel.shape[-1]
-        m = -(-k // t)
-        dense = jnp.pad(block_diagonal(kernel, g), ((0, m * t - k), (0, m * t - k), (0, 0), (0, 0)))
-        dense = dense.reshape(m, t, m, t, cin, out).transpose(1, 3, 4, 0, 2, 5)
-        blocks.append(dense.reshape(t, t, cin, m * m * out))
-        layout.append((lo - k // 2, m, out))
-    h_out, w_out = -(-h // stride), -(-w // stride)
-
-    def reach(size_out: int, size: int) -> int:
-        return max(stride * (size_out - 1) + o + t * m - size - lo for o, m, _ in layout)
-
-    xp = jnp.pad(x, ((0, 0), (lo, max(0, reach(h_out, h))), (lo, max(0, reach(w_out, w))), (0, 0)))
-    z = jax.lax.conv_general_dilated(
-        xp,
-        jnp.concatenate(blocks, axis=-1),
-        (1, 1),
-        "VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
-    outputs, channel = [], 0
-    for o, m, out in layout:
-        total = jnp.zeros((n, h_out, w_out, out), jnp.float32)
-        for a in range(m):
-            for b in range(m):
-                start = (0, o + t * a, o + t * b, channel)
-                limit = (
-                    n,
-                    start[1] + stride * (h_out - 1) + 1,
-                    start[2] + stride * (w_out - 1) + 1,
-                    channel + out,
-                )
-                total = total + jax.lax.slice(z, start, limit, (1, stride, stride, 1)).astype(
-                    jnp.float32
-                )
-                channel += out
-        outputs.append(total.astype(x.dtype))
-    return outputs
-
-
 FORMULATIONS: dict[str, Callable[[jax.Array, Sequence[Branch], int], list[jax.Array]]] = {
     "grouped": grouped,
     "dense": dense,
     "merged": merged,
-    "blocked": blocked,
 }
 
 
