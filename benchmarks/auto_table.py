@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from benchmarks.common import RESULTS, read_result
@@ -25,17 +25,22 @@ SOURCE = RESULTS / "nvidia-h200" / "modules.json"
 Table = dict[str, tuple[tuple[int, str], ...]]  # gate -> ((H * W, choice), ...)
 
 
+def _timed_rows(rows: list[dict]) -> Iterator[tuple[dict, int]]:
+    """(row, H * W) for each timed flax forward+backward row."""
+    for row in rows:
+        flax = row.get("framework", "flax") == "flax"
+        if flax and row.get("mode") == "fwdbwd" and "median_ms" in row:
+            yield row, row["shape"][1] * row["shape"][2]
+
+
 def _fastest(rows: list[dict], choice_of: Callable[[dict], str | None]) -> Table:
     """gate -> ((H * W, fastest choice), ...), largest H * W first, over the flax
     forward+backward rows for which `choice_of(row)` names a choice (None: not a candidate)."""
     best: dict[str, dict[int, tuple[float, str]]] = {}
-    for row in rows:
-        if row.get("framework", "flax") != "flax" or row.get("mode") != "fwdbwd":
-            continue
+    for row, size in _timed_rows(rows):
         choice = choice_of(row)
-        if choice is None or "median_ms" not in row:
+        if choice is None:
             continue
-        size = row["shape"][1] * row["shape"][2]
         gate = best.setdefault(row["name"], {})
         if size not in gate or row["median_ms"] < gate[size][0]:
             gate[size] = (row["median_ms"], choice)
@@ -68,32 +73,24 @@ def fastest_impls(rows: list[dict]) -> Table:
     also gives up the fusion with the BatchNorm before the gate (layers.norm_gate).
     """
     forms = {gate: dict(entries) for gate, entries in fastest_formulations(rows).items()}
-    measured: dict[str, dict[int, dict[str, dict]]] = {}
-    for row in rows:
+    measured: dict[str, dict[int, dict[str, dict]]] = {}  # gate -> H * W -> impl -> row
+    for row, size in _timed_rows(rows):
         impl, form = split_impl(row["impl"])
-        gate, size = row.get("name"), row["shape"][1] * row["shape"][2]
-        if (
-            gate not in ("se", "cbam")
-            or impl not in KERNEL_IMPLS
-            or row.get("framework", "flax") != "flax"
-            or row.get("mode") != "fwdbwd"
-            or "median_ms" not in row
-            or form != forms.get(gate, {}).get(size, "conv")
-        ):
-            continue
-        measured.setdefault(gate, {}).setdefault(size, {})[impl] = row
+        gate = row.get("name")
+        auto_form = forms.get(gate, {}).get(size, "conv")  # SE has no spatial conv
+        if gate in ("se", "cbam") and impl in KERNEL_IMPLS and form == auto_form:
+            measured.setdefault(gate, {}).setdefault(size, {})[impl] = row
     table = {}
     for gate, sizes in measured.items():
         if not any(impl != "xla" for by_impl in sizes.values() for impl in by_impl):
             continue
         choices = []
         for size in sorted(sizes, reverse=True):
-            by_impl = sizes[size]
-            xla = by_impl.get("xla")
-            fused = [row for impl, row in by_impl.items() if impl != "xla"]
-            best = min(fused, key=lambda row: row["median_ms"], default=None)
-            wins = best is not None and (xla is None or best["p90_ms"] < xla["p10_ms"])
-            choices.append((size, split_impl(best["impl"])[0] if wins else "xla"))
+            fused = {impl: row for impl, row in sizes[size].items() if impl != "xla"}
+            best = min(fused, key=lambda impl: fused[impl]["median_ms"], default=None)
+            xla = sizes[size].get("xla")
+            wins = best is not None and (xla is None or fused[best]["p90_ms"] < xla["p10_ms"])
+            choices.append((size, best if wins else "xla"))
         table[gate] = tuple(choices)
     return table
 
