@@ -52,6 +52,49 @@ def conv2d(
     )
 
 
+class PointwiseConv(nnx.Conv):
+    """A 1x1 convolution (no bias, no groups) computed as a matrix product over the channels.
+
+    NHWC `(N, H, W, in)` -> `(N, ceil(H / stride), ceil(W / stride), out)`; the kernel stays HWIO
+    `(1, 1, in, out)`, so parameters, checkpoints and the converter see an `nnx.Conv`. As a
+    contraction (a strided one takes every `stride`-th pixel first), XLA can fuse the input's
+    elementwise producers (the previous BatchNorm's scale, shift and ReLU) into the matrix
+    product instead of writing them out for a convolution.
+    """
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        stride = self.strides[0] if isinstance(self.strides, Sequence) else self.strides
+        dtype = self.dtype or jnp.result_type(inputs, self.kernel[...])
+        x = inputs.astype(dtype)
+        if stride != 1:
+            x = x[:, ::stride, ::stride]
+        return jnp.einsum("nhwc,co->nhwo", x, self.kernel[...][0, 0].astype(dtype))
+
+
+def pointwise_conv(
+    in_channels: int,
+    out_channels: int,
+    *,
+    stride: int = 1,
+    rngs: nnx.Rngs,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+) -> PointwiseConv:
+    """`conv2d(in_channels, out_channels, 1, stride=stride)` as a `PointwiseConv`."""
+    return PointwiseConv(
+        in_channels,
+        out_channels,
+        kernel_size=(1, 1),
+        strides=(stride, stride),
+        padding=((0, 0), (0, 0)),
+        use_bias=False,
+        kernel_init=conv_init,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
 def conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int = 1, groups: int = 1) -> jax.Array:
     """`lax.conv` with PyTorch's symmetric padding k // 2: NHWC x (N, H, W, C), HWIO kernel
     (k, k, C / groups, O) -> (N, H', W', O)."""

@@ -23,6 +23,7 @@ from flax_attention.layers.common import (
     check_nhwc,
     check_positive,
     conv2d,
+    pointwise_conv,
 )
 from flax_attention.layers.norm_gate import FUSED_POOLS, batch_norm_channel_gate
 
@@ -67,7 +68,7 @@ class Downsample(nnx.Module):
     """Projection shortcut: 1x1 conv with the stride (no bias) -> BatchNorm; NHWC."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, *, rngs, **dt):
-        self.conv = conv2d(in_channels, out_channels, 1, stride=stride, rngs=rngs, **dt)
+        self.conv = pointwise_conv(in_channels, out_channels, stride=stride, rngs=rngs, **dt)
         self.bn = BatchNorm(out_channels, rngs=rngs, **dt)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -155,11 +156,11 @@ class Bottleneck(nnx.Module):
         out_channels = planes * self.expansion
         self.in_channels = in_channels
         self.dtype = dtype
-        self.conv1 = conv2d(in_channels, planes, 1, rngs=rngs, **dt)
+        self.conv1 = pointwise_conv(in_channels, planes, rngs=rngs, **dt)
         self.bn1 = BatchNorm(planes, rngs=rngs, **dt)
         self.conv2 = conv2d(planes, planes, 3, stride=stride, rngs=rngs, **dt)
         self.bn2 = BatchNorm(planes, rngs=rngs, **dt)
-        self.conv3 = conv2d(planes, out_channels, 1, rngs=rngs, **dt)
+        self.conv3 = pointwise_conv(planes, out_channels, rngs=rngs, **dt)
         self.bn3 = BatchNorm(out_channels, rngs=rngs, **dt)
         self.attention = make_attention(attention, out_channels, rngs=rngs, impl=impl, **dt)
         self.downsample = make_shortcut(in_channels, out_channels, stride, rngs=rngs, **dt)
@@ -196,11 +197,11 @@ class EPSABlock(nnx.Module):
         out_channels = planes * self.expansion
         self.in_channels = in_channels
         self.dtype = dtype
-        self.conv1 = conv2d(in_channels, planes, 1, rngs=rngs, **dt)
+        self.conv1 = pointwise_conv(in_channels, planes, rngs=rngs, **dt)
         self.bn1 = BatchNorm(planes, rngs=rngs, **dt)
         self.conv2 = PSA(planes, planes, stride=stride, rngs=rngs, **dt)
         self.bn2 = BatchNorm(planes, rngs=rngs, **dt)
-        self.conv3 = conv2d(planes, out_channels, 1, rngs=rngs, **dt)
+        self.conv3 = pointwise_conv(planes, out_channels, rngs=rngs, **dt)
         self.bn3 = BatchNorm(out_channels, rngs=rngs, **dt)
         self.attention = None
         self.downsample = make_shortcut(in_channels, out_channels, stride, rngs=rngs, **dt)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_attention.kernels import check_impl
+from flax_attention.kernels.max_pool import max_pool_3x3_s2
 from flax_attention.layers.batch_norm import BatchNorm
 from flax_attention.layers.common import (
     Dtype,
@@ -28,11 +29,6 @@ from flax_attention.models.blocks import AttentionFactory, make_attention
 from flax_attention.models.stem import StemConv
 
 STEM_WIDTH = 64
-
-
-def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-    """PyTorch's MaxPool2d(3, stride=2, padding=1) on NHWC: padding is -inf, symmetric."""
-    return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
 class ResNet(nnx.Module):
