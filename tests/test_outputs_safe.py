@@ -193,11 +193,15 @@ def test_benchmark_cache_deletes_only_its_own_subfolders(tmp_path, monkeypatch, 
     assert listing(cache) == sorted(["notes.txt", *kept])
 
 
-def sleeper(popen):
-    """A `subprocess.Popen` that starts a child sleeping a minute instead of `cmd`."""
+def sleeper(popen, interrupt_at: int | None = None):
+    """A `subprocess.Popen` that starts a child sleeping a minute instead of `cmd` (Ctrl-C
+    instead at start number `interrupt_at`), and the list of (child or None, its stdout)."""
     started = []
 
     def start(cmd, **kwargs):
+        if len(started) + 1 == interrupt_at:
+            started.append((None, kwargs["stdout"]))
+            raise KeyboardInterrupt
         proc = popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs)
         started.append((proc, kwargs["stdout"]))
         return proc
@@ -206,19 +210,13 @@ def sleeper(popen):
 
 
 def test_warm_run_stops_its_workers_and_closes_their_logs_on_ctrl_c(tmp_path, monkeypatch):
-    start, started = sleeper(subprocess.Popen)
+    start, started = sleeper(subprocess.Popen, interrupt_at=2)
     monkeypatch.setattr(warm.subprocess, "Popen", start)
-
-    def interrupted(seconds):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(warm.time, "sleep", interrupted)
     shards = [warm.Shard(f"train m{i} flax", (), 1.0, None) for i in range(2)]
     with pytest.raises(KeyboardInterrupt):
         warm.run(shards, tmp_path / "cache", tmp_path / "warm", 2, 8.0)
-    assert len(started) == 2
-    for proc, log in started:
-        assert proc.poll() is not None and log.closed
+    (first, first_log), (_, second_log) = started
+    assert first.poll() is not None and first_log.closed and second_log.closed
 
 
 def test_multiprocess_job_stops_its_processes_and_closes_their_logs_on_error(tmp_path, monkeypatch):

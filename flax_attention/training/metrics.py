@@ -54,6 +54,15 @@ class MetricsLog:
             temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
             os.replace(temporary, self.path)
 
+    def check_empty(self) -> None:
+        """`FileExistsError` naming the file if it holds anything: records another run would
+        mix with, or lose to, this one's."""
+        if self.path.exists() and self.path.stat().st_size:
+            raise FileExistsError(
+                f"{self.path} already holds records, but there is no checkpoint to resume "
+                "from; move it away or choose another --workdir"
+            )
+
     def write(self, record: dict) -> None:
         if self.enabled:
             with self.path.open("a") as f:
