@@ -71,6 +71,8 @@ def fit(config: TrainConfig) -> dict[str, Any]:
     if config.distributed:
         jax.distributed.initialize()
     config.validate()  # before the workdir is made for its lock
+    if config.decoder != "cpu" and data.get_spec(config.dataset).gpu_decodable:
+        data.share_gpu_with_training()  # before JAX first uses the GPU: the lock asks jax
     with hold_workdir(config.workdir):
         return _Run(config).train()
 
@@ -83,8 +85,6 @@ class _Run:
         self.workdir = Path(cfg.workdir).absolute()
         _check_outputs_are_ours(self.workdir)
         self.spec = data.get_spec(cfg.dataset)
-        if cfg.decoder != "cpu" and self.spec.gpu_decodable:
-            data.share_gpu_with_training()  # before JAX first uses the GPU, just below
         self.cfg = cfg
         self.is_main = jax.process_index() == 0
         self.decoder = data.choose_decoder(cfg.decoder, cfg.dataset)  # before any data is read
