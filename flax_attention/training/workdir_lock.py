@@ -114,4 +114,4 @@ def _process_zero_agrees(locked: bool) -> bool:
     """Process 0's `locked`, on every process."""
     from jax.experimental import multihost_utils
 
-    return bool(multihost_utils.broadcast_one_to_all(np.asarray(locked)))
+    return int(multihost_utils.broadcast_one_to_all(np.int32(locked))) == 1
