@@ -4,7 +4,8 @@ Files under `config.workdir` (written by process 0 only, except the orbax checkp
 `metrics.jsonl` (one JSON object per logged step: step, epoch, loss, top1, top5, lr,
 images_per_s; one per evaluation: step, eval_loss, eval_top1, eval_top5), `metrics.png`,
 `checkpoints/<step>/` (orbax training checkpoints) and `model/` (the final model, loadable with
-`flax_attention.checkpoint.restore(None, workdir / "model")`).
+`flax_attention.checkpoint.restore(None, workdir / "model")`), and `.lock` while a run holds
+the workdir (`workdir_lock`).
 """
 
 from __future__ import annotations
