@@ -29,6 +29,7 @@ from benchmarks.common import (
     Results,
     Settings,
     chart,
+    clear_caches,
     device_name,
     device_slug,
     enable_caches,
@@ -70,7 +71,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     p.add_argument("--charts-only", action="store_true", help="redraw PNGs from existing JSON")
-    p.add_argument("--cache", type=Path, default=CACHE, help="persistent compilation caches")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=CACHE,
+        help="persistent compilation caches (a run starts by deleting its own folders in it: "
+        "jax, inductor, triton, warm; other files stay)",
+    )
     p.add_argument(
         "--jobs",
         type=int,
@@ -156,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     if "input" in names:  # before the first use of the GPU, which creates the CUDA context
         share_gpu_with_training()
     if not (args.warm_only or args.charts_only or args.keep_cache):
-        shutil.rmtree(args.cache, ignore_errors=True)  # compile times are cold ones
+        clear_caches(args.cache)  # compile times are cold ones
     enable_caches(args.cache)
     print(f"device: {device_name()}", flush=True)
     if args.record_autotune:

@@ -13,9 +13,11 @@ import json
 import os
 import platform
 import re
+import shutil
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -136,10 +138,35 @@ def random_inputs(shape: Sequence[int], dtype, count: int, seed: int = 0) -> lis
     return [jax.random.normal(k, tuple(shape), jnp.float32).astype(dtype) for k in keys]
 
 
+CACHE_PARTS = ("jax", "inductor", "triton", "warm")  # what the benchmarks write in a cache
+
+
+def clear_caches(cache_dir: Path) -> None:
+    """Delete the benchmarks' own folders in `cache_dir` (`CACHE_PARTS`); anything else
+    there is left alone."""
+    for part in CACHE_PARTS:
+        shutil.rmtree(cache_dir / part, ignore_errors=True)
+
+
+def stop_processes(processes: Iterable[subprocess.Popen], grace_s: float = 5.0) -> None:
+    """Terminate the processes still running, give them `grace_s` seconds to exit, then kill
+    those left; returns once every one has exited."""
+    running = [p for p in processes if p.poll() is None]
+    for proc in running:
+        proc.terminate()
+    deadline = time.monotonic() + grace_s
+    for proc in running:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def enable_caches(cache_dir: Path) -> None:
     """Persistent compilation caches under `cache_dir`: JAX's (every entry, however small or
     quick to compile, and XLA's per-fusion autotuning results) and Inductor's FX-graph and
-    AOTAutograd caches. Call before torch imports."""
+    AOTAutograd caches, each in its folder of `CACHE_PARTS`. Call before torch imports."""
     jax.config.update("jax_compilation_cache_dir", str(cache_dir / "jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

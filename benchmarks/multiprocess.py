@@ -33,9 +33,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
+
+from benchmarks.common import stop_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_MODEL = "tiny_se_resnet"  # registered by the workers of a --quick run
@@ -124,21 +126,31 @@ class Job:
             self.commands.append(cmd)
             self.envs.append(env)
         self.procs: list[subprocess.Popen] = []
+        self.logs: list[IO] = []
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.logs = [open(self.workdir / f"log.{i}.txt", "a") for i in range(len(self.commands))]  # noqa: SIM115
-        self.procs = [
-            subprocess.Popen(c, env=e, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-            for c, e, log in zip(self.commands, self.envs, self.logs, strict=True)
-        ]
+        self.logs = []
+        try:
+            for i, (command, env) in enumerate(zip(self.commands, self.envs, strict=True)):
+                self.logs.append(open(self.workdir / f"log.{i}.txt", "a"))  # noqa: SIM115
+                self.procs.append(
+                    subprocess.Popen(
+                        command, env=env, cwd=ROOT, stdout=self.logs[-1], stderr=subprocess.STDOUT
+                    )
+                )
+        except BaseException:
+            self._stop()
+            raise
 
     def wait(self) -> None:
         """Wait for every process; RuntimeError with the log's tail if one failed."""
         deadline = time.monotonic() + self.args.timeout
-        for proc in self.procs:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        self._close()
+        try:
+            for proc in self.procs:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        finally:
+            self._stop()
         for i, proc in enumerate(self.procs):
             if proc.returncode != 0:
                 tail = (self.workdir / f"log.{i}.txt").read_text()[-3000:]
@@ -147,21 +159,25 @@ class Job:
     def kill_after_checkpoint(self) -> int:
         """SIGKILL every process once a checkpoint is committed; returns its step."""
         deadline = time.monotonic() + self.args.timeout
-        while time.monotonic() < deadline:
-            steps = committed_steps(self.workdir)
-            if steps:
-                for proc in self.procs:
-                    proc.send_signal(signal.SIGKILL)
-                for proc in self.procs:
-                    proc.wait()
-                self._close()
-                return max(steps)
-            if any(proc.poll() is not None for proc in self.procs):
-                raise RuntimeError("a process ended before the first checkpoint was committed")
-            time.sleep(0.02)
-        raise TimeoutError("no checkpoint was committed")
+        try:
+            while time.monotonic() < deadline:
+                steps = committed_steps(self.workdir)
+                if steps:
+                    for proc in self.procs:
+                        proc.send_signal(signal.SIGKILL)
+                    for proc in self.procs:
+                        proc.wait()
+                    return max(steps)
+                if any(proc.poll() is not None for proc in self.procs):
+                    raise RuntimeError("a process ended before the first checkpoint was committed")
+                time.sleep(0.02)
+            raise TimeoutError("no checkpoint was committed")
+        finally:
+            self._stop()
 
-    def _close(self) -> None:
+    def _stop(self) -> None:
+        """End the processes still running (an error, a timeout, Ctrl-C) and close the logs."""
+        stop_processes(self.procs)
         for log in self.logs:
             log.close()
 

@@ -31,8 +31,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
-from benchmarks.common import ROOT
+from benchmarks.common import ROOT, stop_processes
 
 GPU_GB = {("train", "torch.compile"): 15.0}  # a step runs at batch 256; ours only compiles
 SOLO = {"train resnet50 flax"}  # compiled first, alone: see the module docstring
@@ -95,36 +96,38 @@ def run(shard_list: list[Shard], cache_dir: Path, out_dir: Path, jobs: int, gpu_
     env["TORCHINDUCTOR_COMPILE_THREADS"] = str(max(1, (os.cpu_count() or 2) // jobs))
     start, cpu_start = time.perf_counter(), cpu_times()
     pending = list(shard_list)
-    running: dict[subprocess.Popen, tuple[Shard, Path, float]] = {}
+    running: dict[subprocess.Popen, tuple[Shard, Path, float, IO]] = {}
     seconds, failed = {}, []
-    while pending or running:
-        used = sum(s.gpu_gb for s, _, _ in running.values())
-        while (
-            pending and len(running) < jobs and (not running or used + pending[0].gpu_gb <= gpu_gb)
-        ):
-            shard = pending.pop(0)
-            work = out_dir / re.sub(r"[^A-Za-z0-9.]+", "-", shard.label)
-            work.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, "-m", "benchmarks", "--warm-only", "--cache", str(cache_dir)]
-            cmd += ["--out", str(work), *shard.args]
-            log = (work / "log.txt").open("w")
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-            running[proc] = (shard, work, time.perf_counter())
-            used += shard.gpu_gb
-        time.sleep(0.5)
-        for proc in [p for p in running if p.poll() is not None]:
-            shard, work, t0 = running.pop(proc)
-            seconds[shard.label] = round(time.perf_counter() - t0, 1)
-            status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
-            print(
-                f"  warm {len(seconds)}/{len(shard_list)} {shard.label}: {status} "
-                f"({seconds[shard.label]:.0f} s)",
-                flush=True,
-            )
-            if proc.returncode != 0:
-                failed.append(
-                    {"shard": shard.label, "log_tail": (work / "log.txt").read_text()[-2000:]}
+    try:
+        while pending or running:
+            used = sum(shard.gpu_gb for shard, *_ in running.values())
+            while (
+                pending
+                and len(running) < jobs
+                and (not running or used + pending[0].gpu_gb <= gpu_gb)
+            ):
+                shard = pending.pop(0)
+                running.update(_start(shard, cache_dir, out_dir, env))
+                used += shard.gpu_gb
+            time.sleep(0.5)
+            for proc in [p for p in running if p.poll() is not None]:
+                shard, work, t0, log = running.pop(proc)
+                log.close()
+                seconds[shard.label] = round(time.perf_counter() - t0, 1)
+                status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
+                print(
+                    f"  warm {len(seconds)}/{len(shard_list)} {shard.label}: {status} "
+                    f"({seconds[shard.label]:.0f} s)",
+                    flush=True,
                 )
+                if proc.returncode != 0:
+                    failed.append(
+                        {"shard": shard.label, "log_tail": (work / "log.txt").read_text()[-2000:]}
+                    )
+    finally:  # an error or Ctrl-C: no worker outlives the run, no log stays open
+        stop_processes(running)
+        for *_, log in running.values():
+            log.close()
     return {
         "wall_s": round(time.perf_counter() - start, 1),
         "jobs": jobs,
@@ -133,6 +136,24 @@ def run(shard_list: list[Shard], cache_dir: Path, out_dir: Path, jobs: int, gpu_
         "shard_s": seconds,
         "failed": failed,
     }
+
+
+def _start(
+    shard: Shard, cache_dir: Path, out_dir: Path, env: dict[str, str]
+) -> dict[subprocess.Popen, tuple[Shard, Path, float, IO]]:
+    """Start `shard`'s worker, its output into `<out_dir>/<label>/log.txt`:
+    {process: (shard, its folder, start time, its open log)}."""
+    work = out_dir / re.sub(r"[^A-Za-z0-9.]+", "-", shard.label)
+    work.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "benchmarks", "--warm-only", "--cache", str(cache_dir)]
+    cmd += ["--out", str(work), *shard.args]
+    log = (work / "log.txt").open("w")
+    try:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    except BaseException:
+        log.close()
+        raise
+    return {proc: (shard, work, time.perf_counter(), log)}
 
 
 def merge(first: dict, then: dict) -> dict:

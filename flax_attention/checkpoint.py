@@ -7,7 +7,9 @@ of the converted file, the dataset (and input size) the model was trained on, ve
 dtype, shape and sha256 of every array of `state/`. A restore recomputes those checksums and
 refuses any array that differs, so a flipped bit is an error, not a wrong weight. A save is
 written to a temporary sibling directory and renamed into place, so an interrupted save never
-leaves a half checkpoint under `directory`.
+leaves a half checkpoint under `directory`. A save replaces only a model checkpoint (a directory
+holding nothing but `state/` and `flax_attention.json`): never another directory, a file, the
+current directory or one of its ancestors, nor a directory holding the source weights.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +45,9 @@ __all__ = [
     "STATE_DIR",
     "CheckpointIntegrityError",
     "CheckpointMetadataError",
+    "OutputRefusedError",
     "array_record",
+    "check_replaceable",
     "read_metadata",
     "restore",
     "save",
@@ -53,6 +58,43 @@ __all__ = [
 class CheckpointIntegrityError(ValueError):
     """An array read back from `state/` differs from the dtype, shape or sha256 recorded at save
     (or cannot be read at all); the message names the directory and the array."""
+
+
+class OutputRefusedError(FileExistsError):
+    """A path `save` will not write or replace because it holds something not ours; the
+    message names the path and why."""
+
+
+OWN_ENTRIES = frozenset({STATE_DIR, METADATA_FILE})  # everything a model checkpoint holds
+
+
+def check_replaceable(directory: str | os.PathLike, *, keep: Iterable[os.PathLike] = ()) -> None:
+    """Raise `OutputRefusedError` unless `save(..., overwrite=True)` may write `directory`:
+    it must not exist, be empty, or be a model checkpoint holding only `state/` and
+    `flax_attention.json`; never a file or link, the current directory or one of its
+    ancestors, nor a directory holding one of the paths `keep` (e.g. the source weights)."""
+    path = Path(directory).absolute()
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        kind = "a link" if path.is_symlink() else "a file"
+        raise OutputRefusedError(f"{directory} is {kind}, not a model checkpoint directory")
+    real = path.resolve()
+    if real == Path.cwd().resolve() or real in Path.cwd().resolve().parents:
+        raise OutputRefusedError(
+            f"{directory} is the current directory or one of its ancestors; "
+            "choose another output directory"
+        )
+    for kept in map(Path, keep):
+        if real == kept.resolve() or real in kept.resolve().parents:
+            raise OutputRefusedError(f"{directory} holds {kept}; choose another output directory")
+    if not path.exists():
+        return
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in OWN_ENTRIES)
+    if foreign or (any(path.iterdir()) and not (path / METADATA_FILE).is_file()):
+        held = f"holds {foreign[0]!r}" if foreign else f"has no {METADATA_FILE}"
+        raise OutputRefusedError(
+            f"{directory} is not a flax-attention model checkpoint ({held}); refusing to "
+            "replace it: move it away or choose another output directory"
+        )
 
 
 def _host_local_checkpointer() -> ocp.StandardCheckpointer:
@@ -81,11 +123,13 @@ def save(
     `restore(None, directory)` rebuild the model with `create_model(name, **constructor_args)`.
     `dataset` (a `flax_attention.data` name) and `image_size` record the preprocessing the model
     expects (`flax-attention predict` uses them). An existing `directory` is an error unless
-    `overwrite=True`; it is replaced only once the new checkpoint is complete.
+    `overwrite=True`; it is replaced only once the new checkpoint is complete, and only if
+    `check_replaceable(directory, keep=[source_file])` passes (else `OutputRefusedError`).
     """
     directory = Path(directory).absolute()
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} already exists; pass overwrite=True to replace it")
+    check_replaceable(directory, keep=[source_file] if source_file is not None else [])
     arrays = jax.device_get(nnx.to_pure_dict(nnx.state(model)))
     metadata = make_metadata(
         _flat(arrays),
@@ -107,17 +151,27 @@ def save(
             checkpointer.save(tmp / STATE_DIR, arrays)
             checkpointer.wait_until_finished()
         (tmp / METADATA_FILE).write_text(text)
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(directory)
+        _move_into_place(tmp, directory)
     except BaseException:
         shutil.rmtree(created[-1] if created else tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _move_into_place(tmp: Path, directory: Path) -> None:
+    """Rename `tmp` to `directory`; an existing `directory` (checked replaceable) is moved
+    aside first, put back if the rename fails, and deleted once `tmp` is in its place."""
+    if not directory.exists():
+        tmp.rename(directory)
+        return
+    old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+    directory.rename(old)
+    try:
+        tmp.rename(directory)
+    except BaseException:
+        old.rename(directory)
+        raise
+    shutil.rmtree(old)
 
 
 def restore(

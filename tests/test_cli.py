@@ -11,6 +11,7 @@ from flax import nnx
 from flax_attention import checkpoint
 from flax_attention.cli import main
 from flax_attention.convert import to_torch_state_dict
+from flax_attention.models import BasicBlock, ResNet
 from flax_attention.reference.models import reference
 
 
@@ -126,10 +127,12 @@ def test_bad_tensors_are_refused_and_nothing_is_written(
     message = one_line_error(capsys)
     assert message.startswith(f"error: {src}: ") and expected in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth"]
-    out.mkdir()  # --overwrite of an existing output: left as it was
-    (out / "keep").write_text("x")
+    kept = ResNet(BasicBlock, [1], num_classes=10, rngs=nnx.Rngs(0))
+    checkpoint.save(kept, out)  # --overwrite of an existing checkpoint: left as it was
+    before = checkpoint.read_metadata(out)
     assert main(["convert", str(src), str(out), "--model", "resnet18", "--overwrite"]) == 1
-    assert [p.name for p in out.iterdir()] == ["keep"]
+    assert checkpoint.read_metadata(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth", "out"]
 
 
 def test_repeated_module_prefix_under_a_net_wrapper(resnet18_pth, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """`flax-attention convert`: a PyTorch checkpoint checked, loaded into a registered model and
-saved with orbax (nothing is written unless every check passes)."""
+saved with orbax (nothing is written unless every check passes). `--overwrite` replaces only a
+model checkpoint (`checkpoint.check_replaceable`), checked before any work."""
 
 from __future__ import annotations
 
@@ -31,8 +32,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """Convert `args.src` to `args.outdir`; 1 if it does not fit the model or a check fails."""
     spec = get_spec(args.model)
     layout = args.layout or spec.layout
-    if Path(args.outdir).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.outdir} already exists; pass --overwrite to replace it")
+    _check_output(args)
     source = resolve_weights(args.src)  # a local file, or hf-hub:ORG/REPO[/FILE] from the cache
     state_dict = load_torch_checkpoint(source, key=args.key)
     num_classes = args.num_classes
@@ -95,6 +95,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     )
     print(f"saved        {out} (restore: flax_attention.checkpoint.restore(None, DIR))")
     return 0
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """Before any work: OUTDIR must be new, or (with --overwrite) a model checkpoint that
+    `checkpoint.save` may replace; `FileExistsError` naming it otherwise."""
+    out = Path(args.outdir)
+    if out.is_dir() and not args.overwrite:
+        raise FileExistsError(f"{args.outdir} already exists; pass --overwrite to replace it")
+    local_source = [Path(args.src)] if Path(args.src).exists() else []
+    checkpoint.check_replaceable(out, keep=local_source)
 
 
 def _check_something_matches(

@@ -4,7 +4,8 @@ Files under `config.workdir` (written by process 0 only, except the orbax checkp
 `metrics.jsonl` (one JSON object per logged step: step, epoch, loss, top1, top5, lr,
 images_per_s; one per evaluation: step, eval_loss, eval_top1, eval_top5), `metrics.png`,
 `checkpoints/<step>/` (orbax training checkpoints) and `model/` (the final model, loadable with
-`flax_attention.checkpoint.restore(None, workdir / "model")`).
+`flax_attention.checkpoint.restore(None, workdir / "model")`), and `.lock` while a run holds
+the workdir (`workdir_lock`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from flax_attention.training.metrics import Meter, MetricsLog, plot_curves
 from flax_attention.training.optim import make_optimizer, make_schedule
 from flax_attention.training.state import TrainState, create_train_state
 from flax_attention.training.steps import MeshForm, eval_step, make_parallel, train_step
+from flax_attention.training.workdir_lock import hold_workdir
 
 PRECISIONS: dict[str, Any] = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -59,7 +61,9 @@ def fit(config: TrainConfig) -> dict[str, Any]:
     evaluation ({"eval_loss", "eval_top1", "eval_top5"}) with "step", "model_dir", "plot".
 
     Raises `data.DatasetNotFoundError` (dataset not prepared), `TrainingDivergedError` (NaN/inf)
-    and `TrainingInterruptedError` (Ctrl-C, after saving a checkpoint).
+    and `TrainingInterruptedError` (Ctrl-C, after saving a checkpoint); before any data is read,
+    `WorkdirLockedError` (another run holds the workdir) and `FileExistsError` (a `model/` or
+    `metrics.jsonl` in the workdir that this run would replace but did not write).
 
     With GPU or hybrid decoding, the first JAX use of the GPU should happen in here:
     `data.share_gpu_with_training` sets CUDA's queue count, which only applies to a CUDA context
@@ -67,7 +71,11 @@ def fit(config: TrainConfig) -> dict[str, Any]:
     """
     if config.distributed:
         jax.distributed.initialize()
-    return _Run(config).train()
+    config.validate()  # before the workdir is made for its lock
+    if config.decoder != "cpu" and data.get_spec(config.dataset).gpu_decodable:
+        data.share_gpu_with_training()  # before JAX first uses the GPU: the lock asks jax
+    with hold_workdir(config.workdir):
+        return _Run(config).train()
 
 
 class _Run:
@@ -75,11 +83,10 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig):
         cfg.validate()  # before any data or model is touched (fields may have been reassigned)
-        self.spec = data.get_spec(cfg.dataset)
-        if cfg.decoder != "cpu" and self.spec.gpu_decodable:
-            data.share_gpu_with_training()  # before JAX first uses the GPU, just below
-        self.cfg = cfg
         self.workdir = Path(cfg.workdir).absolute()
+        _check_outputs_are_ours(self.workdir)
+        self.spec = data.get_spec(cfg.dataset)
+        self.cfg = cfg
         self.is_main = jax.process_index() == 0
         self.decoder = data.choose_decoder(cfg.decoder, cfg.dataset)  # before any data is read
         if self.decoder == "hybrid" and cfg.num_workers == 0:
@@ -335,6 +342,15 @@ class _Run:
     def _print(self, text: str) -> None:
         if self.is_main:
             tqdm.write(text)
+
+
+def _check_outputs_are_ours(workdir: Path) -> None:
+    """Refuse (`FileExistsError` naming the path) a `model/` that is not a model checkpoint,
+    and a fresh run's `metrics.jsonl` holding records: with no `checkpoints/`, no run of ours
+    wrote them (a run makes `checkpoints/` before its first record)."""
+    checkpoint.check_replaceable(workdir / "model")
+    if not (workdir / "checkpoints").exists():
+        MetricsLog(workdir / "metrics.jsonl").check_empty()
 
 
 @contextlib.contextmanager

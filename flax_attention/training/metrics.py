@@ -6,6 +6,8 @@ import json
 import os
 import sys
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +51,17 @@ class MetricsLog:
         """Drop records past `step` (written by a run that is being resumed from `step`), and a
         partial last line; the file is replaced atomically."""
         if self.enabled and self.path.exists():
-            kept = [r for r in self.records() if r["step"] <= step]
-            temporary = self.path.with_name(self.path.name + ".tmp")
-            temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(temporary, self.path)
+            text = "".join(json.dumps(r) + "\n" for r in self.records() if r["step"] <= step)
+            replace_atomically(self.path, lambda temporary: temporary.write_text(text))
+
+    def check_empty(self) -> None:
+        """`FileExistsError` naming the file if it holds anything: records another run would
+        mix with, or lose to, this one's."""
+        if self.path.exists() and self.path.stat().st_size:
+            raise FileExistsError(
+                f"{self.path} already holds records, but there is no checkpoint to resume "
+                "from; move it away or choose another --workdir"
+            )
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -113,8 +122,20 @@ def plot_curves(records: list[dict], path: str | Path, title: str = "") -> Path:
         draw, (560, 30, 980, 380), x_range, (0.0, 100.0), "top-1 % (blue train, red eval)", series
     )
     path = Path(path)
-    image.save(path)
+    replace_atomically(path, lambda temporary: image.save(temporary, format="PNG"))
     return path
+
+
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(temporary)` to a new hidden sibling of `path`, then rename it to `path`: readers
+    see the old file or the new one, never part of one. The sibling is removed on failure."""
+    temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def _panel(draw, box, x_range, y_range, label, series) -> None:
