@@ -106,7 +106,13 @@ _FLAG_TYPES: dict[str, tuple[Any, str | None]] = {
 }
 
 
+# Flags whose value is better named by what it is than by the field's name.
+_METAVARS = {"pretrained": "SOURCE"}
+
+
 def _metavar(field: dataclasses.Field, choices: list[str] | None) -> str:
+    if field.name in _METAVARS:
+        return _METAVARS[field.name]
     if choices and len(choices) <= 6:
         return "{" + ",".join(choices) + "}"
     if field.name.endswith("dir"):
