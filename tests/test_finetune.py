@@ -78,7 +78,9 @@ def assert_same(got: dict, want: dict, *, skip=()) -> None:
 
 def test_starts_from_a_saved_model(data_dir, tmp_path):
     saved = saved_model(tmp_path / "source")
-    got = starting_variables(config(data_dir, tmp_path / "run", pretrained=str(tmp_path / "source")))
+    got = starting_variables(
+        config(data_dir, tmp_path / "run", pretrained=str(tmp_path / "source"))
+    )
     assert_same(got, saved)
     random = starting_variables(config(data_dir, tmp_path / "plain"))
     assert not np.array_equal(random[("conv1", "kernel")], saved[("conv1", "kernel")])
@@ -86,7 +88,9 @@ def test_starts_from_a_saved_model(data_dir, tmp_path):
 
 def test_another_class_count_reinitialises_only_the_head(data_dir, tmp_path):
     saved = saved_model(tmp_path / "source", num_classes=5)
-    got = starting_variables(config(data_dir, tmp_path / "run", pretrained=str(tmp_path / "source")))
+    got = starting_variables(
+        config(data_dir, tmp_path / "run", pretrained=str(tmp_path / "source"))
+    )
     assert_same(got, saved, skip=(HEAD,))
     random = starting_variables(config(data_dir, tmp_path / "plain"))
     for key in (("fc", "kernel"), ("fc", "bias")):
@@ -127,9 +131,7 @@ def test_bad_source_is_refused_before_anything_is_written(data_dir, tmp_path, ca
 
 def test_model_kwargs_cannot_name_weights(data_dir, tmp_path):
     saved_model(tmp_path / "source")
-    cfg = config(
-        data_dir, tmp_path / "run", model_kwargs={"pretrained": str(tmp_path / "source")}
-    )
+    cfg = config(data_dir, tmp_path / "run", model_kwargs={"pretrained": str(tmp_path / "source")})
     with pytest.raises(ConfigError, match="pretrained"):
         fit(cfg)
     assert not (tmp_path / "run").exists()
@@ -149,7 +151,9 @@ def test_a_resumed_fine_tuning_run_continues_from_its_own_checkpoints(
 
     monkeypatch.setattr(checkpoint, "restore", refuse)
     monkeypatch.setattr(registry, "read_weights", refuse)
-    resumed = training_loop._Run(config(data_dir, tmp_path / "run", steps=3, pretrained=str(source)))
+    resumed = training_loop._Run(
+        config(data_dir, tmp_path / "run", steps=3, pretrained=str(source))
+    )
     resumed.restore()
     assert int(resumed.state.step) == 2
     final = checkpoint.read_metadata(tmp_path / "run" / "model")
