@@ -35,6 +35,7 @@ from flax_attention.checkpoint_metadata import (
     array_record,
     check_metadata,
     make_metadata,
+    model_constructor_args,
     read_metadata,
     sha256_of,
 )
@@ -184,9 +185,12 @@ def restore(
     uses its running statistics) unless `train=True`.
 
     `None`: rebuild the model named in the metadata; a name: the same, checked against the
-    metadata; a model: fill it in place (and set its mode). Every array is checked against the
-    dtype, shape and sha256 recorded at save (`CheckpointIntegrityError` naming the array);
-    shape or structure differences from the model raise ValueError naming every differing path.
+    metadata; a model: fill it in place (and set its mode). Only the arrays of `directory` are
+    read: constructor arguments that name other weights (`pretrained`) are ignored, so the
+    metadata never makes a restore read another file or fetch from the Hub. Every array is
+    checked against the dtype, shape and sha256 recorded at save (`CheckpointIntegrityError`
+    naming the array); shape or structure differences from the model raise ValueError naming
+    every differing path.
     """
     metadata = read_metadata(directory)
     metadata_path = Path(directory) / METADATA_FILE
@@ -204,7 +208,7 @@ def restore(
                 f"{metadata_path}: field 'model' is {name!r}, not a registered model "
                 f"(known: {', '.join(sorted(MODELS))})"
             )
-        args = metadata["constructor_args"]
+        args = model_constructor_args(metadata)
         try:
             model = nnx.eval_shape(lambda: create_model(name, rngs=nnx.Rngs(0), **args))
         except TypeError as err:

@@ -25,6 +25,9 @@ METADATA_FILE = "flax_attention.json"
 STATE_DIR = "state"
 FORMAT_VERSION = 2  # 2: per-array checksums, dataset and image_size. 1: neither (read unverified).
 READABLE_FORMATS = (1, 2)
+# create_model arguments that load weights from elsewhere: never taken from a model folder,
+# whose own arrays are its weights.
+WEIGHT_SOURCE_ARGS = frozenset({"pretrained"})
 
 
 class CheckpointMetadataError(ValueError):
@@ -109,6 +112,13 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     if metadata["format"] == 1:
         metadata = {"dataset": None, "image_size": None, **metadata}
     return metadata
+
+
+def model_constructor_args(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The `constructor_args` of `metadata` that rebuild the model's structure: those of
+    WEIGHT_SOURCE_ARGS (which would read other weights or fetch from the Hub) left out."""
+    args = metadata["constructor_args"]
+    return {key: value for key, value in args.items() if key not in WEIGHT_SOURCE_ARGS}
 
 
 def _is_str(v: Any) -> bool:

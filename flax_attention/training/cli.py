@@ -1,15 +1,19 @@
-"""Train an attention ResNet: `flax-attention-train [flags]` or `python -m train [flags]`.
+"""Train an attention ResNet: `flax-attention-train [flags]`, from any directory.
 
-With no flags: the `default` config (se_resnet18 on the embedded digits dataset, CPU in a few
-minutes) into `runs/default`. Values come from the TrainConfig defaults, then the config file
-(`--config NAME` for a shipped config, `train/configs/NAME.yaml` in a checkout, or a YAML path),
-then the flags given. Intervals are steps (`--eval-every 100`) or epochs (`--eval-every 2ep`).
+The same program: `python -m flax_attention.training [flags]` (and `python -m train` from a
+checkout's root). With no flags: the `default` config (se_resnet18 on the embedded digits
+dataset, CPU in a few minutes) into `runs/default` (relative paths are relative to the current
+directory). Values come from the TrainConfig defaults, then the config file (`--config NAME` for
+a config shipped with the package, `train/configs/NAME.yaml` in a checkout, or a YAML path),
+then the flags given. `--pretrained SOURCE` starts from saved or PyTorch weights (fine-tuning).
+Intervals are steps (`--eval-every 100`) or epochs (`--eval-every 2ep`).
 
 Examples:
-    python -m train
-    python -m train --config cifar10 --data-dir ~/tensorflow_datasets --workdir runs/cifar10
-    python -m train --model cbam_resnet50 --dataset imagenet2012 --parallel jit --precision bf16
-    python -m train --config imagenet_resnet50 --distributed   # one process per host
+    flax-attention-train
+    flax-attention-train --config cifar10 --data-dir ~/tensorflow_datasets --workdir runs/cifar10
+    flax-attention-train --model cbam_resnet50 --dataset imagenet2012 --parallel jit --precision bf16
+    flax-attention-train --config cifar10 --model resnet50 --pretrained default --workdir runs/ft
+    flax-attention-train --config imagenet_resnet50 --distributed   # one process per host
 """
 
 from __future__ import annotations
@@ -102,12 +106,30 @@ _FLAG_TYPES: dict[str, tuple[Any, str | None]] = {
 }
 
 
+# Flags whose value is better named by what it is than by the field's name.
+_METAVARS = {"pretrained": "SOURCE"}
+
+
 def _metavar(field: dataclasses.Field, choices: list[str] | None) -> str:
+    if field.name in _METAVARS:
+        return _METAVARS[field.name]
     if choices and len(choices) <= 6:
         return "{" + ",".join(choices) + "}"
     if field.name.endswith("dir"):
         return "DIR"
     return _FLAG_TYPES[field.type][1] or field.name.upper()
+
+
+# "(default: ...)" in a field's help: what its default of None means.
+_STATED_DEFAULT = re.compile(r"\s*\(default: [^)]*\)")
+
+
+def _help_with_default(text: str, default: Any) -> str:
+    """A field's help `text` as an argparse help string that shows its default once: `default`
+    itself, or for a default of None the meaning the help states, if it states one."""
+    if default is None and _STATED_DEFAULT.search(text):
+        return text.replace("%", "%%")
+    return _STATED_DEFAULT.sub("", text).replace("%", "%%") + " (default: %(default)s)"
 
 
 def build_parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
@@ -129,7 +151,7 @@ def build_parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
         if field.name == "model_kwargs":
             continue
         text, choices = field_help(field)
-        text = text.replace("%", "%%") + " (default: %(default)s)"
+        text = _help_with_default(text, defaults[field.name])
         if field.type == "bool":
             kwargs: dict[str, Any] = {"action": argparse.BooleanOptionalAction}
         else:

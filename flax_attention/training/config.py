@@ -91,6 +91,13 @@ class TrainConfig:
         help="registered model (flax-attention list)",
         choices=_registry("flax_attention.models", "MODELS"),
     )
+    pretrained: str | None = _field(
+        None,
+        help="start from these weights (fine-tuning): a saved model directory, a PyTorch weights "
+        "file, hf-hub:ORG/REPO[/FILE] or default (the model's default Hub weights); a classifier "
+        "of another class count starts from scratch; a resumed run continues from its checkpoints",
+        check=lambda value: None if value.strip() else "must not be empty",
+    )
     dataset: str = _field(
         "digits",
         help="dataset (digits: embedded, no download)",

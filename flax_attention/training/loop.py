@@ -26,9 +26,11 @@ from flax import nnx
 from tqdm import tqdm
 
 from flax_attention import checkpoint, data
+from flax_attention.checkpoint_metadata import WEIGHT_SOURCE_ARGS
 from flax_attention.models import create_model
+from flax_attention.models.pretrained import load_pretrained
 from flax_attention.training.checkpointing import TrainCheckpointer, abstract_like, is_finite
-from flax_attention.training.config import TrainConfig
+from flax_attention.training.config import ConfigError, TrainConfig
 from flax_attention.training.evaluate import evaluate
 from flax_attention.training.interrupt import StopOnInterrupt
 from flax_attention.training.metrics import Meter, MetricsLog, plot_curves
@@ -38,6 +40,7 @@ from flax_attention.training.steps import MeshForm, eval_step, make_parallel, tr
 from flax_attention.training.workdir_lock import hold_workdir
 
 PRECISIONS: dict[str, Any] = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+DEFAULT_WEIGHTS = "default"  # --pretrained default: the model's default Hub weights
 
 
 class TrainingDivergedError(RuntimeError):
@@ -49,11 +52,38 @@ class TrainingInterruptedError(RuntimeError):
 
 
 def build_model(
-    name: str, *, num_classes: int, seed: int, dtype: Any = jnp.float32, **kw: Any
+    name: str,
+    *,
+    num_classes: int,
+    seed: int,
+    dtype: Any = jnp.float32,
+    pretrained: str | None = None,
+    **kw: Any,
 ) -> nnx.Module:
     """`create_model(name, ...)` with `nnx.Rngs(seed)` (its initialisers sample on the host:
-    no compilation)."""
-    return create_model(name, num_classes=num_classes, rngs=nnx.Rngs(seed), dtype=dtype, **kw)
+    no compilation), then filled with the weights of `pretrained` if given: a saved model
+    directory, a weights file, `hf-hub:ORG/REPO[/FILE]` or `default` (the model's default Hub
+    weights); a classifier of another class count keeps its initialisation. A source that is
+    missing or does not fit the model raises `ConfigError`, one line naming it."""
+    model = create_model(name, num_classes=num_classes, rngs=nnx.Rngs(seed), dtype=dtype, **kw)
+    if pretrained is not None:
+        source = True if pretrained == DEFAULT_WEIGHTS else pretrained
+        try:
+            load_pretrained(model, name, source)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"pretrained: {str(err).splitlines()[0].rstrip(':')}") from None
+    return model
+
+
+def _refuse_weight_sources(model_kwargs: dict[str, Any]) -> None:
+    """`ConfigError` if `model_kwargs` names weights to load: that is the `pretrained` key
+    (the final model's metadata records `model_kwargs`, and restoring reads no other weights)."""
+    named = sorted(WEIGHT_SOURCE_ARGS & model_kwargs.keys())
+    if named:
+        raise ConfigError(
+            f"model_kwargs: {named[0]!r} is not a model argument here; use the config key "
+            "pretrained (--pretrained SOURCE) to start from other weights"
+        )
 
 
 def fit(config: TrainConfig) -> dict[str, Any]:
@@ -104,13 +134,18 @@ class _Run:
         self.cfg = cfg = cfg.in_steps(self.steps_per_epoch)  # the run's length and intervals
         self.total_steps = cfg.steps
 
+        _refuse_weight_sources(cfg.model_kwargs)
         self.model_args = {
             "num_classes": self.spec.num_classes,
             "in_channels": self.spec.channels,
             **cfg.model_kwargs,
         }
         model = build_model(
-            cfg.model, seed=cfg.seed, dtype=PRECISIONS[cfg.precision], **self.model_args
+            cfg.model,
+            seed=cfg.seed,
+            dtype=PRECISIONS[cfg.precision],
+            pretrained=None if self._resuming() else cfg.pretrained,
+            **self.model_args,
         )
         self.form.prepare_model(model)
         self.schedule = make_schedule(
@@ -144,6 +179,16 @@ class _Run:
         )
         self.log = MetricsLog(self.workdir / "metrics.jsonl", enabled=self.is_main)
         self.saved_step: int | None = None
+
+    def _resuming(self) -> bool:
+        """Whether the run will continue from checkpoints in its workdir (not from the
+        pretrained weights), read before anything is written."""
+        directory = self.workdir / "checkpoints"
+        return (
+            self.cfg.resume
+            and directory.is_dir()
+            and any(path.name.isdigit() for path in directory.iterdir())
+        )
 
     def _make_loader(self) -> Any:
         """The training loader from batch `batches_read` on."""
