@@ -309,9 +309,11 @@ def _typed(name: str, value: Any, kinds: list[Any]) -> Any:
 
 
 def _check_model_fits_dataset(model_kwargs: Mapping[str, Any], dataset: str) -> None:
-    """`model_kwargs`' `num_classes` and `in_channels`, where given, are the dataset's:
-    a model with another head or input would train, then fail to evaluate."""
-    spec = importlib.import_module("flax_attention.data").get_spec(dataset)
+    """`model_kwargs`' `num_classes` and `in_channels`, where given, are the dataset's (a
+    model with another head trains, then cannot be evaluated on it); else `ConfigError`."""
+    if not model_kwargs.keys() & {"num_classes", "in_channels"}:
+        return
+    spec = importlib.import_module("flax_attention.data").DATASETS[dataset]  # a registry entry
     wanted = {
         "num_classes": (spec.num_classes, "classes"),
         "in_channels": (spec.channels, "channels"),
