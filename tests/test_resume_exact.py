@@ -174,11 +174,25 @@ def test_an_edited_data_position_is_refused_as_corrupt(finished, tmp_path, capsy
     assert f"refusing checkpoint {checkpoints / '4'}" in capsys.readouterr().err
 
 
-def test_num_classes_disagreeing_with_the_dataset_is_refused(data_dir, tmp_path):  # noqa: F811
-    with pytest.raises(ConfigError, match=r"num_classes 5 .*digits.* 10 classes"):
-        config(data_dir, tmp_path, model_kwargs={"num_classes": 5})
-    assert not tmp_path.joinpath("checkpoints").exists()
-    config(data_dir, tmp_path, model_kwargs={"num_classes": 10})  # agreeing: accepted
+@pytest.mark.parametrize(
+    "name, wrong, right, expected",
+    [
+        ("num_classes", 5, 10, r"num_classes 5 .*digits.* 10 classes"),
+        ("in_channels", 3, 1, r"in_channels 3 .*digits.* 1 channels"),
+    ],
+)
+def test_a_model_that_does_not_fit_the_dataset_is_refused(
+    data_dir,  # noqa: F811
+    tmp_path,
+    name,
+    wrong,
+    right,
+    expected,
+):
+    with pytest.raises(ConfigError, match=expected):
+        config(data_dir, tmp_path, model_kwargs={name: wrong})
+    assert list(tmp_path.iterdir()) == []
+    config(data_dir, tmp_path, model_kwargs={name: right})  # agreeing: accepted
 
 
 def test_num_classes_disagreeing_is_one_line_from_the_program(tmp_path, capsys):
