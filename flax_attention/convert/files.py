@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,25 @@ def _read_torch(path: Path) -> Any:
     import torch  # only .pth files need torch
 
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_archive(path: Path) -> None:
+    """Raise `ValueError` naming `path` if it is a zip archive (torch's format since 1.6) with
+    a damaged member: one whose data does not match its CRC-32. Other files are not checked."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise ValueError(
+            f"{path} is a damaged zip archive ({err}); copy or download it again"
+        ) from err
+    if damaged is not None:
+        raise ValueError(
+            f"{path} is damaged: its member {damaged} fails the archive's CRC check; "
+            "copy or download it again"
+        )
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -74,6 +94,8 @@ def load_torch_checkpoint(
     reader = READERS.get(path.suffix)
     if reader is None:
         raise ValueError(f"{path}: unknown checkpoint format; accepted: {sorted(READERS)}")
+    if reader is _read_torch:
+        check_archive(path)
     try:
         state = reader(path)
     except Exception as err:

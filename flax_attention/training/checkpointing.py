@@ -18,9 +18,11 @@ problem is reported here, once); set `FLAX_ATTENTION_ORBAX_LOG=1` to see them.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,18 @@ def checksum(tree: Any) -> list[jax.Array]:
 
 def _checksum_list(state: TrainState) -> list[int]:
     return [int(v) for v in jax.device_get(checksum(state))]
+
+
+def data_checksum(data_state: dict) -> int:
+    """CRC-32 of the data position `data_state` (its JSON, keys sorted)."""
+    return zlib.crc32(json.dumps(data_state, sort_keys=True).encode())
+
+
+def _check_data_position(meta: dict) -> None:
+    """Raise `ValueError` if `meta`'s data position does not match its checksum (checkpoints
+    written before the data position had one are not checked)."""
+    if "data_checksum" in meta and meta["data_checksum"] != data_checksum(meta["data"]):
+        raise ValueError("checksum of the data position does not match")
 
 
 class TrainCheckpointer:
@@ -94,6 +108,7 @@ class TrainCheckpointer:
             "step": step,
             "data": data_state,
             "checksum": _checksum_list(state),
+            "data_checksum": data_checksum(data_state),
             "run": self.run,
         }
         self.manager.save(
@@ -134,6 +149,7 @@ class TrainCheckpointer:
                     state, meta = restored.state, restored.meta
                     if meta["checksum"] != _checksum_list(state):
                         raise ValueError("checksum of the restored arrays does not match")
+                    _check_data_position(meta)
                 except Exception as err:  # any failure to read means this step is unusable
                     print(
                         f"warning: refusing checkpoint {self.directory / str(step)}: it is "

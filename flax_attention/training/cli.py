@@ -22,7 +22,7 @@ import argparse
 import dataclasses
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -41,7 +41,23 @@ PROGRAM = "flax-attention-train"
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, also reading `1e-3` (no dot) as a float, as YAML 1.2 does."""
+    """PyYAML's safe loader, also reading `1e-3` (no dot) as a float, as YAML 1.2 does, and
+    refusing a key given twice in one mapping (a merge key's `<<` entries may be overridden)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # the base constructor refuses it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _YamlLoader.add_implicit_resolver(

@@ -226,6 +226,7 @@ class TrainConfig:
         raises `ConfigError` naming the first bad field. Reads no data and builds no model."""
         for name in _HINTS:
             setattr(self, name, check_value(name, getattr(self, name)))
+        _check_model_fits_dataset(self.model_kwargs, self.dataset)
         _check_workdir(Path(self.workdir))
 
     @classmethod
@@ -312,6 +313,24 @@ def _typed(name: str, value: Any, kinds: list[Any]) -> Any:
             return value
     wanted = " or ".join(_TYPE_NAMES.get(k, "a mapping") for k in kinds)
     raise ConfigError(f"{name} must be {wanted}, got {value!r} ({type(value).__name__})")
+
+
+def _check_model_fits_dataset(model_kwargs: Mapping[str, Any], dataset: str) -> None:
+    """`model_kwargs`' `num_classes` and `in_channels`, where given, are the dataset's (a
+    model with another head trains, then cannot be evaluated on it); else `ConfigError`."""
+    if not model_kwargs.keys() & {"num_classes", "in_channels"}:
+        return
+    spec = importlib.import_module("flax_attention.data").DATASETS[dataset]  # a registry entry
+    wanted = {
+        "num_classes": (spec.num_classes, "classes"),
+        "in_channels": (spec.channels, "channels"),
+    }
+    for name, (count, what) in wanted.items():
+        if name in model_kwargs and model_kwargs[name] != count:
+            raise ConfigError(
+                f"model_kwargs: {name} {model_kwargs[name]!r} disagrees with dataset {dataset}, "
+                f"which has {count} {what}; remove it or set {count}"
+            )
 
 
 def _check_workdir(workdir: Path) -> None:

@@ -29,6 +29,7 @@ from flax_attention import checkpoint, data
 from flax_attention.checkpoint_metadata import WEIGHT_SOURCE_ARGS
 from flax_attention.models import create_model
 from flax_attention.models.pretrained import load_pretrained
+from flax_attention.training import run_record
 from flax_attention.training.checkpointing import TrainCheckpointer, abstract_like, is_finite
 from flax_attention.training.config import ConfigError, TrainConfig
 from flax_attention.training.evaluate import evaluate
@@ -207,15 +208,25 @@ class _Run:
         )
 
     def restore(self) -> None:
-        """Continue from the newest readable checkpoint (train state and data position). With
-        none, start at step 0 and drop any metrics records of a run that left no checkpoint."""
+        """Continue from the newest readable checkpoint (train state and data position), once
+        this run's trajectory config agrees with the one recorded in the workdir
+        (`run_record.check_resume`). With none, start at step 0 and drop any metrics records of
+        a run that left no checkpoint. Then (re)write the workdir's run record."""
         existing = self.checkpoints.latest_step()
         if not self.cfg.resume and existing is not None:
             raise FileExistsError(
                 f"--no-resume but {self.checkpoints.directory} holds checkpoints (newest: "
                 f"step {existing}); choose a fresh --workdir or delete that directory"
             )
+        record = run_record.trajectory_record(
+            self.cfg, image_size=self.cfg.image_size or self.spec.image_size
+        )
+        if existing is not None:
+            for note in run_record.check_resume(self.workdir, record, existing):
+                self._print(note)
         restored = self.checkpoints.restore_latest(abstract_like(self.state))
+        if self.is_main:
+            run_record.write_record(self.workdir, record)
         if restored is None:
             self.log.truncate_after(0)
             return
