@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import itertools
 import math
 from collections.abc import Callable, Generator, Iterator
@@ -25,9 +26,10 @@ from flax import nnx
 from tqdm import tqdm
 
 from flax_attention import checkpoint, data
-from flax_attention.models import create_model
+from flax_attention.errors import DataFileError, first_line
+from flax_attention.models import ResNet, create_model
 from flax_attention.training.checkpointing import TrainCheckpointer, abstract_like, is_finite
-from flax_attention.training.config import TrainConfig
+from flax_attention.training.config import ConfigError, TrainConfig
 from flax_attention.training.evaluate import evaluate
 from flax_attention.training.interrupt import StopOnInterrupt
 from flax_attention.training.metrics import Meter, MetricsLog, plot_curves
@@ -65,7 +67,7 @@ def fit(config: TrainConfig) -> dict[str, Any]:
     `data.share_gpu_with_training` sets CUDA's queue count, which only applies to a CUDA context
     created after it.
     """
-    if config.distributed:
+    if config.distributed and not jax.distributed.is_initialized():
         jax.distributed.initialize()
     return _Run(config).train()
 
@@ -81,13 +83,14 @@ class _Run:
         self.cfg = cfg
         self.workdir = Path(cfg.workdir).absolute()
         self.is_main = jax.process_index() == 0
-        self.decoder = data.choose_decoder(cfg.decoder, cfg.dataset)  # before any data is read
+        self.decoder = _decoder(cfg)  # before any data is read
         if self.decoder == "hybrid" and cfg.num_workers == 0:
             self._print(
                 "note: --decoder hybrid with --num-workers 0 decodes its CPU rows in this "
                 "process, beside the GPU decoder; give it worker processes (--num-workers N)"
             )
-        train_size = len(data.data_source(cfg.dataset, self.spec.train_split, cfg.data_dir))
+        train_size = len(_readable_source(cfg, self.spec.train_split))
+        _readable_source(cfg, self.spec.eval_split)
         self.form = make_parallel(
             cfg.parallel, grad_sync=cfg.grad_sync, bn_group_size=cfg.bn_group_size
         )
@@ -102,6 +105,7 @@ class _Run:
             "in_channels": self.spec.channels,
             **cfg.model_kwargs,
         }
+        _check_model_kwargs(cfg.model_kwargs)
         model = build_model(
             cfg.model, seed=cfg.seed, dtype=PRECISIONS[cfg.precision], **self.model_args
         )
@@ -395,7 +399,43 @@ def _batches_read(data_state: dict) -> int:
 def _local_batch(global_batch: int, form: MeshForm) -> int:
     """This process's rows of a global batch; checks it splits evenly over devices."""
     if global_batch % form.num_devices:
-        raise ValueError(
+        raise ConfigError(
             f"batch size {global_batch} does not split evenly over {form.num_devices} devices"
         )
     return global_batch // jax.process_count()
+
+
+def _decoder(cfg: TrainConfig) -> str:
+    """`--decoder` resolved for this run; `ConfigError` if it cannot be used here."""
+    try:
+        return data.choose_decoder(cfg.decoder, cfg.dataset)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _readable_source(cfg: TrainConfig, split: str) -> Any:
+    """The data source of `split`, its first and last records read: `DataFileError` naming the
+    split's files if they are corrupt or truncated."""
+    source = data.data_source(cfg.dataset, split, cfg.data_dir)
+    first_and_last = sorted({0, len(source) - 1}) if len(source) else []
+    try:
+        for index in first_and_last:
+            source[index]
+    except (RuntimeError, ValueError, OSError) as err:
+        folder = Path(cfg.data_dir or data.default_data_dir()).expanduser()
+        tfds_name = data.get_spec(cfg.dataset).tfds_name
+        raise DataFileError(
+            f"the {split!r} data files of {cfg.dataset!r} under {folder / tfds_name} cannot be "
+            f"read ({first_line(err)}); prepare the dataset again"
+        ) from None
+    return source
+
+
+def _check_model_kwargs(model_kwargs: dict[str, Any]) -> None:
+    """`ConfigError` naming the `model_kwargs` keys that no model constructor takes."""
+    known = set(inspect.signature(ResNet.__init__).parameters)
+    known |= set(inspect.signature(create_model).parameters)
+    known -= {"self", "name", "block", "layers", "rngs", "dtype", "kw"}  # the run's own
+    unknown = sorted(set(model_kwargs) - known)
+    if unknown:
+        raise ConfigError(f"model_kwargs: unknown keys {unknown}; known keys: {sorted(known)}")
