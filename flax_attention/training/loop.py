@@ -26,7 +26,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from flax_attention import checkpoint, data
-from flax_attention.errors import DataFileError, first_line
+from flax_attention.errors import DISK_FULL, NOT_WRITABLE, DataFileError, first_line
 from flax_attention.models import ResNet, create_model
 from flax_attention.training.checkpointing import TrainCheckpointer, abstract_like, is_finite
 from flax_attention.training.config import ConfigError, TrainConfig
@@ -416,12 +416,15 @@ def _decoder(cfg: TrainConfig) -> str:
 def _readable_source(cfg: TrainConfig, split: str) -> Any:
     """The data source of `split`, its first and last records read: `DataFileError` naming the
     split's files if they are corrupt or truncated."""
-    source = data.data_source(cfg.dataset, split, cfg.data_dir)
-    first_and_last = sorted({0, len(source) - 1}) if len(source) else []
     try:
-        for index in first_and_last:
+        source = data.data_source(cfg.dataset, split, cfg.data_dir)
+        for index in sorted({0, len(source) - 1}) if len(source) else []:
             source[index]
+    except data.DatasetNotFoundError:
+        raise
     except (RuntimeError, ValueError, OSError) as err:
+        if isinstance(err, OSError) and err.errno in NOT_WRITABLE | DISK_FULL:
+            raise  # preparing an embedded dataset where it cannot be written: named as such
         folder = Path(cfg.data_dir or data.default_data_dir()).expanduser()
         tfds_name = data.get_spec(cfg.dataset).tfds_name
         raise DataFileError(
