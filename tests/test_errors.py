@@ -9,6 +9,7 @@ import gc
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 import jax
@@ -266,3 +267,25 @@ def test_distributed_is_initialised_once_per_process(tmp_path, monkeypatch):
     for _ in range(2):
         loop.fit(TrainConfig(workdir=str(tmp_path), distributed=True))
     assert calls == [1]
+
+
+def test_closing_the_prefetch_with_a_blocked_loader_returns_and_says_so(monkeypatch, capsys):
+    from flax_attention.data import device
+
+    release = threading.Event()
+
+    def loader():
+        yield {"x": 1}, 1
+        release.wait()  # a loader stuck waiting for a worker
+        yield {"x": 2}, 2
+
+    monkeypatch.setattr(device, "STOP_TIMEOUT_S", 0.2)
+    batches = device.prefetch_to_device(loader(), lambda batch: batch)
+    assert next(batches) == ({"x": 1}, 1)
+    closer = threading.Thread(target=batches.close, daemon=True)
+    closer.start()
+    closer.join(timeout=5)
+    stuck = closer.is_alive()
+    release.set()
+    assert not stuck, "closing waited for the blocked loader"
+    assert "the input thread did not stop within 0.2 s" in capsys.readouterr().err

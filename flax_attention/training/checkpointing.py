@@ -426,11 +426,20 @@ def _storage_errors_named(directory: Path) -> Iterator[None]:
 
 
 def _check_writable(directory: Path) -> None:
-    """Create `directory` if needed and write a file in it; the OSError (naming the path) if
-    that fails, before any training step."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=directory, prefix=".write-test-"):
-        pass
+    """Create `directory` if needed and write a file in it, on every process; the OSError
+    (naming the path) on each process if that fails on any, before any training step."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+        problem = None
+    except OSError as err:
+        problem = err
+    failed = _allgather(np.asarray([problem is not None], np.int32))
+    if problem is not None:
+        raise problem
+    if failed.any():
+        raise OSError(errno.EACCES, "not writable from another process", str(directory))
 
 
 def _remove_unfinished_saves(directory: Path) -> None:
