@@ -53,7 +53,14 @@ def damage(step_dir) -> None:
     files[0].unlink()
 
 
-def test_a_transient_read_error_is_retried_and_renames_nothing(saved, tmp_path, monkeypatch):
+TRANSIENT = {
+    "EIO": lambda path: OSError(errno.EIO, "Input/output error", path),
+    "tensorstore": lambda path: ValueError(f"UNAVAILABLE: Error reading {path}: timed out"),
+}
+
+
+@pytest.mark.parametrize("error", TRANSIENT.values(), ids=TRANSIENT.keys())
+def test_a_transient_read_error_is_retried_and_renames_nothing(saved, tmp_path, monkeypatch, error):
     directory = tmp_path / "checkpoints"
     shutil.copytree(saved, directory)
     restore, failures = ocp.CheckpointManager.restore, []
@@ -61,7 +68,7 @@ def test_a_transient_read_error_is_retried_and_renames_nothing(saved, tmp_path, 
     def flaky(self, step, *args, **kwargs):
         if step == 4 and len(failures) < 2:
             failures.append(step)
-            raise OSError(errno.EIO, "Input/output error", str(directory / "4"))
+            raise error(str(directory / "4"))
         return restore(self, step, *args, **kwargs)
 
     monkeypatch.setattr(ocp.CheckpointManager, "restore", flaky)

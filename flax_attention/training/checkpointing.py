@@ -52,6 +52,8 @@ ORBAX_LOG_ENV = "FLAX_ATTENTION_ORBAX_LOG"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's suffix of a step directory being written
 READ_ATTEMPTS = 3  # tries of a step whose read fails with an I/O error
 RETRY_DELAY_S = 0.5  # before the second try; doubled before each further one
+# tensorstore statuses (they begin its error messages) of storage that did not answer
+TRANSIENT_STATUSES = ("UNAVAILABLE:", "DEADLINE_EXCEEDED:", "ABORTED:", "RESOURCE_EXHAUSTED:")
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -73,6 +75,7 @@ class _Verdict(enum.IntEnum):
     USABLE = 0
     CORRUPT = 1  # missing or damaged content: refused, then moved aside
     UNREADABLE = 2  # I/O errors after retries: the run stops, nothing is moved
+    MISMATCH = 3  # another run's train state: the run stops, nothing is moved
 
 
 @jax.jit
@@ -158,9 +161,15 @@ class TrainCheckpointer:
             self.reader.reload()
             steps = _agreed_steps(self.reader.all_steps())
             for step in steps:
-                self._check_layout(step, abstract_state)
-                restored, verdict, why = self._try_restore(step, abstract_state)
+                restored, verdict, why = self._verdict_on(step, abstract_state)
                 combined = _combined(verdict)
+                if combined == _Verdict.MISMATCH:
+                    raise CheckpointMismatchError(
+                        why
+                        or f"{self.directory / str(step)} is a checkpoint of another run "
+                        "(found by another process). Use another --workdir, or move "
+                        f"{self.directory} away"
+                    )
                 if combined == _Verdict.UNREADABLE:
                     raise CheckpointReadError(
                         f"cannot read checkpoint {self.directory / str(step)}"
@@ -185,6 +194,17 @@ class TrainCheckpointer:
                 "move the directory away to start from scratch"
             )
         return None
+
+    def _verdict_on(
+        self, step: int, abstract_state: TrainState
+    ) -> tuple[tuple[TrainState, dict] | None, _Verdict, str]:
+        """((state, meta) or None, this process's verdict on step `step`, why it is not usable:
+        the mismatch message, or the read error)."""
+        try:
+            self._check_layout(step, abstract_state)
+        except CheckpointMismatchError as err:
+            return None, _Verdict.MISMATCH, str(err)
+        return self._try_restore(step, abstract_state)
 
     def _try_restore(
         self, step: int, abstract_state: TrainState
@@ -274,6 +294,8 @@ class TrainCheckpointer:
         if jax.process_index() == 0:
             for step, why in refused.items():
                 source = self.directory / str(step)
+                if not source.exists():  # listed by another process only
+                    continue
                 target = self.directory / f"{step}.corrupt"
                 n = 1
                 while target.exists():
@@ -385,12 +407,15 @@ def _agreed_steps(local: list[int]) -> list[int]:
 
 
 def _is_io_error(err: BaseException) -> bool:
-    """Whether `err` (or what caused it) is an OSError other than a missing file: a read that
-    may succeed when tried again, not a sign of damaged content."""
+    """Whether `err` (or what caused it) is an I/O failure rather than damaged content: an
+    OSError other than a missing file, or a tensorstore status that says the storage did not
+    answer (UNAVAILABLE, DEADLINE_EXCEEDED, ...). Such a read may succeed when tried again."""
     for cause in _causes(err):
         if isinstance(cause, OSError) and not isinstance(
             cause, FileNotFoundError | NotADirectoryError | IsADirectoryError
         ):
+            return True
+        if str(cause).startswith(TRANSIENT_STATUSES):
             return True
     return False
 

@@ -106,9 +106,10 @@ class _Run:
             **cfg.model_kwargs,
         }
         _check_model_kwargs(cfg.model_kwargs)
-        model = build_model(
-            cfg.model, seed=cfg.seed, dtype=PRECISIONS[cfg.precision], **self.model_args
-        )
+        with _model_kwargs_blamed(cfg.model_kwargs):
+            model = build_model(
+                cfg.model, seed=cfg.seed, dtype=PRECISIONS[cfg.precision], **self.model_args
+            )
         self.form.prepare_model(model)
         self.schedule = make_schedule(
             cfg.schedule, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=self.total_steps
@@ -442,3 +443,15 @@ def _check_model_kwargs(model_kwargs: dict[str, Any]) -> None:
     unknown = sorted(set(model_kwargs) - known)
     if unknown:
         raise ConfigError(f"model_kwargs: unknown keys {unknown}; known keys: {sorted(known)}")
+
+
+@contextlib.contextmanager
+def _model_kwargs_blamed(model_kwargs: dict[str, Any]) -> Iterator[None]:
+    """A ValueError or TypeError building a model given `model_kwargs` (a bad value of one of
+    them) as a `ConfigError` naming them; without any, the error is left as it is (a bug)."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        if not model_kwargs:
+            raise
+        raise ConfigError(f"model_kwargs {model_kwargs}: {first_line(err)}") from None
