@@ -29,7 +29,7 @@ def os_error_exit(err: OSError) -> tuple[int, str] | None:
     reason = err.strerror or str(err)
     if err.errno in NOT_WRITABLE:
         return EXIT_USAGE, (
-            f"cannot write {path}: {reason}; make it writable or choose another directory"
+            f"cannot use {path}: {reason}; fix its permissions or choose another directory"
         )
     if err.errno in DISK_FULL:
         return EXIT_FAILED, (

@@ -145,7 +145,7 @@ def test_a_read_only_data_dir_is_one_line_naming_it(tmp_path, monkeypatch, capsy
     monkeypatch.setitem(data.DATASETS, "digits", spec)
     assert main(argv(read_only, tmp_path / "w")) == 2
     line = one_error_line(capsys)
-    assert f"cannot write {read_only / 'downloads'}: Read-only file system" in line
+    assert f"cannot use {read_only / 'downloads'}: Read-only file system" in line
 
 
 def test_a_read_only_checkpoint_directory_stops_before_training(
@@ -164,7 +164,7 @@ def test_a_read_only_checkpoint_directory_stops_before_training(
     monkeypatch.setattr(data, "make_loader", pytest.fail)  # no training step
     assert main(argv(data_dir, tmp_path / "w")) == 2
     line = one_error_line(capsys)
-    assert f"cannot write {checkpoints}: Read-only file system" in line
+    assert f"cannot use {checkpoints}: Read-only file system" in line
 
 
 def test_a_full_disk_is_one_line_exit_1(data_dir, tmp_path, monkeypatch, capsys):

@@ -5,15 +5,19 @@ Each step directory holds two items: `state` (the TrainState, orbax StandardSave
 it: model, dataset, optimizer). Orbax writes into a temporary directory and renames it when
 finished, so a half-written save is never listed. On restore:
 
-- a step whose arrays do not fit this run's train state (another model or optimizer) stops the
-  run with `CheckpointMismatchError`, naming what differs;
+- a step whose arrays do not fit this run's train state (another model or optimizer), as any
+  process sees it, stops the run with `CheckpointMismatchError`, naming what differs;
 - a step that fails to load or whose checksum differs is refused and the previous step is
   tried. With several processes, every process tries each step and their verdicts are combined:
   the newest step that every process read wins, so all resume from the same step. Once one
   loads, process 0 alone moves the refused steps aside (`<step>.corrupt`, one warning line
   each), so the run can save those steps again and finish;
-- a read that fails with an I/O error (an OSError other than a missing file) is retried a few
-  times; if it keeps failing the run stops with `CheckpointReadError` and nothing is moved.
+- a read that fails with an I/O error (an OSError other than a missing file, or a tensorstore
+  status such as UNAVAILABLE) is retried a few times, never taken for corruption; if it keeps
+  failing the run stops with `CheckpointReadError` and nothing is moved.
+
+Steps are read by a manager of this process alone (no barrier a failure on one process could
+leave the others waiting at); the verdicts are then exchanged with `process_allgather`.
 
 At start the directory is checked to be writable (an `OSError` naming it, instead of a hang at
 the first save) and temporary directories of interrupted saves (`*.orbax-checkpoint-tmp*`) are
@@ -95,7 +99,9 @@ def _checksum_list(state: TrainState) -> list[int]:
 
 
 class TrainCheckpointer:
-    """`ocp.CheckpointManager` over `directory` keeping the newest `max_to_keep` steps.
+    """`ocp.CheckpointManager` over `directory` keeping the newest `max_to_keep` steps; made
+    after checking (on every process) that `directory` is writable and removing what saves
+    that never finished left there.
 
     `run`: what writes the checkpoints (e.g. model, dataset, optimizer names), saved with each
     step and named when another run's checkpoint is found.
