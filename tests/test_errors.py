@@ -167,10 +167,20 @@ def test_a_read_only_checkpoint_directory_stops_before_training(
     assert f"cannot use {checkpoints}: Read-only file system" in line
 
 
-def test_a_full_disk_is_one_line_exit_1(data_dir, tmp_path, monkeypatch, capsys):
+DISK_FULL = {
+    "OSError": lambda tmp: OSError(errno.ENOSPC, "No space left on device", tmp),
+    "tensorstore": lambda tmp: ValueError(
+        f'RESOURCE_EXHAUSTED: Error writing "params.fc.bias.value/0" in OCDBT database at local '
+        f'file "{tmp}/state/": Failed writing: "{tmp}/state/d/a6d1": Failed to write 8 bytes to '
+        "file 5: No space left on device [os_error_code='28']"
+    ),
+}
+
+
+@pytest.mark.parametrize("error", DISK_FULL.values(), ids=DISK_FULL.keys())
+def test_a_full_disk_is_one_line_exit_1(data_dir, tmp_path, monkeypatch, capsys, error):
     def disk_full(self, step, *args, **kwargs):
-        tmp = f"{self.directory}/{step}.orbax-checkpoint-tmp-1"
-        raise OSError(errno.ENOSPC, "No space left on device", tmp)
+        raise error(f"{self.directory}/{step}.orbax-checkpoint-tmp")
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full)
     assert main(argv(data_dir, tmp_path)) == 1

@@ -23,9 +23,9 @@ At start the directory is checked to be writable (an `OSError` naming it, instea
 the first save) and temporary directories of interrupted saves (`*.orbax-checkpoint-tmp*`) are
 removed. A full disk while saving raises `OSError(ENOSPC)` naming the directory.
 
-Orbax's own log records are hidden (its errors too, while checkpoints are being read: each
-problem is reported here, once), and so are the "Event loop is closed" reports of its reads
-abandoned after an error; set `FLAX_ATTENTION_ORBAX_LOG=1` to see them.
+Orbax's own log records are hidden (its errors too: each problem surfaces as an exception and
+is reported once), and so are the "Event loop is closed" reports of its reads abandoned after
+an error; set `FLAX_ATTENTION_ORBAX_LOG=1` to see them.
 """
 
 from __future__ import annotations
@@ -117,19 +117,18 @@ class TrainCheckpointer:
     ):
         self.directory = Path(directory).absolute()
         self.run = dict(run or {})
-        _hide_orbax_info_logs()
+        _hide_orbax_logs()
         _check_writable(self.directory)
         if jax.process_index() == 0:
             _remove_unfinished_saves(self.directory)
         _sync("flax_attention_checkpoint_directory_ready")
-        with _orbax_errors_hidden():  # it reads every step's metadata: we report problems
-            self.manager = _manager(
-                self.directory,
-                ocp.CheckpointManagerOptions(
-                    max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
-                ),
-            )
-            self.reader = _manager(self.directory, _reader_options())
+        self.manager = _manager(
+            self.directory,
+            ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+            ),
+        )
+        self.reader = _manager(self.directory, _reader_options())
 
     def save(self, step: int, state: TrainState, data_state: dict) -> None:
         """Start saving `state` (canonical, finite) and the iterator state as step `step`."""
@@ -149,8 +148,7 @@ class TrainCheckpointer:
             )
 
     def latest_step(self) -> int | None:
-        with _orbax_errors_hidden():  # reads step metadata: restore_latest reports problems
-            return self.manager.latest_step()
+        return self.manager.latest_step()
 
     def restore_latest(self, abstract_state: TrainState) -> tuple[TrainState, dict, int] | None:
         """(state, data_state, step) of the newest checkpoint every process can read, or None if
@@ -163,37 +161,36 @@ class TrainCheckpointer:
         every process; if no step is usable, raises `CorruptCheckpointError` and moves nothing.
         """
         refused: dict[int, str] = {}
-        with _orbax_errors_hidden():
-            self.reader.reload()
-            steps = _agreed_steps(self.reader.all_steps())
-            for step in steps:
-                restored, verdict, why = self._verdict_on(step, abstract_state)
-                combined = _combined(verdict)
-                if combined == _Verdict.MISMATCH:
-                    raise CheckpointMismatchError(
-                        why
-                        or f"{self.directory / str(step)} is a checkpoint of another run "
-                        "(found by another process). Use another --workdir, or move "
-                        f"{self.directory} away"
+        self.reader.reload()
+        steps = _agreed_steps(self.reader.all_steps())
+        for step in steps:
+            restored, verdict, why = self._verdict_on(step, abstract_state)
+            combined = _combined(verdict)
+            if combined == _Verdict.MISMATCH:
+                raise CheckpointMismatchError(
+                    why
+                    or f"{self.directory / str(step)} is a checkpoint of another run "
+                    "(found by another process). Use another --workdir, or move "
+                    f"{self.directory} away"
+                )
+            if combined == _Verdict.UNREADABLE:
+                raise CheckpointReadError(
+                    f"cannot read checkpoint {self.directory / str(step)}"
+                    f"{f' ({why})' if why else ' on another process'}; nothing was moved "
+                    "aside: check the storage and run again"
+                )
+            if combined == _Verdict.CORRUPT:
+                refused[step] = why or "another process could not read it"
+                if why and jax.process_index() != 0:  # process 0 reports what it moves
+                    print(
+                        f"warning: process {jax.process_index()} refuses checkpoint "
+                        f"{self.directory / str(step)}: {why}",
+                        file=sys.stderr,
                     )
-                if combined == _Verdict.UNREADABLE:
-                    raise CheckpointReadError(
-                        f"cannot read checkpoint {self.directory / str(step)}"
-                        f"{f' ({why})' if why else ' on another process'}; nothing was moved "
-                        "aside: check the storage and run again"
-                    )
-                if combined == _Verdict.CORRUPT:
-                    refused[step] = why or "another process could not read it"
-                    if why and jax.process_index() != 0:  # process 0 reports what it moves
-                        print(
-                            f"warning: process {jax.process_index()} refuses checkpoint "
-                            f"{self.directory / str(step)}: {why}",
-                            file=sys.stderr,
-                        )
-                    continue
-                state, meta = restored
-                self._move_aside(refused)
-                return state, meta["data"], step
+                continue
+            state, meta = restored
+            self._move_aside(refused)
+            return state, meta["data"], step
         if steps:
             raise CorruptCheckpointError(
                 f"none of the checkpoints {steps} under {self.directory} could be restored; "
@@ -464,8 +461,8 @@ def _check_writable(directory: Path) -> None:
         with tempfile.TemporaryFile(dir=directory, prefix=".write-test-"):
             pass
         problem = None
-    except OSError as err:
-        problem = err
+    except OSError as err:  # named by the directory, not by the test file
+        problem = OSError(err.errno, err.strerror, str(directory))
     failed = _allgather(np.asarray([problem is not None], np.int32))
     if problem is not None:
         raise problem
@@ -483,18 +480,14 @@ def _remove_unfinished_saves(directory: Path) -> None:
             path.unlink()
 
 
-def _is_orbax(record: logging.LogRecord) -> bool:
-    return f"{os.sep}orbax{os.sep}" in record.pathname
-
-
-def _hide_orbax_info_logs() -> None:
-    """Drop orbax's log records below ERROR (absl logging) and the reports of its abandoned
-    reads, unless $FLAX_ATTENTION_ORBAX_LOG."""
+def _hide_orbax_logs() -> None:
+    """Drop orbax's log records (absl logging; its errors surface as exceptions, reported here
+    once) and the reports of its abandoned reads, unless $FLAX_ATTENTION_ORBAX_LOG."""
     if os.environ.get(ORBAX_LOG_ENV):
         return
     absl = logging.getLogger("absl")
-    if _drop_orbax_info not in absl.filters:
-        absl.addFilter(_drop_orbax_info)
+    if _not_orbax not in absl.filters:
+        absl.addFilter(_not_orbax)
     if not isinstance(sys.unraisablehook, _DropClosedLoopReports):
         sys.unraisablehook = _DropClosedLoopReports(sys.unraisablehook)
 
@@ -514,19 +507,5 @@ class _DropClosedLoopReports:
         self.wrapped(report)
 
 
-def _drop_orbax_info(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.ERROR or not _is_orbax(record)
-
-
-@contextlib.contextmanager
-def _orbax_errors_hidden() -> Iterator[None]:
-    """Drop orbax's error records while checkpoints are read (we report each refused step)."""
-    absl = logging.getLogger("absl")
-    drop = (lambda record: not _is_orbax(record)) if not os.environ.get(ORBAX_LOG_ENV) else None
-    if drop is not None:
-        absl.addFilter(drop)
-    try:
-        yield
-    finally:
-        if drop is not None:
-            absl.removeFilter(drop)
+def _not_orbax(record: logging.LogRecord) -> bool:
+    return f"{os.sep}orbax{os.sep}" not in record.pathname
