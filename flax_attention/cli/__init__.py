@@ -7,13 +7,16 @@ flax-attention eval MODEL_DIR [--dataset NAME] [--data-dir D] [--batch-size B] [
 flax-attention predict MODEL_DIR IMAGE... [--dataset NAME]
 flax-attention list [SUBSTRING]
 
-Exit status: 0 success, 1 the data failed a check (checkpoint does not fit or is corrupt),
-2 usage error (bad argument, missing file, existing output); errors are one `error: ...` line.
+Exit status: 0 success, 1 the data failed a check (checkpoint does not fit or is corrupt) or
+the disk is full, 2 usage error (bad argument, missing file, existing output, read-only
+directory); errors are one `error: ...` line. Anything else is a bug: its traceback, then one
+`error: ...` line, exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import dis
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -24,6 +27,7 @@ from flax_attention.cli.convert import cmd_convert
 from flax_attention.cli.evaluate import cmd_eval, cmd_predict, load_image
 from flax_attention.cli.listing import cmd_list
 from flax_attention.convert import LAYOUTS
+from flax_attention.errors import EXIT_FAILED, EXIT_USAGE, os_error_exit, report_bug
 from flax_attention.models import MODELS
 
 __all__ = ["UsageError", "build_parser", "load_image", "main"]
@@ -165,9 +169,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (UsageError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
+    except Exception as err:  # each kind gets its exit status in _report_failure
+        return _report_failure(err)
+
+
+# Modules whose own ValueErrors are checks of the user's files (a checkpoint or weights file
+# that is unreadable, corrupt or does not fit the model), not bugs.
+INPUT_CHECK_MODULES = frozenset(
+    {
+        "flax_attention.checkpoint",
+        "flax_attention.checkpoint_metadata",
+        "flax_attention.cli.convert",
+        "flax_attention.cli.evaluate",
+        "flax_attention.convert.files",
+        "flax_attention.convert.state_dict",
+        "flax_attention.models.pretrained",
+    }
+)
+
+
+def _report_failure(err: Exception) -> int:
+    """Print `err` as one `error:` line and return its exit status: 2 for a usage error or a
+    missing/existing path, 1 for a file that failed a check or a full disk; anything else is
+    a bug: its traceback, then one line, exit 1."""
+    known = os_error_exit(err) if isinstance(err, OSError) else None
+    if known is not None:
+        status, message = known
+        print(f"error: {message}", file=sys.stderr)
+        return status
+    if isinstance(err, UsageError | FileNotFoundError | FileExistsError | NotADirectoryError):
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:
+        return EXIT_USAGE
+    if isinstance(err, ValueError) and _raise_statement_module(err) in INPUT_CHECK_MODULES:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
+    return report_bug(err)
+
+
+def _raise_statement_module(err: BaseException) -> str:
+    """The name of the module whose `raise` statement raised `err`; "" if it came from
+    elsewhere (e.g. out of a function written in C, such as a numpy shape error)."""
+    tb = err.__traceback__
+    if tb is None:
+        return ""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb.tb_frame.f_code.co_code[tb.tb_lasti] != dis.opmap["RAISE_VARARGS"]:
+        return ""
+    return tb.tb_frame.f_globals.get("__name__", "")

@@ -7,6 +7,7 @@ or GPU decoding) in background threads while the current step runs.
 """
 
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+STOP_TIMEOUT_S = 10.0  # how long closing waits for the prefetch thread (blocked in a loader)
 
 
 def normalize_images(
@@ -51,7 +54,9 @@ def prefetch_to_device(
     then be thread-safe); the order of the batches is kept. The tag stays attached to its batch,
     e.g. the loader position *after that batch*, which is what a checkpoint taken after the step
     must record. An exception in ``put`` or in ``batches`` is raised here, after the batches
-    before it; closing the generator stops the threads.
+    before it; closing the generator stops the threads, waiting at most ``STOP_TIMEOUT_S`` for
+    the one drawing batches: one blocked in ``batches`` is reported on stderr and left behind
+    (a daemon thread).
     """
     if size < 1:
         raise ValueError(f"prefetch size must be >= 1, got {size}")
@@ -92,7 +97,13 @@ def prefetch_to_device(
             yield (value if pool is None else value.result()), tag
     finally:
         stop.set()
-        thread.join()
+        thread.join(timeout=STOP_TIMEOUT_S)
+        if thread.is_alive():
+            print(
+                f"warning: the input thread did not stop within {STOP_TIMEOUT_S:g} s (its data "
+                "loader is blocked); leaving it behind",
+                file=sys.stderr,
+            )
         if pool is not None:
             pool.shutdown(cancel_futures=True)
 

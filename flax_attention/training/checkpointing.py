@@ -5,23 +5,41 @@ Each step directory holds two items: `state` (the TrainState, orbax StandardSave
 it: model, dataset, optimizer). Orbax writes into a temporary directory and renames it when
 finished, so a half-written save is never listed. On restore:
 
-- a step whose arrays do not fit this run's train state (another model or optimizer) stops the
-  run with `CheckpointMismatchError`, naming what differs;
-- a step that fails to load or whose checksum differs is refused with a one-line warning and
-  the previous step is tried; once one loads, the refused steps are moved aside
-  (`<step>.corrupt`), so the run can save those steps again and finish.
+- a step whose arrays do not fit this run's train state (another model or optimizer), as any
+  process sees it, stops the run with `CheckpointMismatchError`, naming what differs;
+- a step that fails to load or whose checksum differs is refused and the previous step is
+  tried. With several processes, every process tries each step and their verdicts are combined:
+  the newest step that every process read wins, so all resume from the same step. Once one
+  loads, process 0 alone moves the refused steps aside (`<step>.corrupt`, one warning line
+  each), so the run can save those steps again and finish;
+- a read that fails with an I/O error (an OSError other than a missing file, or a tensorstore
+  status such as UNAVAILABLE) is retried a few times, never taken for corruption; if it keeps
+  failing the run stops with `CheckpointReadError` and nothing is moved.
 
-Orbax's own log records are hidden (its errors too, while checkpoints are being read: each
-problem is reported here, once); set `FLAX_ATTENTION_ORBAX_LOG=1` to see them.
+Steps are read by a manager of this process alone (no barrier a failure on one process could
+leave the others waiting at); the verdicts are then exchanged with `process_allgather`.
+
+At start the directory is checked to be writable (an `OSError` naming it, instead of a hang at
+the first save) and temporary directories of interrupted saves (`*.orbax-checkpoint-tmp*`) are
+removed. A full disk while saving raises `OSError(ENOSPC)` naming the directory.
+
+Orbax's own log records are hidden (its errors too: each problem surfaces as an exception and
+is reported once), and so are the "Event loop is closed" reports of its reads abandoned after
+an error; set `FLAX_ATTENTION_ORBAX_LOG=1` to see them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
+import errno
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,11 +47,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
+from flax_attention.errors import DISK_FULL, NOT_WRITABLE, first_line
 from flax_attention.training.state import TrainState
 
 ORBAX_LOG_ENV = "FLAX_ATTENTION_ORBAX_LOG"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's suffix of a step directory being written
+READ_ATTEMPTS = 3  # tries of a step whose read fails with an I/O error
+RETRY_DELAY_S = 0.5  # before the second try; doubled before each further one
+# tensorstore statuses (they begin its error messages) of storage that did not answer
+TRANSIENT_STATUSES = ("UNAVAILABLE:", "DEADLINE_EXCEEDED:", "ABORTED:", "RESOURCE_EXHAUSTED:")
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -42,6 +68,20 @@ class CorruptCheckpointError(RuntimeError):
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint holds another run's train state (another model or optimizer)."""
+
+
+class CheckpointReadError(RuntimeError):
+    """A checkpoint could not be read for a reason other than its content (an I/O error that
+    retries did not cure); nothing was moved aside."""
+
+
+class _Verdict(enum.IntEnum):
+    """One process's verdict on a step; combined across processes by taking the largest."""
+
+    USABLE = 0
+    CORRUPT = 1  # missing or damaged content: refused, then moved aside
+    UNREADABLE = 2  # I/O errors after retries: the run stops, nothing is moved
+    MISMATCH = 3  # another run's train state: the run stops, nothing is moved
 
 
 @jax.jit
@@ -73,7 +113,9 @@ def _check_data_position(meta: dict) -> None:
 
 
 class TrainCheckpointer:
-    """`ocp.CheckpointManager` over `directory` keeping the newest `max_to_keep` steps.
+    """`ocp.CheckpointManager` over `directory` keeping the newest `max_to_keep` steps; made
+    after checking (on every process) that `directory` is writable and removing what saves
+    that never finished left there.
 
     `run`: what writes the checkpoints (e.g. model, dataset, optimizer names), saved with each
     step and named when another run's checkpoint is found.
@@ -89,18 +131,18 @@ class TrainCheckpointer:
     ):
         self.directory = Path(directory).absolute()
         self.run = dict(run or {})
-        _hide_orbax_info_logs()
-        with _orbax_errors_hidden():  # it reads every step's metadata: we report problems
-            self.manager = ocp.CheckpointManager(
-                self.directory,
-                options=ocp.CheckpointManagerOptions(
-                    max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
-                ),
-                item_handlers={
-                    "state": ocp.StandardCheckpointHandler(),
-                    "meta": ocp.JsonCheckpointHandler(),
-                },
-            )
+        _hide_orbax_logs()
+        _check_writable(self.directory)
+        if jax.process_index() == 0:
+            _remove_unfinished_saves(self.directory)
+        _sync("flax_attention_checkpoint_directory_ready")
+        self.manager = _manager(
+            self.directory,
+            ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+            ),
+        )
+        self.reader = _manager(self.directory, _reader_options())
 
     def save(self, step: int, state: TrainState, data_state: dict) -> None:
         """Start saving `state` (canonical, finite) and the iterator state as step `step`."""
@@ -111,55 +153,59 @@ class TrainCheckpointer:
             "data_checksum": data_checksum(data_state),
             "run": self.run,
         }
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
+        with _storage_errors_named(self.directory):
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
 
     def latest_step(self) -> int | None:
-        with _orbax_errors_hidden():  # reads step metadata: restore_latest reports problems
-            return self.manager.latest_step()
+        return self.manager.latest_step()
 
     def restore_latest(self, abstract_state: TrainState) -> tuple[TrainState, dict, int] | None:
-        """(state, data_state, step) of the newest readable checkpoint, or None if there is none.
+        """(state, data_state, step) of the newest checkpoint every process can read, or None if
+        there is none.
 
         `abstract_state`: `jax.ShapeDtypeStruct`s with shardings, the target layout. Raises
-        `CheckpointMismatchError` if a step holds a train state of another layout.
-        Unreadable or corrupt steps are reported on stderr and skipped, and moved aside once an
-        older step restores; if every step is unreadable, raises `CorruptCheckpointError` and
-        moves nothing.
+        `CheckpointMismatchError` if a step holds a train state of another layout, and
+        `CheckpointReadError` if a step keeps failing with I/O errors. Steps that some process
+        found corrupt are skipped, and moved aside by process 0 once an older step restores on
+        every process; if no step is usable, raises `CorruptCheckpointError` and moves nothing.
         """
-        refused: list[int] = []
-        with _orbax_errors_hidden():
-            self.manager.reload()
-            steps = sorted(self.manager.all_steps(), reverse=True)
-            for step in steps:
-                self._check_layout(step, abstract_state)
-                try:
-                    restored = self.manager.restore(
-                        step,
-                        args=ocp.args.Composite(
-                            state=ocp.args.StandardRestore(abstract_state),
-                            meta=ocp.args.JsonRestore(),
-                        ),
-                    )
-                    state, meta = restored.state, restored.meta
-                    if meta["checksum"] != _checksum_list(state):
-                        raise ValueError("checksum of the restored arrays does not match")
-                    _check_data_position(meta)
-                except Exception as err:  # any failure to read means this step is unusable
+        refused: dict[int, str] = {}
+        self.reader.reload()
+        steps = _agreed_steps(self.reader.all_steps())
+        for step in steps:
+            restored, verdict, why = self._verdict_on(step, abstract_state)
+            combined = _combined(verdict)
+            if combined == _Verdict.MISMATCH:
+                raise CheckpointMismatchError(
+                    why
+                    or f"{self.directory / str(step)} is a checkpoint of another run "
+                    "(found by another process). Use another --workdir, or move "
+                    f"{self.directory} away"
+                )
+            if combined == _Verdict.UNREADABLE:
+                raise CheckpointReadError(
+                    f"cannot read checkpoint {self.directory / str(step)}"
+                    f"{f' ({why})' if why else ' on another process'}; nothing was moved "
+                    "aside: check the storage and run again"
+                )
+            if combined == _Verdict.CORRUPT:
+                refused[step] = why or "another process could not read it"
+                if why and jax.process_index() != 0:  # process 0 reports what it moves
                     print(
-                        f"warning: refusing checkpoint {self.directory / str(step)}: it is "
-                        f"corrupt or half-written ({type(err).__name__}: {_first_line(err)})",
+                        f"warning: process {jax.process_index()} refuses checkpoint "
+                        f"{self.directory / str(step)}: {why}",
                         file=sys.stderr,
                     )
-                    refused.append(step)
-                    continue
-                self._move_aside(refused)
-                return state, meta["data"], step
+                continue
+            state, meta = restored
+            self._move_aside(refused)
+            return state, meta["data"], step
         if steps:
             raise CorruptCheckpointError(
                 f"none of the checkpoints {steps} under {self.directory} could be restored; "
@@ -167,11 +213,57 @@ class TrainCheckpointer:
             )
         return None
 
+    def _verdict_on(
+        self, step: int, abstract_state: TrainState
+    ) -> tuple[tuple[TrainState, dict] | None, _Verdict, str]:
+        """((state, meta) or None, this process's verdict on step `step`, why it is not usable:
+        the mismatch message, or the read error)."""
+        try:
+            self._check_layout(step, abstract_state)
+        except CheckpointMismatchError as err:
+            return None, _Verdict.MISMATCH, str(err)
+        return self._try_restore(step, abstract_state)
+
+    def _try_restore(
+        self, step: int, abstract_state: TrainState
+    ) -> tuple[tuple[TrainState, dict] | None, _Verdict, str]:
+        """((state, meta) or None, this process's verdict on step `step`, why it is not usable).
+        A read failing with an I/O error is tried `READ_ATTEMPTS` times."""
+        delay = RETRY_DELAY_S
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            try:
+                return self._restore_checked(step, abstract_state), _Verdict.USABLE, ""
+            except Exception as err:  # any failure to read means this step is unusable
+                why = f"{type(err).__name__}: {first_line(err)}"
+                if not _is_io_error(err):
+                    return None, _Verdict.CORRUPT, f"it is corrupt or half-written ({why})"
+                if attempt == READ_ATTEMPTS:
+                    return None, _Verdict.UNREADABLE, why
+            time.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    def _restore_checked(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
+        """(state, meta) of step `step`, read by this process alone (no barrier a failure could
+        leave the others waiting at); ValueError if the arrays' or the data position's checksum
+        differs."""
+        restored = self.reader.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+            ),
+        )
+        state, meta = restored.state, restored.meta
+        if meta["checksum"] != _checksum_list(state):
+            raise ValueError("checksum of the restored arrays does not match")
+        _check_data_position(meta)
+        return state, meta
+
     def _check_layout(self, step: int, abstract_state: TrainState) -> None:
         """Raise `CheckpointMismatchError` if step `step`'s saved arrays (when its metadata can
         be read) differ in names, shapes or dtypes from `abstract_state`'s."""
         try:
-            saved = _layout(self.manager.item_metadata(step)["state"])
+            saved = _layout(self.reader.item_metadata(step)["state"])
         except Exception:  # unreadable metadata: the restore that follows reports it
             return
         if not saved:
@@ -200,7 +292,7 @@ class TrainCheckpointer:
         """' (model X; this run: model Y)': what differs between the run that wrote step `step`
         (where recorded) and this run; '' if that is not known."""
         try:
-            meta = self.manager.restore(
+            meta = self.reader.restore(
                 step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
             ).meta
             saved = dict(meta.get("run") or {})
@@ -213,29 +305,39 @@ class TrainCheckpointer:
         mine = ", ".join(f"{k} {self.run[k]}" for k in keys)
         return f" ({theirs}; this run: {mine})"
 
-    def _move_aside(self, steps: list[int]) -> None:
-        """Rename the refused step directories `<step>` to `<step>.corrupt` (process 0; all
-        processes wait for it), so that those steps can be saved again."""
-        if not steps:
+    def _move_aside(self, refused: dict[int, str]) -> None:
+        """Rename the refused step directories `<step>` to `<step>.corrupt` (process 0, one
+        warning line each, saying why; all processes wait for it), so that those steps can be
+        saved again."""
+        if not refused:
             return
         if jax.process_index() == 0:
-            for step in steps:
+            for step, why in refused.items():
                 source = self.directory / str(step)
+                if not source.exists():  # listed by another process only
+                    continue
                 target = self.directory / f"{step}.corrupt"
                 n = 1
                 while target.exists():
                     n += 1
                     target = self.directory / f"{step}.corrupt{n}"
                 source.rename(target)
-                print(f"warning: moved the refused checkpoint aside to {target}", file=sys.stderr)
-        ocp.multihost.sync_global_processes("flax_attention_move_aside_refused_checkpoints")
+                print(
+                    f"warning: refusing checkpoint {source}: {why}; moved the refused checkpoint "
+                    f"aside to {target}",
+                    file=sys.stderr,
+                )
+        _sync("flax_attention_move_aside_refused_checkpoints")
         self.manager.reload()
+        self.reader.reload()
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are on disk."""
-        self.manager.wait_until_finished()
+        with _storage_errors_named(self.directory):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
+        self.reader.close()
         self.manager.close()
 
 
@@ -270,35 +372,157 @@ def _describe(entry: tuple[tuple[int, ...], str] | None) -> str:
     return "none" if entry is None else f"{entry[1]}{list(entry[0])}"
 
 
-def _is_orbax(record: logging.LogRecord) -> bool:
-    return f"{os.sep}orbax{os.sep}" in record.pathname
+def _manager(directory: Path, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
+    """An orbax manager of `directory`'s steps: the train state and the JSON metadata."""
+    return ocp.CheckpointManager(
+        directory,
+        options=options,
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        },
+    )
 
 
-def _hide_orbax_info_logs() -> None:
-    """Drop orbax's log records below ERROR (absl logging), unless $FLAX_ATTENTION_ORBAX_LOG."""
-    absl = logging.getLogger("absl")
-    if not os.environ.get(ORBAX_LOG_ENV) and _drop_orbax_info not in absl.filters:
-        absl.addFilter(_drop_orbax_info)
+def _reader_options() -> ocp.CheckpointManagerOptions:
+    """Options of a manager that only reads, in this process alone: its reads wait for no other
+    process, so a step that fails on one process only cannot leave the others at a barrier."""
+    pid = jax.process_index()
+    return ocp.CheckpointManagerOptions(
+        read_only=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=pid,
+            active_processes={pid},
+            barrier_sync_key_prefix=f"flax_attention_reader_{pid}",
+        ),
+    )
 
 
-def _drop_orbax_info(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.ERROR or not _is_orbax(record)
+def _sync(name: str) -> None:
+    """Wait until every process gets here (nothing with one process)."""
+    if jax.process_count() > 1:
+        ocp.multihost.sync_global_processes(name)
+
+
+def _allgather(values: np.ndarray) -> np.ndarray:
+    """`values` of every process, stacked on a first axis (one row with one process)."""
+    if jax.process_count() == 1:
+        return values[None]
+    return np.asarray(multihost_utils.process_allgather(values))
+
+
+def _combined(verdict: _Verdict) -> _Verdict:
+    """The worst of every process's verdict on one step."""
+    return _Verdict(int(_allgather(np.asarray([int(verdict)], np.int32)).max()))
+
+
+def _agreed_steps(local: list[int]) -> list[int]:
+    """Every step any process lists, newest first: all processes then try the same steps (a
+    step that a process does not list, it finds corrupt)."""
+    counts = _allgather(np.asarray([len(local)], np.int32))
+    padded = np.full(int(counts.max()), -1, np.int64)
+    padded[: len(local)] = local
+    every = _allgather(padded)
+    return sorted({int(step) for step in every.reshape(-1) if step >= 0}, reverse=True)
+
+
+def _is_io_error(err: BaseException) -> bool:
+    """Whether `err` (or what caused it) is an I/O failure rather than damaged content: an
+    OSError other than a missing file, or a tensorstore status that says the storage did not
+    answer (UNAVAILABLE, DEADLINE_EXCEEDED, ...). Such a read may succeed when tried again."""
+    for cause in _causes(err):
+        if isinstance(cause, OSError) and not isinstance(
+            cause, FileNotFoundError | NotADirectoryError | IsADirectoryError
+        ):
+            return True
+        if str(cause).startswith(TRANSIENT_STATUSES):
+            return True
+    return False
+
+
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    """`err`, then what it was raised from or while handling, transitively."""
+    seen: set[int] = set()
+    todo = [err]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        todo += [current.__cause__, current.__context__]
+        todo += list(getattr(current, "exceptions", ()))
 
 
 @contextlib.contextmanager
-def _orbax_errors_hidden() -> Iterator[None]:
-    """Drop orbax's error records while checkpoints are read (we report each refused step)."""
-    absl = logging.getLogger("absl")
-    drop = (lambda record: not _is_orbax(record)) if not os.environ.get(ORBAX_LOG_ENV) else None
-    if drop is not None:
-        absl.addFilter(drop)
+def _storage_errors_named(directory: Path) -> Iterator[None]:
+    """A full disk or a read-only directory found while saving under `directory` surfaces as
+    an `OSError` with that errno naming the directory (however orbax wrapped it)."""
     try:
         yield
-    finally:
-        if drop is not None:
-            absl.removeFilter(drop)
+    except Exception as err:
+        for cause in _causes(err):
+            if isinstance(cause, OSError) and cause.errno in DISK_FULL | NOT_WRITABLE:
+                path = cause.filename or directory
+                raise OSError(cause.errno, os.strerror(cause.errno), str(path)) from err
+        if "No space left on device" in str(err):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory)) from err
+        raise
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else ""
+def _check_writable(directory: Path) -> None:
+    """Create `directory` if needed and write a file in it, on every process; the OSError
+    (naming the path) on each process if that fails on any, before any training step."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+        problem = None
+    except OSError as err:  # named by the directory, not by the test file
+        problem = OSError(err.errno, err.strerror, str(directory))
+    failed = _allgather(np.asarray([problem is not None], np.int32))
+    if problem is not None:
+        raise problem
+    if failed.any():
+        raise OSError(errno.EACCES, "not writable from another process", str(directory))
+
+
+def _remove_unfinished_saves(directory: Path) -> None:
+    """Delete the temporary directories of saves that never finished (killed, disk full):
+    orbax's `<step>.orbax-checkpoint-tmp*`."""
+    for path in directory.glob(f"*{TMP_SUFFIX}*"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _hide_orbax_logs() -> None:
+    """Drop orbax's log records (absl logging; its errors surface as exceptions, reported here
+    once) and the reports of its abandoned reads, unless $FLAX_ATTENTION_ORBAX_LOG."""
+    if os.environ.get(ORBAX_LOG_ENV):
+        return
+    absl = logging.getLogger("absl")
+    if _not_orbax not in absl.filters:
+        absl.addFilter(_not_orbax)
+    if not isinstance(sys.unraisablehook, _DropClosedLoopReports):
+        sys.unraisablehook = _DropClosedLoopReports(sys.unraisablehook)
+
+
+class _DropClosedLoopReports:
+    """An `sys.unraisablehook` that drops "Event loop is closed" RuntimeErrors (tensorstore
+    completing a read that orbax abandoned after an error, one per array) and passes every
+    other report to the hook it wraps."""
+
+    def __init__(self, wrapped: Any):
+        self.wrapped = wrapped
+
+    def __call__(self, report: Any) -> None:
+        value = report.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        self.wrapped(report)
+
+
+def _not_orbax(record: logging.LogRecord) -> bool:
+    return f"{os.sep}orbax{os.sep}" not in record.pathname

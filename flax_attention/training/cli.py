@@ -28,6 +28,13 @@ from typing import Any, NoReturn
 
 import yaml
 
+from flax_attention.errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    os_error_exit,
+    report_bug,
+)
 from flax_attention.training.config import (
     ConfigError,
     TrainConfig,
@@ -91,6 +98,8 @@ def load_config_file(name_or_path: str) -> dict[str, Any]:
         values = yaml.load(path.read_text(), Loader=_YamlLoader)
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -227,31 +236,22 @@ def _known_configs() -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the program; returns the exit status (0 ok, 1 failed run, 2 usage error, 130 Ctrl-C)."""
+    """Run the program; returns the exit status (see `flax_attention.errors`: 0 ok, 1 failed
+    run, 2 usage error, 130 Ctrl-C). A bug prints its traceback, then one `error:` line."""
     try:
         config = parse_config(argv)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    from flax_attention.data import DatasetNotFoundError
-    from flax_attention.training import (
-        CorruptCheckpointError,
-        TrainingDivergedError,
-        TrainingInterruptedError,
-        fit,
-    )
+        return EXIT_USAGE
+    from flax_attention.training import TrainingInterruptedError, fit
 
     try:
         result = fit(config)
-    except (DatasetNotFoundError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (TrainingDivergedError, CorruptCheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     except TrainingInterruptedError as err:
         print(err, file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as err:  # each kind gets its exit status in _report_failure
+        return _report_failure(err)
     import jax
 
     if jax.process_index() == 0:
@@ -264,3 +264,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"metrics: {Path(config.workdir).absolute() / 'metrics.jsonl'}"
         )
     return 0
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    """What the user can fix (exit 2): a bad value, a dataset not prepared or a corrupt data
+    file, an existing run's checkpoints of another model or optimizer (or with --no-resume)."""
+    from flax_attention.data import DatasetNotFoundError
+    from flax_attention.errors import DataFileError
+    from flax_attention.training.checkpointing import CheckpointMismatchError
+
+    usage = ConfigError, DatasetNotFoundError, DataFileError, CheckpointMismatchError
+    return (*usage, FileExistsError)
+
+
+def _run_failures() -> tuple[type[BaseException], ...]:
+    """Runs that failed for a reason reported in one line (exit 1)."""
+    from flax_attention.training import CorruptCheckpointError, TrainingDivergedError
+    from flax_attention.training.checkpointing import CheckpointReadError
+
+    return TrainingDivergedError, CorruptCheckpointError, CheckpointReadError
+
+
+def _report_failure(err: Exception) -> int:
+    """Print `err` as one `error:` line and return its exit status; anything not known to be
+    the user's or the machine's problem is a bug: its traceback, then one line, exit 1."""
+    if isinstance(err, _usage_errors()):
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    if isinstance(err, _run_failures()):
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    known = os_error_exit(err) if isinstance(err, OSError) else None
+    if known is not None:
+        status, message = known
+        print(f"error: {message}", file=sys.stderr)
+        return status
+    return report_bug(err)

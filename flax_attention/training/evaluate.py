@@ -30,8 +30,8 @@ def evaluate(
 
     ``eval_fn(state, batch)`` returns the sums of `steps.eval_step` over a batch of
     ``local_batch`` rows ({"image": uint8 NHWC, "label", "mask"}). Every process reads its
-    shard; shards shorter than the longest are padded with masked rows, so all processes run
-    the same number of steps with one compiled shape.
+    shard; shards shorter than the longest (an empty one too) are padded with masked rows, so
+    all processes run the same number of steps with one compiled shape.
     """
     spec = data.get_spec(dataset)
     split = split or spec.eval_split
@@ -45,9 +45,10 @@ def evaluate(
         split=split,
         image_size=image_size,
     )
+    like = batch_template(spec, image_size)
     totals: dict[str, float] = {}
     for i in tqdm(range(num_batches), desc="evaluate", leave=False, disable=not progress):
-        batch = pad_batch(ds[i] if i < len(ds) else None, local_batch, ds[0])
+        batch = pad_batch(ds[i] if i < len(ds) else None, local_batch, like)
         sums = jax.device_get(eval_fn(state, batch))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
@@ -55,10 +56,22 @@ def evaluate(
     return {f"eval_{k}": v / count for k, v in totals.items()}
 
 
+def batch_template(spec: data.DatasetSpec, image_size: int | None) -> dict[str, np.ndarray]:
+    """Zero rows with the keys, dtypes and row shapes of the evaluation batches of `spec`'s
+    dataset at `image_size` (default: the dataset's): the layout of every padded batch."""
+    size = image_size or spec.image_size
+    return {
+        "image": np.zeros((0, size, size, spec.channels), np.uint8),
+        "label": np.zeros((0,), np.int32),
+    }
+
+
 def pad_batch(batch: dict | None, rows: int, like: dict) -> dict[str, np.ndarray]:
     """``batch`` (or nothing) padded to ``rows`` rows with zeros, keys and dtypes as in ``like``,
     plus a float32 "mask" (rows,): one compiled shape for every batch of a split."""
     n = 0 if batch is None else len(batch["label"])
+    if batch is not None and batch.keys() != like.keys():
+        raise ValueError(f"batch keys {sorted(batch)} differ from the template's {sorted(like)}")
     out = {}
     for key, ref in like.items():
         value = np.zeros((rows, *ref.shape[1:]), ref.dtype)

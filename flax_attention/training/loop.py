@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import itertools
 import math
 from collections.abc import Callable, Generator, Iterator
@@ -27,7 +28,8 @@ from tqdm import tqdm
 
 from flax_attention import checkpoint, data
 from flax_attention.checkpoint_metadata import WEIGHT_SOURCE_ARGS
-from flax_attention.models import create_model
+from flax_attention.errors import DISK_FULL, NOT_WRITABLE, DataFileError, first_line
+from flax_attention.models import ResNet, create_model
 from flax_attention.models.pretrained import load_pretrained
 from flax_attention.training import run_record
 from flax_attention.training.checkpointing import TrainCheckpointer, abstract_like, is_finite
@@ -100,7 +102,7 @@ def fit(config: TrainConfig) -> dict[str, Any]:
     `data.share_gpu_with_training` sets CUDA's queue count, which only applies to a CUDA context
     created after it.
     """
-    if config.distributed:
+    if config.distributed and not jax.distributed.is_initialized():
         jax.distributed.initialize()
     config.validate()  # before the workdir is made for its lock
     if config.decoder != "cpu" and data.get_spec(config.dataset).gpu_decodable:
@@ -119,13 +121,14 @@ class _Run:
         self.spec = data.get_spec(cfg.dataset)
         self.cfg = cfg
         self.is_main = jax.process_index() == 0
-        self.decoder = data.choose_decoder(cfg.decoder, cfg.dataset)  # before any data is read
+        self.decoder = _decoder(cfg)  # before any data is read
         if self.decoder == "hybrid" and cfg.num_workers == 0:
             self._print(
                 "note: --decoder hybrid with --num-workers 0 decodes its CPU rows in this "
                 "process, beside the GPU decoder; give it worker processes (--num-workers N)"
             )
-        train_size = len(data.data_source(cfg.dataset, self.spec.train_split, cfg.data_dir))
+        train_size = len(_readable_source(cfg, self.spec.train_split))
+        _readable_source(cfg, self.spec.eval_split)
         self.form = make_parallel(
             cfg.parallel, grad_sync=cfg.grad_sync, bn_group_size=cfg.bn_group_size
         )
@@ -141,13 +144,15 @@ class _Run:
             "in_channels": self.spec.channels,
             **cfg.model_kwargs,
         }
-        model = build_model(
-            cfg.model,
-            seed=cfg.seed,
-            dtype=PRECISIONS[cfg.precision],
-            pretrained=None if self._resuming() else cfg.pretrained,
-            **self.model_args,
-        )
+        _check_model_kwargs(cfg.model_kwargs)
+        with _model_kwargs_blamed(cfg.model_kwargs):
+            model = build_model(
+                cfg.model,
+                seed=cfg.seed,
+                dtype=PRECISIONS[cfg.precision],
+                pretrained=None if self._resuming() else cfg.pretrained,
+                **self.model_args,
+            )
         self.form.prepare_model(model)
         self.schedule = make_schedule(
             cfg.schedule, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=self.total_steps
@@ -467,7 +472,60 @@ def _batches_read(data_state: dict) -> int:
 def _local_batch(global_batch: int, form: MeshForm) -> int:
     """This process's rows of a global batch; checks it splits evenly over devices."""
     if global_batch % form.num_devices:
-        raise ValueError(
+        raise ConfigError(
             f"batch size {global_batch} does not split evenly over {form.num_devices} devices"
         )
     return global_batch // jax.process_count()
+
+
+def _decoder(cfg: TrainConfig) -> str:
+    """`--decoder` resolved for this run; `ConfigError` if it cannot be used here."""
+    try:
+        return data.choose_decoder(cfg.decoder, cfg.dataset)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _readable_source(cfg: TrainConfig, split: str) -> Any:
+    """The data source of `split`, its first and last records read: `DataFileError` naming the
+    split's files if they are corrupt or truncated."""
+    try:
+        source = data.data_source(cfg.dataset, split, cfg.data_dir)
+        for index in sorted({0, len(source) - 1}) if len(source) else []:
+            source[index]
+    except data.DatasetNotFoundError:
+        raise
+    except (RuntimeError, ValueError, OSError) as err:
+        if isinstance(err, OSError) and err.errno in NOT_WRITABLE | DISK_FULL:
+            raise  # preparing an embedded dataset where it cannot be written: named as such
+        folder = Path(cfg.data_dir or data.default_data_dir()).expanduser()
+        tfds_name = data.get_spec(cfg.dataset).tfds_name
+        raise DataFileError(
+            f"the {split!r} data files of {cfg.dataset!r} under {folder / tfds_name} cannot be "
+            f"read ({first_line(err)}); prepare the dataset again"
+        ) from None
+    return source
+
+
+def _check_model_kwargs(model_kwargs: dict[str, Any]) -> None:
+    """`ConfigError` naming the `model_kwargs` keys that no model constructor takes."""
+    known = set(inspect.signature(ResNet.__init__).parameters)
+    known |= set(inspect.signature(create_model).parameters)
+    known -= {"self", "name", "block", "layers", "rngs", "dtype", "kw"}  # the run's own
+    unknown = sorted(set(model_kwargs) - known)
+    if unknown:
+        raise ConfigError(f"model_kwargs: unknown keys {unknown}; known keys: {sorted(known)}")
+
+
+@contextlib.contextmanager
+def _model_kwargs_blamed(model_kwargs: dict[str, Any]) -> Iterator[None]:
+    """A ValueError or TypeError building a model given `model_kwargs` (a bad value of one of
+    them) as a `ConfigError` naming them; without any, the error is left as it is (a bug)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        if not model_kwargs:
+            raise
+        raise ConfigError(f"model_kwargs {model_kwargs}: {first_line(err)}") from None
