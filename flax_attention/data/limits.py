@@ -1,7 +1,8 @@
 """Resource limits that follow the machine: worker processes, image sides, batches, pixels.
 
 Every check here is done before anything is allocated, and a value past its limit is refused
-with one line saying the limit: worker processes at most ``WORKERS_PER_CORE`` per CPU core,
+with one line saying the limit: worker processes at most ``WORKERS_PER_CORE`` per CPU core
+(never fewer than ``MIN_WORKER_LIMIT``, so that a shipped config runs on a small machine),
 image sides at most ``MAX_IMAGE_SIDE``, a batch at most what this machine's memory holds as
 float32, an image to decode at most ``MAX_IMAGE_PIXELS`` pixels.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 
 WORKERS_PER_CORE = 4
+MIN_WORKER_LIMIT = 16
 MAX_IMAGE_SIDE = 4096
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's default decompression-bomb limit (Image.MAX_IMAGE_PIXELS)
 _GIB = 1 << 30
@@ -21,8 +23,9 @@ class ImageTooLargeError(ValueError):
 
 
 def max_workers() -> int:
-    """The most data loading worker processes: ``WORKERS_PER_CORE`` per CPU core."""
-    return WORKERS_PER_CORE * (os.cpu_count() or 1)
+    """The most data loading worker processes: ``WORKERS_PER_CORE`` per CPU core, at least
+    ``MIN_WORKER_LIMIT``."""
+    return max(WORKERS_PER_CORE * (os.cpu_count() or 1), MIN_WORKER_LIMIT)
 
 
 def workers_problem(count: int) -> str | None:
@@ -31,7 +34,10 @@ def workers_problem(count: int) -> str | None:
         return "must be >= 0"
     limit = max_workers()
     if count > limit:
-        return f"must be <= {limit} ({WORKERS_PER_CORE} per CPU core of this machine)"
+        return (
+            f"must be <= {limit} ({WORKERS_PER_CORE} per CPU core of this machine, "
+            f"at least {MIN_WORKER_LIMIT})"
+        )
     return None
 
 

@@ -140,21 +140,13 @@ class TrainConfig:
         1.0, help="length of the run in passes over the training split", check=_positive
     )
     batch_size: int = _field(
-        64,
-        help="global batch size (over all devices and hosts); at most what this machine's memory "
-        "holds as float32",
-        check=_at_least(1),
+        64, help="global batch size (over all devices and hosts)", check=_at_least(1)
     )
     eval_batch_size: int | None = _field(
-        None,
-        help="global evaluation batch size (default: batch_size); at most what this machine's "
-        "memory holds as float32",
-        check=_at_least(1),
+        None, help="global evaluation batch size (default: batch_size)", check=_at_least(1)
     )
     image_size: int | None = _field(
-        None,
-        help="input resolution (default: the dataset's; at most 4096)",
-        check=_image_side,
+        None, help="input resolution (default: the dataset's)", check=_image_side
     )
     lr: float = _field(0.1, help="peak learning rate, reached after the warm-up", check=_positive)
     optimizer: str = _field(
@@ -219,9 +211,7 @@ class TrainConfig:
     )
     keep_checkpoints: int = _field(3, help="how many checkpoints to keep", check=_at_least(1))
     num_workers: int = _field(
-        0,
-        help="data loading worker processes (0: threads in this process; at most 4 per CPU core)",
-        check=_workers,
+        0, help="data loading worker processes (0: threads in this process)", check=_workers
     )
     decoder: str = _field(
         "auto",
