@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from flax_attention import __version__
+from flax_attention.data.limits import MAX_IMAGE_SIDE
 
 METADATA_FILE = "flax_attention.json"
 STATE_DIR = "state"
@@ -156,7 +157,11 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str, int]] = {
     "flax_attention_version": (_is_str, "a version string", 1),
     "jax_version": (_is_str, "a version string", 1),
     "dataset": (_or_null(_is_str), "a dataset name or null", 2),
-    "image_size": (_or_null(lambda v: _is_int(v, 1)), "a positive integer or null", 2),
+    "image_size": (
+        _or_null(lambda v: _is_int(v, 1) and v <= MAX_IMAGE_SIDE),
+        f"a positive integer <= {MAX_IMAGE_SIDE} or null",
+        2,
+    ),
     "arrays": (lambda v: isinstance(v, dict), "an object (array path -> record)", 2),
 }
 

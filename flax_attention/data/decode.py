@@ -3,12 +3,20 @@
 Records of tfds ``Image`` features are read with decoding skipped (``tfds.decode.SkipDecoding``):
 the pipeline gets the encoded bytes and decodes them here, straight into numpy, without Pillow.
 JPEG goes through simplejpeg (libjpeg-turbo, accurate integer IDCT, the same decoder family as
-Pillow), anything else (PNG for CIFAR) through ``cv2.imdecode``.
+Pillow), anything else (PNG for CIFAR) through ``cv2.imdecode``. An image whose header says it
+has more than ``limits.MAX_IMAGE_PIXELS`` pixels is refused before it is decoded.
 """
+
+import io
+import struct
+import warnings
 
 import numpy as np
 
+from flax_attention.data.limits import ImageTooLargeError, check_image_pixels
+
 JPEG_MAGIC = b"\xff\xd8"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def is_jpeg(data: bytes) -> bool:
@@ -16,10 +24,14 @@ def is_jpeg(data: bytes) -> bool:
     return data[:2] == JPEG_MAGIC
 
 
-def decode_image(data: bytes, channels: int) -> np.ndarray:
-    """Decode ``data`` (JPEG, PNG, ...) to uint8 (H, W, channels); channels is 1 or 3 (RGB)."""
+def decode_image(data: bytes, channels: int, what: str = "image") -> np.ndarray:
+    """Decode ``data`` (JPEG, PNG, ...) to uint8 (H, W, channels); channels is 1 or 3 (RGB).
+
+    ``ImageTooLargeError`` naming ``what`` when its header says it has more pixels than
+    ``limits.MAX_IMAGE_PIXELS``: nothing is decoded then."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
+    check_image_pixels(*image_size(data, what), what)
     if is_jpeg(data):
         import simplejpeg
 
@@ -36,11 +48,30 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
     return image.reshape(*image.shape[:2], channels)
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """(height, width) of encoded ``data``: from the JPEG header alone when it is a JPEG."""
+def image_size(data: bytes, what: str = "image") -> tuple[int, int]:
+    """(height, width) of encoded ``data``, read from its header alone (nothing is decoded);
+    ``ValueError`` naming ``what`` when no image header can be read."""
     if is_jpeg(data):
         import simplejpeg
 
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
         return height, width
-    return decode_image(data, 3).shape[:2]
+    if data[:8] == PNG_MAGIC and data[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", data[16:24])
+        return height, width
+    return _pillow_header_size(data, what)
+
+
+def _pillow_header_size(data: bytes, what: str) -> tuple[int, int]:
+    """(height, width) from the header of any format Pillow identifies."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.height, image.width
+    except Image.DecompressionBombError as err:
+        raise ImageTooLargeError(f"{what}: {err}") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{what}: cannot decode image bytes starting with {data[:8]!r}") from None

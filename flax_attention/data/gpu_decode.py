@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_attention.data.decode import image_size
+from flax_attention.data.limits import check_image_pixels
 from flax_attention.data.preprocess import imagenet_train_plan
 
 
@@ -67,11 +68,14 @@ def share_gpu_with_training() -> None:
 class CropPlan:
     """grain ``random_map`` callable: record {"image": JPEG bytes, "label": int} ->
     {"jpeg": uint8 (n,), "box": int32 (4,) (top, left, height, width), "flip": bool,
-    "label": int32}; the random choices are ``imagenet_train``'s for the same ``rng``."""
+    "label": int32}; the random choices are ``imagenet_train``'s for the same ``rng``. A JPEG
+    past the pixel budget is refused (``limits.ImageTooLargeError``) before the GPU sees it."""
 
     def __call__(self, record: dict, rng: np.random.Generator) -> dict:
         payload = bytes(record["image"])
-        box, flip = imagenet_train_plan(*image_size(payload), rng)
+        height, width = image_size(payload)
+        check_image_pixels(height, width, "dataset image")
+        box, flip = imagenet_train_plan(height, width, rng)
         return {
             "jpeg": np.frombuffer(payload, np.uint8),
             "box": np.asarray(box, np.int32),

@@ -13,6 +13,8 @@ Typical training loop::
     it = make_loader("digits", train=True, batch_size=128, seed=0, start=k)  # the same batches
 """
 
+import functools
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,7 @@ from flax_attention.data.preprocess import EvalPreprocess, TrainPreprocess
 from flax_attention.data.registry import get_spec
 from flax_attention.data.sources import data_source
 from flax_attention.data.split_decode import SplitPlan, collate_split, cpu_rows_of, with_index
+from flax_attention.data.workers import exit_with_parent
 
 if TYPE_CHECKING:
     import grain
@@ -160,8 +163,9 @@ def make_loader(
     ``num_workers`` > 0 preprocesses in that many worker processes (grain ``mp_prefetch``),
     0 in this process with ``num_threads`` reader threads. (grain's own ``get_state()`` /
     ``set_state()`` work too, between loaders with the same arguments and workers.) With
-    workers, call ``close()`` on the iterator when done so that its processes and shared
-    memory are released.
+    workers, call ``close()`` on the iterator when done so that its processes are stopped;
+    they also exit by themselves when this process dies. Their batches arrive in shared memory
+    and are copied out of it at once, so no shared memory outlives the batch being read.
     """
     import grain
 
@@ -188,8 +192,24 @@ def make_loader(
     )
     if num_workers > 0:
         _mark_absl_flags_parsed()
-        ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        ids = ids.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=num_workers),
+            worker_init_fn=functools.partial(exit_with_parent, os.getpid()),
+        ).map(_out_of_shared_memory)
     return iter(ids)
+
+
+def _out_of_shared_memory(batch: Any) -> Any:
+    """``batch`` with every array a private copy: the shared memory a worker sent it in is
+    released as soon as grain's array is dropped, not whenever the caller drops the batch."""
+    return jax.tree.map(_private_copy, batch)
+
+
+def _private_copy(leaf: Any) -> Any:
+    """A plain ndarray copy of a shared-memory array (an ndarray subclass); others as they are."""
+    if isinstance(leaf, np.ndarray) and type(leaf) is not np.ndarray:
+        return np.array(leaf)
+    return leaf
 
 
 def _mark_absl_flags_parsed() -> None:

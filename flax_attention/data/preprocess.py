@@ -31,6 +31,10 @@ EvalTransform = Callable[[np.ndarray, int], np.ndarray]
 # (top, left, height, width) of a crop, in pixels.
 Box = tuple[int, int, int, int]
 
+# `center_crop` keeps at most this many short sides of an image's long side (its centre) before
+# resizing: an extreme strip (1x65000) would otherwise be resized to gigabytes.
+MAX_ASPECT_RATIO = 4
+
 
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resize ``image`` (uint8 HWC) to (height, width, C): area averaging when it shrinks in both
@@ -109,7 +113,10 @@ def random_resized_crop_box(
 
 def center_crop(image: np.ndarray, size: int, crop_fraction: float = 0.875) -> np.ndarray:
     """Resize the shorter side of ``image`` (HWC) to ``round(size / crop_fraction)`` keeping the
-    aspect ratio, then take the central (size, size, C) crop (standard ImageNet evaluation)."""
+    aspect ratio, then take the central (size, size, C) crop (standard ImageNet evaluation).
+    The long side is first trimmed to its central ``MAX_ASPECT_RATIO`` short sides, which holds
+    the crop: the resized image stays within ``MAX_ASPECT_RATIO`` squares of the short side."""
+    image = trim_long_side(image, MAX_ASPECT_RATIO)
     height, width = image.shape[:2]
     short = round(size / crop_fraction)
     if height <= width:
@@ -118,6 +125,15 @@ def center_crop(image: np.ndarray, size: int, crop_fraction: float = 0.875) -> n
         new_h, new_w = round(height * short / width), short
     resized = resize(image, new_h, new_w)
     return crop(resized, ((new_h - size) // 2, (new_w - size) // 2, size, size))
+
+
+def trim_long_side(image: np.ndarray, ratio: int) -> np.ndarray:
+    """The central window of ``image`` (HWC) whose long side is at most ``ratio`` times its short
+    side: a view, ``image`` itself when it is within that ratio."""
+    height, width = image.shape[:2]
+    longest = ratio * min(height, width)
+    new_h, new_w = min(height, longest), min(width, longest)
+    return crop(image, ((height - new_h) // 2, (width - new_w) // 2, new_h, new_w))
 
 
 def imagenet_train_plan(height: int, width: int, rng: np.random.Generator) -> tuple[Box, bool]:
@@ -153,11 +169,21 @@ def digits_train(image: np.ndarray, size: int, rng: np.random.Generator) -> np.n
 
 def record_image(record: dict, channels: int) -> np.ndarray:
     """The uint8 (H, W, channels) image of a tfds record: stored as an array (tfds ``Tensor``)
-    or as encoded bytes (tfds ``Image`` read with decoding skipped)."""
+    or as encoded bytes (tfds ``Image`` read with decoding skipped, within the pixel budget)."""
     image = record["image"]
     if isinstance(image, np.ndarray) and image.dtype == np.uint8:
         return image
-    return decode_image(bytes(image), channels)
+    return decode_image(bytes(image), channels, _record_name(record))
+
+
+def _record_name(record: dict) -> str:
+    """How errors name a record's image: its file name when the dataset stores one."""
+    name = record.get("file_name")
+    if isinstance(name, np.ndarray):
+        name = name.item()
+    if isinstance(name, bytes):
+        name = name.decode(errors="replace")
+    return f"dataset image {name}" if name else "dataset image"
 
 
 @dataclasses.dataclass(frozen=True)

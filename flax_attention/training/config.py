@@ -56,6 +56,33 @@ def _open_unit_interval(value: float) -> str | None:
     return None if 0 < value < 1 else "must be in (0, 1)"
 
 
+def _workers(value: int) -> str | None:
+    from flax_attention.data.limits import workers_problem
+
+    return workers_problem(value)
+
+
+def _image_side(value: int) -> str | None:
+    from flax_attention.data.limits import image_side_problem
+
+    return image_side_problem(value)
+
+
+def _check_batches_fit(config: TrainConfig) -> None:
+    """The training and evaluation batches fit this machine's memory at the run's image size
+    (the dataset's when `image_size` is not set); `ConfigError` naming the field otherwise."""
+    from flax_attention.data.limits import batch_problem
+    from flax_attention.data.registry import DATASETS
+
+    spec = DATASETS[config.dataset]
+    side = config.image_size or spec.image_size
+    for name in ("batch_size", "eval_batch_size"):
+        batch = getattr(config, name)
+        problem = batch and batch_problem(batch, side, spec.channels)
+        if problem:
+            raise ConfigError(f"{name}: {problem}")
+
+
 def _interval(minimum: int) -> Callable[[int | str], str | None]:
     def check(value: int | str) -> str | None:
         if isinstance(value, str):
@@ -126,7 +153,7 @@ class TrainConfig:
         None, help="global evaluation batch size (default: batch_size)", check=_at_least(1)
     )
     image_size: int | None = _field(
-        None, help="input resolution (default: the dataset's)", check=_at_least(1)
+        None, help="input resolution (default: the dataset's)", check=_image_side
     )
     lr: float = _field(0.1, help="peak learning rate, reached after the warm-up", check=_positive)
     optimizer: str = _field(
@@ -191,7 +218,7 @@ class TrainConfig:
     )
     keep_checkpoints: int = _field(3, help="how many checkpoints to keep", check=_at_least(1))
     num_workers: int = _field(
-        0, help="data loading worker processes (0: threads in this process)", check=_at_least(0)
+        0, help="data loading worker processes (0: threads in this process)", check=_workers
     )
     decoder: str = _field(
         "auto",
@@ -227,6 +254,7 @@ class TrainConfig:
         for name in _HINTS:
             setattr(self, name, check_value(name, getattr(self, name)))
         _check_model_fits_dataset(self.model_kwargs, self.dataset)
+        _check_batches_fit(self)
         _check_workdir(Path(self.workdir))
 
     @classmethod
