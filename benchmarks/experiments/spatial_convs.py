@@ -36,7 +36,7 @@ import jax
 from benchmarks import train
 from benchmarks.__main__ import SAMPLING
 from benchmarks.common import Settings, device_slug, error_text
-from flax_attention.kernels.dispatch import platform
+from flax_attention.layers.common import platform
 from flax_attention.layers import tap_convs
 
 # model -> (its tap_convs.AUTO gate, how many stages have one: BAM sits after stages 1-3 only)
