@@ -306,6 +306,22 @@ def test_the_removed_impl_argument_is_refused_in_one_line(value):
     assert "\n" not in str(err.value)
 
 
+def test_a_training_config_naming_impl_is_one_error_line_and_writes_nothing(tmp_path, capsys):
+    from flax_attention import data
+    from flax_attention.training.cli import main as train_main
+
+    data.build_digits(tmp_path / "tfds")
+    capsys.readouterr()  # the dataset builder's progress
+    config = tmp_path / "old.yaml"
+    workdir = tmp_path / "run"
+    config.write_text(f"dataset: digits\nworkdir: {workdir}\nmodel_kwargs: {{impl: auto}}\n")
+    argv = ["--config", str(config), "--data-dir", str(tmp_path / "tfds"), "--no-progress"]
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model argument 'impl' was removed") and err.count("\n") == 1
+    assert not workdir.exists()
+
+
 def test_a_model_folder_saved_with_impl_still_restores(tmp_path):
     """Model folders saved while `impl` existed record it in `constructor_args`; restoring
     leaves it out and gives the saved model."""
