@@ -124,7 +124,7 @@ def get_spec(name: str) -> ModelSpec:
 
 
 # Model arguments that no longer exist, with why: refused by name (saved model folders that
-# record one are read without it, flax_attention.checkpoint_metadata).
+# record one are restored without it, flax_attention.checkpoint.restore).
 REMOVED_ARGS: dict[str, str] = {
     "impl": "every SE and CBAM gate runs XLA, fused with the BatchNorm before it in training",
 }
