@@ -1,4 +1,4 @@
-"""Run the benchmark suites: `python -m benchmarks [--quick] [--suites train,modules,passes]`.
+"""Run the benchmark suites: `python -m benchmarks [--quick] [--suites train,modules]`.
 
 The default is every one-GPU suite; `scaling` needs several GPUs (`--suites scaling`). First
 every case is compiled by parallel worker processes into persistent caches (benchmarks/warm.py;
@@ -16,13 +16,12 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
 
-from benchmarks import autotune, input_pipeline, modules, passes, scaling, train, warm
+from benchmarks import autotune, input_pipeline, modules, scaling, train, warm
 from benchmarks.common import (
     RESULTS,
     ROOT,
@@ -40,16 +39,14 @@ from flax_attention.data import share_gpu_with_training
 SUITES: dict[str, Callable[..., Results]] = {
     "train": train.run,
     "modules": modules.run,
-    "passes": passes.run,
     "scaling": scaling.run,
     "input": input_pipeline.run,
 }
 # Per-suite sampling, sized so the one-GPU suites fit one run: whole training steps take ~50 ms
-# (fewer, longer samples); a module or pass takes 0.05-1.5 ms.
+# (fewer, longer samples); a module takes 0.05-1.5 ms.
 SAMPLING: dict[str, dict[str, float]] = {
     "train": {"samples": 6, "sample_ms": 300.0},
     "modules": {"samples": 10, "sample_ms": 20.0},
-    "passes": {"samples": 10, "sample_ms": 20.0},
     "scaling": {"samples": 10, "sample_ms": 300.0},
 }
 MAIN_GPU_GB = 8.0  # what this process holds while the workers compile
@@ -59,15 +56,11 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flax-a
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument("--quick", action="store_true", help="tiny shapes, few samples (CPU smoke)")
-    p.add_argument("--suites", default="train,modules,passes", help="comma-separated suites")
+    p.add_argument("--suites", default="train,modules", help="comma-separated suites")
     p.add_argument("--modules", default=",".join(modules.CASES), help="modules suite: which")
     p.add_argument("--models", default=",".join(train.MODELS), help="train suite: which")
-    p.add_argument("--passes", default=",".join(passes.PASSES), help="passes suite: which")
     p.add_argument(
         "--frameworks", default="flax,torch,torch.compile", help="modules, train: which frameworks"
-    )
-    p.add_argument(
-        "--train-impls", default="auto", help="train suite: gate impls of seresnet50, cbam_resnet50"
     )
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     p.add_argument("--charts-only", action="store_true", help="redraw PNGs from existing JSON")
@@ -102,9 +95,7 @@ def shard_list(args: argparse.Namespace, suites: list[str], frameworks: list[str
     """The warm phase's shards for `suites` and `frameworks`, longest first (as last run)."""
     split = lambda text: [s for s in text.split(",") if s]  # noqa: E731
     seconds = warm.recorded_seconds(args.out / device_slug(args.quick))
-    out = warm.shards(
-        suites, split(args.models), split(args.modules), frameworks, args.train_impls, seconds
-    )
+    out = warm.shards(suites, split(args.models), split(args.modules), frameworks, seconds)
     return [replace(s, args=(*s.args, "--quick")) for s in out] if args.quick else out
 
 
@@ -138,16 +129,8 @@ def warm_phase(args: argparse.Namespace, suites: list[str]) -> tuple[dict, Path]
     summary = warm.run([s for s in all_shards if s.solo], args.cache, work, 1, budget)
     seeded = autotune.seed(store, autotune.cache_dir(args.cache))
     print(f"warm: {seeded} autotuning results from {store}", flush=True)
-    with ThreadPoolExecutor(1) as pool:
-        rest = [s for s in all_shards if not s.solo]
-        workers = pool.submit(warm.run, rest, args.cache, work, args.jobs, budget)
-        if {"passes", "modules"} & set(suites):
-            # Mosaic GPU kernels compile in each process, not into the caches: compile the
-            # passes' kernels (which are also the modules' "pallas" kernels) here, meanwhile.
-            settings = Settings.make(args.quick, work / "main")
-            settings.warm_only = True
-            passes.run(settings, tuple(split(args.passes)))
-        summary = warm.merge(summary, workers.result())
+    rest = [s for s in all_shards if not s.solo]
+    summary = warm.merge(summary, warm.run(rest, args.cache, work, args.jobs, budget))
     source = store.relative_to(ROOT) if store.is_relative_to(ROOT) else store
     summary["autotune_seeded"] = {"from": str(source), "entries": seeded}
     print(f"warm: {summary['wall_s']} s, {len(summary['failed'])} failed", flush=True)
@@ -188,12 +171,9 @@ def main(argv: list[str] | None = None) -> None:
         if name == "modules":
             kwargs["names"] = tuple(args.modules.split(","))
             kwargs["frameworks"] = tuple(args.frameworks.split(","))
-        if name == "passes":
-            kwargs["names"] = tuple(args.passes.split(","))
         if name == "train":
             kwargs["models"] = tuple(args.models.split(","))
             kwargs["frameworks"] = tuple(args.frameworks.split(","))
-            kwargs["kernel_impls"] = tuple(args.train_impls.split(","))
         suite_start = time.perf_counter()
         res = SUITES[name](settings, **kwargs)
         res.meta["suite_wall_s"] = round(time.perf_counter() - suite_start, 1)

@@ -306,7 +306,7 @@ class Results:
 
 
 def format_row(row: dict[str, Any]) -> str:
-    keys = ("name", "impl", "framework", "mode", "shape", "batch", "n_devices")
+    keys = ("name", "impl", "framework", "spatial_conv", "mode", "shape", "batch", "n_devices")
     head = " ".join(str(row[k]) for k in keys if k in row)
     if "error" in row:
         return f"{head:70s} ERROR {row['error'][:200]}"
@@ -381,8 +381,10 @@ def chart(path: Path, suite: str, rows: list[dict[str, Any]]) -> Path | None:
     return out
 
 
-def _impl(r: dict[str, Any]) -> str:
-    return r.get("impl") or r.get("framework", "")
+def _series(r: dict[str, Any]) -> str:
+    """A row's bar series: its `impl` (input and scaling suites, older results) or framework,
+    with the spatial-conv formulation where it has one."""
+    return r.get("impl") or " ".join(filter(None, (r.get("framework"), r.get("spatial_conv"))))
 
 
 CHARTS: dict[str, dict[str, Any]] = {
@@ -390,31 +392,25 @@ CHARTS: dict[str, dict[str, Any]] = {
         "value": "bw_frac",
         "label": "fraction of copy bandwidth at minimal bytes (PSA: TFLOP/s / 100)",
         "group": lambda r: f"{r['name']} {r['mode']} {r['shape'][1]}x{r['shape'][3]}",
-        "series": _impl,
+        "series": _series,
     },
     "train": {
         "value": "img_per_s",
         "label": "images / s (training step)",
         "group": lambda r: r["name"],
-        "series": _impl,
-    },
-    "passes": {
-        "value": "bw_frac",
-        "label": "fraction of copy bandwidth at minimal bytes",
-        "group": lambda r: f"{r['name']} {r['shape'][1]}x{r['shape'][2]}",
-        "series": _impl,
+        "series": _series,
     },
     "input": {
         "value": "img_per_s",
         "label": "images / s (host: per CPU core)",
         "group": lambda r: r["name"],
-        "series": _impl,
+        "series": _series,
     },
     "scaling": {
         "value": "img_per_s_per_device",
         "label": "images / s per device",
         "group": lambda r: f"{r['name']} x{r['n_devices']}",
-        "series": _impl,
+        "series": _series,
     },
 }
 

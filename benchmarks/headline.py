@@ -18,13 +18,13 @@ BASELINE = "resnet50"  # "of our resnet50": the gates' cost in the network
 SOURCE = Path("benchmarks/results/nvidia-h100-80gb-hbm3/train.json")  # the README's table
 
 
-# Our rows: the models' default gate impl; results from before "auto" was the default name
-# their rows "xla", which was.
+# Our row of a model: results from before the gates' `impl` argument was removed hold a row per
+# impl run, the default's named "auto" (in older ones "xla"); later rows name none.
 DEFAULT_IMPLS = ("auto", "xla")
 
 
 def _rate(rows: list[dict], model: str, framework: str) -> dict | None:
-    """The row of `model` under `framework` with a throughput (ours: the default impl's)."""
+    """The row of `model` under `framework` with a throughput (ours: the default's)."""
     rows = [
         row
         for row in rows

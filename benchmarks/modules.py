@@ -1,10 +1,9 @@
 """Attention modules alone: SE, CBAM, BAM, PSA forward and forward+backward, NHWC bf16.
 
 Shapes are the four ResNet-50 stage outputs at batch 128. Each module runs in training mode
-(BatchNorm on batch statistics). Ours: every `impl` the module has (`xla`, `pallas`), and for
-CBAM and BAM each formulation of their spatial convs (layers.tap_convs) as impl `<impl>+<form>`,
-e.g. `xla+shifts`. PyTorch:
-the reference modules of flax_attention.reference.layers, channels_last, bf16, eager and
+(BatchNorm on batch statistics). Ours: for CBAM and BAM a row per `spatial_conv` (each
+formulation of their spatial convs, layers.tap_convs, then "auto"), for SE and PSA one row.
+PyTorch: the reference modules of flax_attention.reference.layers, channels_last, bf16, eager and
 torch.compile, when torch sees a CUDA device.
 
 Minimal bytes (the floor, at the copy bandwidth measured in the same run): forward reads x and
@@ -37,30 +36,21 @@ from benchmarks.common import (
     torch_sync,
 )
 from flax_attention import BAM, CBAM, PSA, SE
-from flax_attention.layers.tap_convs import SPATIAL_CONVS
+from flax_attention.layers.tap_convs import FORMULATIONS
 
 SHAPES = ((128, 56, 56, 256), (128, 28, 28, 512), (128, 14, 14, 1024), (128, 7, 7, 2048))
 QUICK_SHAPES = ((2, 8, 8, 64), (2, 5, 7, 128))
 MODES = ("fwd", "fwdbwd")
-KERNEL_IMPLS = ("xla", "xla_passes", "pallas")
 PASSES = {"fwd": 2, "fwdbwd": 5}  # full-tensor passes of the minimal-bytes floor
-TAP_FORMS = tuple(form for form in SPATIAL_CONVS if form != "conv")
-
-
-def split_impl(label: str) -> tuple[str, str]:
-    """An impl label -> (kernel impl, spatial conv formulation): "xla+shifts" -> ("xla",
-    "shifts"), "pallas" -> ("pallas", "conv"), "auto" -> ("auto", "auto") (every choice the
-    committed tables', as a user who leaves both at "auto" gets)."""
-    impl, _, form = label.partition("+")
-    return impl, form or ("auto" if impl == "auto" else "conv")
+SPATIAL_CONV_ROWS = (*FORMULATIONS, "auto")  # the library conv first: the others' reference
 
 
 @dataclass(frozen=True)
 class ModuleCase:
-    """How to build one module in Flax (per impl); PyTorch builders are in `_torch_modules`."""
+    """How to build one module in Flax; PyTorch builders are in `_torch_modules`."""
 
-    flax: Callable[..., nnx.Module]  # (channels, *, impl, rngs, dtype) -> module
-    impls: tuple[str, ...] = ("xla",)
+    flax: Callable[..., nnx.Module]  # (channels, *, rngs, dtype[, spatial_conv]) -> module
+    spatial_convs: tuple[str, ...] = ()  # a row per `spatial_conv=`; none: one row
     flops: Callable[[tuple[int, ...]], float] | None = None  # forward FLOPs, conv-bound modules
 
 
@@ -84,21 +74,16 @@ def _torch_modules() -> dict[str, Callable[[int], Any]]:
 
 
 CASES: dict[str, ModuleCase] = {
-    "se": ModuleCase(
-        lambda c, impl, **kw: SE(c, 16, bias=False, impl=impl, **kw), (*KERNEL_IMPLS, "auto")
-    ),
-    "cbam": ModuleCase(
-        lambda c, impl, **kw: CBAM(
-            c, 16, impl=split_impl(impl)[0], spatial_conv=split_impl(impl)[1], **kw
-        ),
-        (*KERNEL_IMPLS, *(f"xla+{form}" for form in TAP_FORMS), "pallas+shifts", "auto"),
-    ),
-    "bam": ModuleCase(
-        lambda c, impl, **kw: BAM(c, 16, spatial_conv=split_impl(impl)[1], **kw),
-        ("xla", *(f"xla+{form}" for form in TAP_FORMS)),
-    ),
-    "psa": ModuleCase(lambda c, impl, **kw: PSA(c, c, **kw), flops=_psa_flops),
+    "se": ModuleCase(lambda c, **kw: SE(c, 16, bias=False, **kw)),
+    "cbam": ModuleCase(lambda c, **kw: CBAM(c, 16, **kw), SPATIAL_CONV_ROWS),
+    "bam": ModuleCase(lambda c, **kw: BAM(c, 16, **kw), SPATIAL_CONV_ROWS),
+    "psa": ModuleCase(lambda c, **kw: PSA(c, c, **kw), flops=_psa_flops),
 }
+
+
+def variants(case: ModuleCase) -> list[dict[str, str]]:
+    """The keyword arguments of each of `case`'s rows: one per `spatial_conv`, else one."""
+    return [{"spatial_conv": form} for form in case.spatial_convs] or [{}]
 
 
 def flax_fn(module: nnx.Module, mode: str) -> tuple[Callable, Any]:
@@ -141,7 +126,8 @@ def run(
     names: tuple[str, ...] = tuple(CASES),
     frameworks: tuple[str, ...] = ("flax", "torch", "torch.compile"),
 ) -> Results:
-    """Measure every module x shape x mode x impl/framework; returns the suite's results."""
+    """Measure every module x shape x mode x framework (ours: x spatial_conv); returns the
+    suite's results."""
     res = Results("modules", settings)
     bw = copy_bandwidth(settings)
     res.meta["copy_bandwidth_gbps"] = bw
@@ -160,23 +146,22 @@ def run(
                 base = {"name": name, "mode": mode, "shape": list(shape), "batch": shape[0]}
                 base["dtype"] = "bfloat16"
                 base.update(_floor(case, name, shape, mode, gbps))
-                reference = None  # the first impl's outputs (xla), for the others' errors
-                for impl in case.impls if "flax" in frameworks else ():
-                    row = {**base, "impl": impl, "framework": "flax"}
+                reference = None  # the library conv's outputs, for the other formulations' errors
+                for kw in variants(case) if "flax" in frameworks else ():
+                    row = {**base, "framework": "flax", **kw}
                     try:
-                        module = case.flax(
-                            shape[-1], impl=impl, rngs=nnx.Rngs(0), dtype=jnp.bfloat16
-                        )
+                        module = case.flax(shape[-1], rngs=nnx.Rngs(0), dtype=jnp.bfloat16, **kw)
                         module.train()
                         fn, state = flax_fn(module, mode)
                         inputs = [(state, x, dy) for x, dy in zip(xs, dys, strict=False)]
                         out = fn(*inputs[0])
-                        reference = out if reference is None else reference
-                        row["rel_err_vs_xla"] = max_rel_error(out, reference)
+                        if kw:
+                            reference = out if reference is None else reference
+                            row["rel_err_vs_conv"] = max_rel_error(out, reference)
                         timing = time_fn(fn, inputs, jax_sync, settings)
                         row.update(timing.as_dict())
                         row.update(_fractions(row))
-                    except Exception as e:  # a kernel that fails to lower is a result too
+                    except Exception as e:  # a case that fails to compile is a result too
                         row["error"] = error_text(e)
                     res.add(row)
                 if torch is not None:

@@ -7,7 +7,7 @@ in one category (convolution / matmul library calls, reduction fusions, elementw
 copies, collectives, other), with its time per step and the bytes its operands and result
 occupy, so that memory-bound categories can be read against the copy bandwidth.
 
-`python -m benchmarks.profile_step [--models resnet50,...] [--impl auto] [--steps 5] [--top 25]
+`python -m benchmarks.profile_step [--models resnet50,...] [--steps 5] [--top 25]
 [--quick] [--save-hlo] [--out DIR]` writes `<out>/profile_step.json` (per model: categories and
 the `--top` costliest instructions, every one with `--top 0`); `<out>` is
 benchmarks/results/<device> unless given.
@@ -27,10 +27,8 @@ from benchmarks.common import RESULTS, device_slug, error_text
 from benchmarks.profiling import profile_calls
 
 
-def profile(
-    name: str, impl: str, batch: int, image: int, steps: int, top: int, hlo_dir: Path | None
-) -> dict:
-    step = train.flax_step(name, impl, batch, image, inputs=2)
+def profile(name: str, batch: int, image: int, steps: int, top: int, hlo_dir: Path | None) -> dict:
+    step = train.flax_step(name, batch, image, inputs=2)
     hlo_text = step.compiled.as_text()
     if hlo_dir is not None:
         with gzip.open(hlo_dir / f"{name}.hlo.txt.gz", "wt") as f:
@@ -38,7 +36,6 @@ def profile(
     prof = profile_calls(lambda i: step(*step.data[i % 2]), steps, hlo_text)
     return {
         "name": name,
-        "impl": impl,
         "batch": batch,
         "wall_ms_per_step_traced": prof["wall_ms_traced"],
         "device_ms_per_step": prof["device_ms"],
@@ -51,7 +48,6 @@ def profile(
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(train.MODELS), help="comma-separated models")
-    p.add_argument("--impl", default="auto", help="the gates' impl (the models' default)")
     p.add_argument("--steps", type=int, default=5, help="steps traced per model")
     p.add_argument("--top", type=int, default=25, help="instructions kept per model (0: all)")
     p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke)")
@@ -68,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models.split(","):
         try:
             hlo_dir = args.out if args.save_hlo else None
-            row = profile(name, args.impl, batch, image, args.steps, args.top, hlo_dir)
+            row = profile(name, batch, image, args.steps, args.top, hlo_dir)
         except Exception as e:
             row = {"name": name, "error": error_text(e)}
         rows.append(row)

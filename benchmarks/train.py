@@ -40,12 +40,6 @@ IMAGE, QUICK_IMAGE = 224, 64
 NUM_CLASSES = 1000
 
 
-def model_impls(name: str, kernel_impls: tuple[str, ...]) -> tuple[str, ...]:
-    """The gate impls to run for `name`: `kernel_impls` for the models with SE / CBAM gates,
-    the default ("auto") for the others."""
-    return kernel_impls if name in ("seresnet50", "cbam_resnet50") else ("auto",)
-
-
 def make_step(model: nnx.Module, tx: optax.GradientTransformation):
     """A pure jitted step over (params, rest, opt_state, x, y) -> (params, rest, opt_state, loss)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -80,7 +74,7 @@ class FlaxStep:
         return loss
 
 
-def flax_step(name: str, impl: str, batch: int, image: int, inputs: int) -> FlaxStep:
+def flax_step(name: str, batch: int, image: int, inputs: int) -> FlaxStep:
     """Build, compile (timed) and return the train suite's step for model `name`."""
     model = create_model(
         name,
@@ -88,7 +82,6 @@ def flax_step(name: str, impl: str, batch: int, image: int, inputs: int) -> Flax
         rngs=nnx.Rngs(0),
         dtype=jnp.bfloat16,
         param_dtype=jnp.float32,
-        impl=impl,
     )
     model.train()
     step, state = make_step(model, optax.sgd(0.1, momentum=0.9))
@@ -116,8 +109,8 @@ def flax_step(name: str, impl: str, batch: int, image: int, inputs: int) -> Flax
     return FlaxStep(compiled, list(state), data, compile_s, peak)
 
 
-def flax_row(name: str, impl: str, settings: Settings, batch: int, image: int) -> dict:
-    return step_row(flax_step(name, impl, batch, image, settings.inputs), settings, batch)
+def flax_row(name: str, settings: Settings, batch: int, image: int) -> dict:
+    return step_row(flax_step(name, batch, image, settings.inputs), settings, batch)
 
 
 def step_row(step: FlaxStep, settings: Settings, batch: int) -> dict:
@@ -189,10 +182,8 @@ def run(
     settings: Settings,
     models: tuple[str, ...] = MODELS,
     frameworks: tuple[str, ...] = ("flax", "torch", "torch.compile"),
-    kernel_impls: tuple[str, ...] = ("auto",),
 ) -> Results:
-    """Measure every model in every framework (ours with each of `kernel_impls` for the gated
-    models); returns the suite's results."""
+    """Measure every model in every framework; returns the suite's results."""
     res = Results("train", settings)
     batch = QUICK_BATCH if settings.quick else BATCH
     image = QUICK_IMAGE if settings.quick else IMAGE
@@ -207,13 +198,12 @@ def run(
     }
     if "flax" in frameworks:  # ours first: a run cut short keeps the rows that matter most
         for name in models:
-            for impl in model_impls(name, kernel_impls):
-                row = {**bases[name], "framework": "flax", "impl": impl}
-                try:
-                    row.update(flax_row(name, impl, settings, batch, image))
-                except Exception as e:
-                    row["error"] = error_text(e)
-                res.add(row)
+            row = {**bases[name], "framework": "flax"}
+            try:
+                row.update(flax_row(name, settings, batch, image))
+            except Exception as e:
+                row["error"] = error_text(e)
+            res.add(row)
     for framework in ("torch", "torch.compile"):
         if framework not in frameworks or torch_cuda() is None:
             continue

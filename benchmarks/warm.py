@@ -9,9 +9,7 @@ timed. The suites are then timed in one process, where a compile is a cache load
 start longest first, by the seconds each shard took in the previous run (the suites' JSON
 records them, `warm.shard_s`); shards without a recorded time start first.
 
-Not warmed: eager PyTorch (nothing to compile) and the passes suite (its Mosaic GPU kernels
-compile in each process, not into the caches: the main process compiles them during this phase,
-and the modules' "pallas" rows use the same kernels; its XLA passes compile in under a second).
+Not warmed: eager PyTorch (nothing to compile).
 
 XLA autotunes convolutions by timing them on the GPU, so a compile that shares the GPU can pick
 slower kernels (two of four parallel runs on 2026-11-22 gave seresnet50 a 6-7% slower step).
@@ -55,7 +53,6 @@ def shards(
     models: list[str],
     modules: list[str],
     frameworks: list[str],
-    train_impls: str,
     seconds: dict[str, float],
 ) -> list[Shard]:
     """The train and modules suites' shards: the solo one, then those without a time in
@@ -67,7 +64,7 @@ def shards(
         for fw in (f for f in frameworks if f != "torch"):
             for item in items[suite]:
                 args = ("--suites", suite, f"--{'models' if suite == 'train' else suite}", item)
-                args += ("--frameworks", fw, "--train-impls", train_impls)
+                args += ("--frameworks", fw)
                 label = f"{suite} {item} {fw}"
                 gb = GPU_GB.get((suite, fw), 4.0)
                 out.append(Shard(label, args, gb, seconds.get(label), label in SOLO))
@@ -193,4 +190,5 @@ def cold_compile_s(out_dir: Path, suite: str) -> dict[tuple, float]:
 
 
 def row_key(row: dict) -> tuple:
-    return tuple(str(row.get(k)) for k in ("name", "framework", "impl", "mode", "shape"))
+    keys = ("name", "framework", "spatial_conv", "mode", "shape")
+    return tuple(str(row.get(k)) for k in keys)

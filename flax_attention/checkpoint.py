@@ -39,7 +39,7 @@ from flax_attention.checkpoint_metadata import (
     read_metadata,
     sha256_of,
 )
-from flax_attention.models.registry import MODELS, create_model
+from flax_attention.models.registry import MODELS, REMOVED_ARGS, create_model
 
 __all__ = [
     "METADATA_FILE",
@@ -187,7 +187,8 @@ def restore(
     `None`: rebuild the model named in the metadata; a name: the same, checked against the
     metadata; a model: fill it in place (and set its mode). Only the arrays of `directory` are
     read: constructor arguments that name other weights (`pretrained`) are ignored, so the
-    metadata never makes a restore read another file or fetch from the Hub. Every array is
+    metadata never makes a restore read another file or fetch from the Hub; removed ones
+    (`REMOVED_ARGS`: `impl`) are ignored too. Every array is
     checked against the dtype, shape and sha256 recorded at save (`CheckpointIntegrityError`
     naming the array); shape or structure differences from the model raise ValueError naming
     every differing path.
@@ -209,6 +210,7 @@ def restore(
                 f"(known: {', '.join(sorted(MODELS))})"
             )
         args = model_constructor_args(metadata)
+        args = {key: value for key, value in args.items() if key not in REMOVED_ARGS}
         try:
             model = nnx.eval_shape(lambda: create_model(name, rngs=nnx.Rngs(0), **args))
         except TypeError as err:

@@ -22,15 +22,14 @@ def test_shards_solo_first_then_unmeasured_then_longest_and_no_eager_torch(tmp_p
     last_run = {"train seresnet50 flax": 21.0, "modules psa torch.compile": 67.6}
     last_run |= {"train resnet50 flax": 44.0, "modules se flax": 29.0}
     (tmp_path / "train.json").write_text(json.dumps({"warm": {"shard_s": last_run}}))
-    (tmp_path / "passes.json").write_text(json.dumps({"rows": []}))  # no warm phase
+    (tmp_path / "input.json").write_text(json.dumps({"rows": []}))  # no warm phase
     seconds = warm.recorded_seconds(tmp_path)
     assert seconds == last_run and warm.recorded_seconds(tmp_path / "none") == {}
     shards = warm.shards(
-        ["train", "modules", "passes"],
+        ["train", "modules", "input"],
         ["resnet50", "seresnet50", "epsanet50_small"],
         ["se", "psa"],
         ["flax", "torch", "torch.compile"],
-        "xla",
         seconds,
     )
     labels = [s.label for s in shards]
@@ -41,7 +40,7 @@ def test_shards_solo_first_then_unmeasured_then_longest_and_no_eager_torch(tmp_p
     assert labels[-3:] == ["modules psa torch.compile", "modules se flax", "train seresnet50 flax"]
     assert len(labels) == 2 * 3 + 2 * 2  # (flax, torch.compile) x (models + modules)
     assert not any(label.endswith(" torch") for label in labels)
-    assert not any(label.startswith("passes") for label in labels)
+    assert not any(label.startswith("input") for label in labels)
     psa = next(s for s in shards if s.label == "modules psa torch.compile")
     assert psa.args[:6] == (
         "--suites",
@@ -57,7 +56,7 @@ def test_shards_solo_first_then_unmeasured_then_longest_and_no_eager_torch(tmp_p
 
 def test_cold_compile_times_are_found_by_row(tmp_path):
     rows = [
-        {"name": "seresnet50", "framework": "flax", "impl": "xla", "compile_s": 12.5},
+        {"name": "seresnet50", "framework": "flax", "compile_s": 12.5},
         {"name": "seresnet50", "framework": "torch", "compile_s": None},
     ]
     shard = tmp_path / "train-seresnet50-flax" / "some-device"
@@ -65,7 +64,7 @@ def test_cold_compile_times_are_found_by_row(tmp_path):
     (shard / "train.json").write_text(json.dumps({"rows": rows}))
     found = warm.cold_compile_s(tmp_path, "train")
     assert found == {warm.row_key(rows[0]): 12.5}
-    timed = {"name": "seresnet50", "framework": "flax", "impl": "xla", "compile_s": 2.0}
+    timed = {"name": "seresnet50", "framework": "flax", "compile_s": 2.0}
     assert found[warm.row_key(timed)] == 12.5
     assert warm.cold_compile_s(tmp_path, "modules") == {}
 
@@ -163,12 +162,11 @@ def test_profile_gates_quick_run_lists_every_kernel(tmp_path):
     with its kernels joined to HLO instructions; CBAM's spatial gate shows its convolutions."""
     from benchmarks import modules, profile_gates
 
-    profile_gates.main(
-        ["--quick", "--gates", "se,cbam", "--impls", "xla", "--steps", "2", "--out", str(tmp_path)]
-    )
+    args = ["--quick", "--gates", "se,cbam", "--spatial-convs", "conv", "--steps", "2"]
+    profile_gates.main([*args, "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "profile_gates.json").read_text())["rows"]
-    assert [(r["name"], r["impl"]) for r in rows] == [("se", "xla"), ("se", "xla")] + [
-        ("cbam", "xla")
+    assert [(r["name"], r.get("spatial_conv")) for r in rows] == [("se", None)] * 2 + [
+        ("cbam", "conv")
     ] * 2
     assert [r["shape"] for r in rows[:2]] == [list(s) for s in modules.QUICK_SHAPES]
     for row in rows:
@@ -242,48 +240,36 @@ def test_auto_spatial_conv_table_is_the_committed_h200_measurement():
     assert auto_table.fastest_formulations(rows) == tap_convs.AUTO["gpu"]
 
 
-def test_auto_impl_table_is_the_committed_h200_measurement():
-    """dispatch.AUTO["gpu"] is what benchmarks.auto_table derives from the committed H200
-    modules.json (per gate and stage, a fused impl only where it beats XLA beyond the spread)."""
-    from benchmarks import auto_table
-    from flax_attention.kernels import dispatch
-
-    rows = json.loads(auto_table.SOURCE.read_text())["rows"]
-    assert auto_table.fastest_impls(rows) == dispatch.AUTO["gpu"]
-
-
-def _timed(row: dict, ms: float, spread: float = 0.0) -> dict:
-    return dict(row, median_ms=ms, p10_ms=ms - spread, p90_ms=ms + spread)
-
-
-def test_auto_impl_table_compares_each_impl_with_the_auto_spatial_formulation():
-    """CBAM's impls are compared as `spatial_conv="auto"` runs them: a fused impl measured fast
-    with the library conv does not win where the table's formulation is another one (the
-    2026-12-01 H200 run: `pallas` beat the library-conv XLA row at 14x14 and 7x7, both far
-    slower than `xla+shifts`, and that table cost cbam_resnet50 5.5%)."""
+def test_auto_spatial_conv_table_reads_the_spatial_conv_rows_of_later_runs():
+    """Rows that name their formulation in `spatial_conv` (runs after the gates' `impl` was
+    removed) give the same table as the committed rows that named it in `impl` labels."""
     from benchmarks import auto_table
 
-    rows = json.loads(auto_table.SOURCE.read_text())["rows"]
-    forms = dict(auto_table.fastest_formulations(rows)["cbam"])
-    assert set(forms.values()) == {"shifts"}
-    fast_conv = [_timed(r, 0.001) for r in rows if r["name"] == "cbam" and r["impl"] == "pallas"]
-    fast_shifts = [
-        _timed(r, 0.001) for r in rows if r["name"] == "cbam" and r["impl"] == "pallas+shifts"
+    old = json.loads(auto_table.SOURCE.read_text())["rows"]
+    new = []
+    for row in old:
+        form = auto_table.spatial_conv_of(row)
+        if row.get("framework") == "flax" and form is not None:
+            new.append({k: v for k, v in row.items() if k != "impl"} | {"spatial_conv": form})
+    assert any(row["spatial_conv"] == "auto" for row in new)
+    assert auto_table.fastest_formulations(new) == auto_table.fastest_formulations(old)
+
+
+def test_modules_quick_run_has_a_row_per_spatial_conv(tmp_path):
+    """`modules` on CPU: CBAM has a row per formulation and "auto", each with its error
+    against the library conv's output; SE one row."""
+    from benchmarks import modules
+
+    settings = Settings.make(True, tmp_path)
+    res = modules.run(settings, names=("se", "cbam"), frameworks=("flax",))
+    assert all("error" not in row for row in res.rows), res.rows
+    shape = list(modules.QUICK_SHAPES[0])
+    fwdbwd = [r for r in res.rows if r["mode"] == "fwdbwd" and r["shape"] == shape]
+    assert [(r["name"], r.get("spatial_conv")) for r in fwdbwd] == [("se", None)] + [
+        ("cbam", form) for form in ("conv", "shifts", "im2col", "auto")
     ]
-    assert {c for _, c in auto_table.fastest_impls(rows + fast_conv)["cbam"]} == {"xla"}
-    assert {c for _, c in auto_table.fastest_impls(rows + fast_shifts)["cbam"]} == {"pallas"}
-
-
-def test_auto_impl_table_keeps_xla_unless_the_fused_impl_wins_beyond_the_spread():
-    from benchmarks import auto_table
-
-    rows = [r for r in json.loads(auto_table.SOURCE.read_text())["rows"] if r["name"] == "se"]
-    rows = [r for r in rows if r["mode"] == "fwdbwd" and r["impl"] in ("xla", "pallas")]
-    xla = [_timed(r, 0.100, spread=0.005) for r in rows if r["impl"] == "xla"]
-    for pallas_ms, expected in ((0.094, "pallas"), (0.096, "xla"), (0.101, "xla")):
-        pallas = [_timed(r, pallas_ms, spread=0.0) for r in rows if r["impl"] == "pallas"]
-        table = auto_table.fastest_impls(xla + pallas)
-        assert {c for _, c in table["se"]} == {expected}, pallas_ms
+    assert fwdbwd[1]["rel_err_vs_conv"] == 0.0 and fwdbwd[2]["rel_err_vs_conv"] < 0.05
+    assert all(r["median_ms"] > 0 for r in res.rows)
 
 
 @pytest.mark.parametrize(

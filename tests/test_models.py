@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ import torch
 from flax import nnx
 from parity import nchw, nhwc, rel_l2
 
+from flax_attention import checkpoint
 from flax_attention.cli import main
 from flax_attention.convert import (
     StateDictMismatchError,
@@ -286,20 +289,51 @@ def test_attention_argument_forms():
     with pytest.raises(ValueError, match="attention"):
         BasicBlock(64, 64, attention=3, rngs=nnx.Rngs(0))
 
-    def factory(channels, *, rngs, dtype, param_dtype, impl):
-        assert impl == "auto"  # the default
+    def factory(channels, *, rngs, dtype, param_dtype):
         return nnx.Linear(channels, channels, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     block = nnx.eval_shape(lambda: Bottleneck(64, 16, attention=factory, rngs=nnx.Rngs(0)))
     assert block.attention.in_features == 64
     assert block.downsample is None  # 64 == 16 * 4 at stride 1
 
-    model = nnx.eval_shape(
-        lambda: create_model("cbam_resnet18", impl="xla_passes", rngs=nnx.Rngs(0))
-    )
-    assert {b.attention.impl for stage in model.stages for b in stage} == {"xla_passes"}
-    with pytest.raises(ValueError, match="impl"):
-        create_model("seresnet18", impl="triton", rngs=nnx.Rngs(0))
+
+@pytest.mark.parametrize("value", ["auto", "xla", "pallas"])
+def test_the_removed_impl_argument_is_refused_in_one_line(value):
+    """`impl` chose between gate kernels that all ran XLA; naming it now is an error that says
+    so, whatever its value."""
+    with pytest.raises(ValueError, match=r"^model argument 'impl' was removed") as err:
+        create_model("seresnet18", impl=value, rngs=nnx.Rngs(0))
+    assert "\n" not in str(err.value)
+
+
+def test_a_training_config_naming_impl_is_one_error_line_and_writes_nothing(tmp_path, capsys):
+    from flax_attention import data
+    from flax_attention.training.cli import main as train_main
+
+    data.build_digits(tmp_path / "tfds")
+    capsys.readouterr()  # the dataset builder's progress
+    config = tmp_path / "old.yaml"
+    workdir = tmp_path / "run"
+    config.write_text(f"dataset: digits\nworkdir: {workdir}\nmodel_kwargs: {{impl: auto}}\n")
+    argv = ["--config", str(config), "--data-dir", str(tmp_path / "tfds"), "--no-progress"]
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model argument 'impl' was removed") and err.count("\n") == 1
+    assert not workdir.exists()
+
+
+def test_a_model_folder_saved_with_impl_still_restores(tmp_path):
+    """Model folders saved while `impl` existed record it in `constructor_args`; restoring
+    leaves it out and gives the saved model."""
+    model = create_model("resnet18", num_classes=3, rngs=nnx.Rngs(0))
+    model.eval()
+    checkpoint.save(model, tmp_path / "model", name="resnet18", constructor_args={"num_classes": 3})
+    meta_file = tmp_path / "model" / checkpoint.METADATA_FILE
+    meta = json.loads(meta_file.read_text())
+    meta["constructor_args"]["impl"] = "auto"
+    meta_file.write_text(json.dumps(meta))
+    restored = checkpoint.restore(None, tmp_path / "model")
+    np.testing.assert_array_equal(restored.fc.kernel[...], model.fc.kernel[...])
 
 
 def test_bad_constructor_arguments_and_inputs():

@@ -147,16 +147,32 @@ def test_pmap_replicas_equal_one_global_batch():
     assert_close(stats["var"][...][0], ref_norm.var[...], "running var")
 
 
+def _se_factory(channels, *, rngs, dtype, param_dtype):
+    """An SE built by a user's factory rather than a preset."""
+    return SE(channels, 4, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+
+def _composed_norm_and_attention(norm, attention, z):
+    """`blocks._normalize_and_attend` unfused: the modules composed."""
+    return norm(z) if attention is None else attention(norm(z))
+
+
 @pytest.mark.parametrize(
     "block_type, attention",
-    [(Bottleneck, "se"), (BasicBlock, "se"), (Bottleneck, "cbam"), (BasicBlock, "cbam_timm")],
+    [
+        (Bottleneck, "se"),
+        (BasicBlock, "se"),
+        (Bottleneck, "cbam"),
+        (BasicBlock, "cbam_timm"),
+        (BasicBlock, _se_factory),
+    ],
 )
 def test_block_fuses_its_channel_gate_with_its_last_batch_norm_in_training_only(
     block_type, attention, monkeypatch
 ):
-    """With impl="auto" a block's SE, or CBAM's channel gate (its spatial gate after it), runs
-    through batch_norm_channel_gate in training mode, with the values and gradients of
-    impl="xla", which composes the modules; not in eval mode."""
+    """A block's SE, or CBAM's channel gate (its spatial gate after it), preset or built by a
+    factory, runs through batch_norm_channel_gate in training mode, with the values and
+    gradients of the modules composed; not in eval mode."""
     calls = []
 
     def counted(*args):
@@ -165,13 +181,17 @@ def test_block_fuses_its_channel_gate_with_its_last_batch_norm_in_training_only(
 
     monkeypatch.setattr(blocks, "batch_norm_channel_gate", counted)
     x, _ = _data(6, shape=(3, 6, 6, 8))
-    fused = block_type(8, 16, 2, attention=attention, rngs=nnx.Rngs(0), impl="auto")
-    plain = block_type(8, 16, 2, attention=attention, rngs=nnx.Rngs(0), impl="xla")
+    fused = block_type(8, 16, 2, attention=attention, rngs=nnx.Rngs(0))
+    plain = block_type(8, 16, 2, attention=attention, rngs=nnx.Rngs(0))
     shape = (3, 3, 3, 16 * block_type.expansion)
     dy = jnp.asarray(np.random.default_rng(7).standard_normal(shape), jnp.float32)
-    values = [_value_and_grads(lambda b, _, x: b(x), b, None, x, dy) for b in (fused, plain)]
-    (_, out), (g_block, _, g_x) = values[0]
-    (_, ref_out), (ref_block, _, ref_x) = values[1]
+    (_, out), (g_block, _, g_x) = _value_and_grads(lambda b, _, x: b(x), fused, None, x, dy)
+    assert len(calls) == 1
+    with monkeypatch.context() as unfused:
+        unfused.setattr(blocks, "_normalize_and_attend", _composed_norm_and_attention)
+        (_, ref_out), (ref_block, _, ref_x) = _value_and_grads(
+            lambda b, _, x: b(x), plain, None, x, dy
+        )
     assert len(calls) == 1
     assert_close(out, ref_out, "output")
     assert_close(g_x, ref_x, "dx")

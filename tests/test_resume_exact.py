@@ -70,7 +70,7 @@ def test_the_record_names_the_trajectory_config(finished):
         ({"seed": 1}, "seed 0 -> 1"),
         ({"lr": 0.1}, "lr 0.05 -> 0.1"),
         ({"steps": 2}, "steps 4 -> 2"),
-        ({"model_kwargs": {"impl": "xla"}}, "model_kwargs {} -> "),
+        ({"model_kwargs": {"attention": "cbam"}}, "model_kwargs {} -> "),
     ],
     ids=["batch_size", "seed", "lr", "fewer-steps", "model_kwargs"],
 )

@@ -36,8 +36,8 @@ import jax
 from benchmarks import train
 from benchmarks.__main__ import SAMPLING
 from benchmarks.common import Settings, device_slug, error_text
-from flax_attention.kernels.dispatch import platform
 from flax_attention.layers import tap_convs
+from flax_attention.layers.common import platform
 
 # model -> (its tap_convs.AUTO gate, how many stages have one: BAM sits after stages 1-3 only)
 GATES = {"cbam_resnet50": ("cbam", 4), "bam_resnet50": ("bam", 3)}
@@ -67,9 +67,9 @@ def spatial_table(gate: str, choices: dict[int, str]) -> Iterator[None]:
 
 
 def measure(name: str, settings: Settings, batch: int, image: int) -> dict:
-    """The train suite's row of `name`'s step (impl "auto"), with its convolutions counted in
-    the compiled HLO."""
-    step = train.flax_step(name, "auto", batch, image, settings.inputs)
+    """The train suite's row of `name`'s step, with its convolutions counted in the compiled
+    HLO."""
+    step = train.flax_step(name, batch, image, settings.inputs)
     hlo = step.compiled.as_text()
     convolutions = hlo.count(" convolution(") + hlo.count("__cudnn$conv")
     return {**train.step_row(step, settings, batch), "hlo_convolutions": convolutions}

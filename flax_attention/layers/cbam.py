@@ -15,8 +15,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_attention.kernels import cbam_fused, channel_gate_fused, check_impl, fused_executor
-from flax_attention.kernels.cbam import SUPPORTED_POOLS
 from flax_attention.layers.batch_norm import BatchNorm
 from flax_attention.layers.common import (
     Dtype,
@@ -103,21 +101,8 @@ VARIANTS: dict[str, CBAMVariant] = {
 }
 
 
-def check_kernel_support(impl: str, pool_types: Sequence[str]) -> None:
-    """The fused kernels pool with avg and max only; raise a ValueError otherwise."""
-    check_impl(impl)
-    if impl != "xla" and not set(pool_types) <= set(SUPPORTED_POOLS):
-        raise ValueError(
-            f"impl={impl!r} supports pool_types within {list(SUPPORTED_POOLS)}, got "
-            f"{list(pool_types)}; use impl='xla'"
-        )
-
-
 class ChannelGate(nnx.Module):
-    """`x * sigmoid(sum_p mlp(pool_p(x)))` with one shared MLP; NHWC (N, H, W, C) -> same.
-
-    `impl` ("xla", "xla_passes", "pallas", "auto") picks jax.numpy or the fused passes.
-    """
+    """`x * sigmoid(sum_p mlp(pool_p(x)))` with one shared MLP; NHWC (N, H, W, C) -> same."""
 
     def __init__(
         self,
@@ -129,7 +114,6 @@ class ChannelGate(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
-        impl: str = "xla",
     ):
         check_choice("variant", variant, list(VARIANTS))
         check_positive("channels", channels)
@@ -138,7 +122,6 @@ class ChannelGate(nnx.Module):
             raise ValueError(f"pool_types must name at least one of {list(CHANNEL_POOLS)}")
         for pool in pool_types:
             check_choice("pool_types entry", pool, CHANNEL_POOLS)
-        check_kernel_support(impl, pool_types)
         spec = VARIANTS[variant]
         hidden = spec.hidden_width(channels, reduction)
         check_positive(
@@ -147,7 +130,6 @@ class ChannelGate(nnx.Module):
         self.channels = channels
         self.pool_types = tuple(pool_types)
         self.dtype = dtype
-        self.impl = impl
         kw = dict(bias=spec.mlp_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.fc1 = linear(channels, hidden, **kw)
         self.fc2 = linear(hidden, channels, **kw)
@@ -156,7 +138,7 @@ class ChannelGate(nnx.Module):
         """The channel attention (N, C) in float32 from the H*W pools named in `pool_types`,
         each (N, C) float32: `sigmoid(sum_p mlp(pooled[p]))`.
 
-        The one definition of the gate: the fused paths (flax_attention.kernels) call it too.
+        The one definition of the gate: the fused path (layers.norm_gate) calls it too.
         """
         total = 0.0
         for pool in self.pool_types:
@@ -171,9 +153,6 @@ class ChannelGate(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         check_nhwc(x, self.channels, "ChannelGate")
         x = x.astype(self.dtype)
-        executor = fused_executor(self.impl, x, "cbam")
-        if executor is not None:
-            return channel_gate_fused(self, x, executor=executor)
         return x * self.gate(x)[:, None, None, :].astype(self.dtype)
 
 
@@ -211,8 +190,6 @@ class SpatialGate(nnx.Module):
     def excite(self, pooled: Mapping[str, jax.Array]) -> jax.Array:
         """The spatial attention (N, H, W, 1) in float32 from the pools over C named in
         `descriptor`, each (N, H, W) float32: `sigmoid(bn(conv([pooled[a], pooled[b]])))`.
-
-        The one definition of the gate: the fused path (flax_attention.kernels) calls it too.
         """
         s = jnp.stack([pooled[p] for p in self.descriptor], axis=-1).astype(self.dtype)
         form = resolve(self.spatial_conv, "cbam", *s.shape[1:3])
@@ -234,10 +211,9 @@ class SpatialGate(nnx.Module):
 class CBAM(nnx.Module):
     """Channel gate followed by spatial gate (no residual of its own); NHWC -> same shape.
 
-    `impl` ("xla", "xla_passes", "pallas", "auto") picks jax.numpy or the fused passes;
-    `spatial_conv` how the spatial gate's conv is computed (SpatialGate). Inside a residual
-    block in training mode, `"auto"` runs the channel gate fused with the block's last BatchNorm
-    (layers.norm_gate) where the measured choice is XLA.
+    `spatial_conv` picks how the spatial gate's conv is computed (SpatialGate). Inside a residual
+    block in training mode the channel gate runs fused with the block's last BatchNorm
+    (layers.norm_gate).
     """
 
     def __init__(
@@ -252,13 +228,11 @@ class CBAM(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
-        impl: str = "xla",
         spatial_conv: str = "auto",
     ):
         kw = dict(variant=variant, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.channels = channels
-        self.impl = impl
-        self.channel_gate = ChannelGate(channels, reduction, pool_types=pool_types, impl=impl, **kw)
+        self.channel_gate = ChannelGate(channels, reduction, pool_types=pool_types, **kw)
         self.spatial_gate = (
             SpatialGate(kernel_size, spatial_conv=spatial_conv, **kw) if spatial else None
         )
@@ -266,9 +240,6 @@ class CBAM(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         check_nhwc(x, self.channels, "CBAM")
         x = x.astype(self.channel_gate.dtype)
-        executor = fused_executor(self.impl, x, "cbam")
-        if executor is not None and self.spatial_gate is not None:
-            return cbam_fused(self, x, executor=executor)
         x = self.channel_gate(x)
         if self.spatial_gate is not None:
             x = self.spatial_gate(x)

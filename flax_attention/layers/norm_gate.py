@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_attention.kernels.schedule import custom_vjp
 from flax_attention.layers.batch_norm import F32, BatchNorm, combine_replicas, global_count
 from flax_attention.layers.common import check_nhwc
 
@@ -102,6 +101,11 @@ def batch_norm_channel_gate(norm: BatchNorm, gate: nnx.Module, x: jax.Array) -> 
             dx = dx + jnp.where(at_max, (a * d_pooled["max"] / ties)[:, None, None, :], 0.0)
         return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype), d_state
 
-    out, mean, var = custom_vjp(fwd, bwd)(x, norm.scale[...], norm.bias[...], state)
+    @jax.custom_vjp
+    def fused(x, scale, bias, state):
+        return fwd(x, scale, bias, state)[0]
+
+    fused.defvjp(fwd, bwd)
+    out, mean, var = fused(x, norm.scale[...], norm.bias[...], state)
     norm.update_running_statistics(mean, var, global_count(x, axis_name))
     return out

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_attention.kernels import channel_gate_fused, check_impl, fused_executor
 from flax_attention.layers.common import Dtype, check_nhwc, check_positive, global_mean, linear
 
 
@@ -29,10 +28,9 @@ class SE(nnx.Module):
     """`y = x * sigmoid(fc2(relu(fc1(mean_HW(x)))))` on NHWC input (N, H, W, C) -> same shape.
 
     `bias=True` is the Caffe original, `bias=False` senet.pytorch; `rd_divisor=8` gives timm's
-    hidden width `max(8, int(C/16 + 4) // 8 * 8)`. `impl` ("xla", "xla_passes", "pallas",
-    "auto") picks the jax.numpy path or the fused passes (flax_attention.kernels). Inside a
-    residual block in training mode, `"auto"` runs the SE fused with the block's last BatchNorm
-    (layers.norm_gate), which makes its pool and product free of passes of their own.
+    hidden width `max(8, int(C/16 + 4) // 8 * 8)`. Inside a residual block in training mode the
+    SE runs fused with the block's last BatchNorm (layers.norm_gate), which makes its pool and
+    product free of passes of their own.
     """
 
     pool_types = ("avg",)  # what `excite` reads
@@ -47,9 +45,7 @@ class SE(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
-        impl: str = "xla",
     ):
-        check_impl(impl)
         check_positive("channels", channels)
         check_positive("reduction", reduction)
         check_positive("rd_divisor", rd_divisor)
@@ -59,7 +55,6 @@ class SE(nnx.Module):
         )
         self.channels = channels
         self.dtype = dtype
-        self.impl = impl
         kw = dict(bias=bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.fc1 = linear(channels, hidden, **kw)
         self.fc2 = linear(hidden, channels, **kw)
@@ -67,7 +62,7 @@ class SE(nnx.Module):
     def excite(self, pooled: Mapping[str, jax.Array]) -> jax.Array:
         """The excitation (N, C) in float32 from the H*W mean `pooled["avg"]` (N, C) float32.
 
-        The one definition of the gate: the fused path (flax_attention.kernels) calls it too.
+        The one definition of the gate: the fused path (layers.norm_gate) calls it too.
         """
         s = pooled["avg"].astype(self.dtype)
         return jax.nn.sigmoid(self.fc2(jax.nn.relu(self.fc1(s))).astype(jnp.float32))
@@ -79,7 +74,4 @@ class SE(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         check_nhwc(x, self.channels, "SE")
         x = x.astype(self.dtype)
-        executor = fused_executor(self.impl, x, "se")
-        if executor is not None:
-            return channel_gate_fused(self, x, executor=executor)
         return x * self.gate(x)[:, None, None, :].astype(self.dtype)

@@ -28,8 +28,7 @@ from flax import nnx
 from jax import lax
 from jax.lax import Precision
 
-from flax_attention.kernels.dispatch import measured_choice
-from flax_attention.layers.common import check_choice
+from flax_attention.layers.common import check_choice, measured_choice
 
 SPATIAL_CONVS = ("auto", "conv", "shifts", "im2col")
 FORMULATIONS = SPATIAL_CONVS[1:]

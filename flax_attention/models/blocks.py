@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_attention.kernels import fused_executor
 from flax_attention.layers import BAM, CBAM, PSA, SE, ChannelGate
 from flax_attention.layers.batch_norm import BatchNorm
 from flax_attention.layers.common import (
@@ -29,14 +28,13 @@ from flax_attention.layers.norm_gate import FUSED_POOLS, batch_norm_channel_gate
 
 AttentionFactory = Callable[..., nnx.Module]
 
-# Preset name -> factory(channels, *, rngs, dtype, param_dtype, impl); `impl` picks the gate
-# implementation of the modules that have several (SE, CBAM: see flax_attention.kernels).
+# Preset name -> factory(channels, *, rngs, dtype, param_dtype).
 ATTENTION_PRESETS: dict[str, AttentionFactory] = {
     "se": lambda c, **kw: SE(c, 16, bias=False, **kw),  # senet.pytorch
     "se_timm": lambda c, **kw: SE(c, 16, bias=True, rd_divisor=8, **kw),  # timm SEModule
     "cbam": lambda c, **kw: CBAM(c, 16, variant="official", **kw),  # Jongchan
     "cbam_timm": lambda c, **kw: CBAM(c, 16, variant="timm", **kw),  # timm CbamModule
-    "bam": lambda c, *, impl, **kw: BAM(c, 16, **kw),  # Jongchan (between stages); XLA only
+    "bam": lambda c, **kw: BAM(c, 16, **kw),  # Jongchan (between stages)
 }
 
 
@@ -47,20 +45,19 @@ def make_attention(
     rngs: nnx.Rngs,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
-    impl: str = "auto",
 ) -> nnx.Module | None:
     """Build `attention` for `channels`: None, a preset name, or a factory called as
-    `f(channels, *, rngs, dtype, param_dtype, impl)` (presets and factories alike)."""
+    `f(channels, *, rngs, dtype, param_dtype)` (presets and factories alike)."""
     if attention is None:
         return None
     if isinstance(attention, str):
         check_choice("attention", attention, list(ATTENTION_PRESETS))
         attention = ATTENTION_PRESETS[attention]
     if callable(attention):
-        return attention(channels, rngs=rngs, dtype=dtype, param_dtype=param_dtype, impl=impl)
+        return attention(channels, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     raise ValueError(
         f"attention must be None, one of {list(ATTENTION_PRESETS)} or a factory "
-        f"f(channels, *, rngs, dtype, param_dtype, impl) -> nnx.Module; got {attention!r}"
+        f"f(channels, *, rngs, dtype, param_dtype) -> nnx.Module; got {attention!r}"
     )
 
 
@@ -94,7 +91,7 @@ class BasicBlock(nnx.Module):
     """3x3 (stride) -> BN -> ReLU -> 3x3 -> BN -> attention -> + shortcut -> ReLU.
 
     NHWC (N, H, W, in_channels) -> (N, ceil(H/stride), ceil(W/stride), planes). `attention` is
-    built by `make_attention` with `dtype`, `param_dtype` and `impl`.
+    built by `make_attention` with `dtype` and `param_dtype`.
     """
 
     expansion = 1
@@ -109,7 +106,6 @@ class BasicBlock(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
-        impl: str = "auto",
     ):
         _check_block_args(in_channels, planes, stride)
         dt = dict(dtype=dtype, param_dtype=param_dtype)
@@ -120,7 +116,7 @@ class BasicBlock(nnx.Module):
         self.bn1 = BatchNorm(planes, rngs=rngs, **dt)
         self.conv2 = conv2d(planes, planes, 3, rngs=rngs, **dt)
         self.bn2 = BatchNorm(planes, rngs=rngs, **dt)
-        self.attention = make_attention(attention, out_channels, rngs=rngs, impl=impl, **dt)
+        self.attention = make_attention(attention, out_channels, rngs=rngs, **dt)
         self.downsample = make_shortcut(in_channels, out_channels, stride, rngs=rngs, **dt)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -134,7 +130,7 @@ class Bottleneck(nnx.Module):
     """1x1 -> BN -> ReLU -> 3x3 (stride) -> BN -> ReLU -> 1x1 (x4) -> BN -> attention -> add -> ReLU.
 
     NHWC (N, H, W, in_channels) -> (N, ceil(H/stride), ceil(W/stride), 4 * planes). `attention`
-    is built by `make_attention` with `dtype`, `param_dtype` and `impl`.
+    is built by `make_attention` with `dtype` and `param_dtype`.
     """
 
     expansion = 4
@@ -149,7 +145,6 @@ class Bottleneck(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
-        impl: str = "auto",
     ):
         _check_block_args(in_channels, planes, stride)
         dt = dict(dtype=dtype, param_dtype=param_dtype)
@@ -162,7 +157,7 @@ class Bottleneck(nnx.Module):
         self.bn2 = BatchNorm(planes, rngs=rngs, **dt)
         self.conv3 = pointwise_conv(planes, out_channels, rngs=rngs, **dt)
         self.bn3 = BatchNorm(out_channels, rngs=rngs, **dt)
-        self.attention = make_attention(attention, out_channels, rngs=rngs, impl=impl, **dt)
+        self.attention = make_attention(attention, out_channels, rngs=rngs, **dt)
         self.downsample = make_shortcut(in_channels, out_channels, stride, rngs=rngs, **dt)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -226,9 +221,9 @@ def _finish(block: Block, x: jax.Array, z: jax.Array, norm: BatchNorm) -> jax.Ar
 
 
 def _normalize_and_attend(norm: BatchNorm, attention: nnx.Module | None, z: jax.Array) -> jax.Array:
-    """`attention(norm(z))`. In training mode, an SE's or CBAM's channel gate on `impl="auto"`
-    whose measured choice here is XLA runs fused with `norm` (layers.norm_gate: its pools and
-    product cost no pass of their own); CBAM's spatial gate follows it as usual."""
+    """`attention(norm(z))`. In training mode, an SE, or CBAM's channel gate, that pools within
+    FUSED_POOLS runs fused with `norm` (layers.norm_gate: its pools and product cost no pass of
+    their own); CBAM's spatial gate follows it as usual."""
     if attention is None:
         return norm(z)
     gate, spatial = attention, None
@@ -236,10 +231,8 @@ def _normalize_and_attend(norm: BatchNorm, attention: nnx.Module | None, z: jax.
         gate, spatial = attention.channel_gate, attention.spatial_gate
     fusable = (
         isinstance(gate, SE | ChannelGate)
-        and gate.impl == "auto"
         and set(gate.pool_types) <= set(FUSED_POOLS)
         and not norm.use_running_average
-        and fused_executor("auto", z, "se" if isinstance(gate, SE) else "cbam") is None
     )
     if not fusable:
         return attention(norm(z))

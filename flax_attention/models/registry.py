@@ -123,6 +123,21 @@ def get_spec(name: str) -> ModelSpec:
     return MODELS[name]
 
 
+# Model arguments that no longer exist, with why: refused by name (saved model folders that
+# record one are restored without it, flax_attention.checkpoint.restore).
+REMOVED_ARGS: dict[str, str] = {
+    "impl": "every SE and CBAM gate runs XLA, fused with the BatchNorm before it in training",
+}
+
+
+def refuse_removed_args(kw: dict[str, Any]) -> None:
+    """Raise a one-line ValueError when `kw` names one of REMOVED_ARGS."""
+    removed = sorted(REMOVED_ARGS.keys() & kw.keys())
+    if removed:
+        arg = removed[0]
+        raise ValueError(f"model argument {arg!r} was removed ({REMOVED_ARGS[arg]}); drop it")
+
+
 def create_model(
     name: str,
     *,
@@ -135,7 +150,8 @@ def create_model(
     """Build registered model `name` (see `list_models()`); NHWC in, logits (N, num_classes) out.
 
     `rngs` seeds the initialisation (default `nnx.Rngs(0)`). Extra keywords go to `ResNet`
-    (e.g. `param_dtype`, `in_channels`, `attention`).
+    (e.g. `param_dtype`, `in_channels`, `attention`); a removed one (`REMOVED_ARGS`: `impl`)
+    is a ValueError naming it.
 
     `pretrained` loads PyTorch weights (see `flax_attention.models.pretrained`): a local file
     (`.pth`, `.pth.tar`, `.bin`, `.safetensors`, `.npz`), `"hf-hub:ORG/REPO[/FILE]"`, or `True`
@@ -145,6 +161,7 @@ def create_model(
     to fine-tune); a randomly initialised one in training mode.
     """
     spec = get_spec(name)
+    refuse_removed_args(kw)
     weights = None
     if pretrained is not None and pretrained is not False:  # read first: errors build nothing
         weights = read_weights(name, pretrained, spec.layout)

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_attention.kernels import check_impl
 from flax_attention.kernels.max_pool import max_pool_3x3_s2
 from flax_attention.layers.batch_norm import BatchNorm
 from flax_attention.layers.common import (
@@ -36,11 +35,10 @@ class ResNet(nnx.Module):
 
     `block` is BasicBlock, Bottleneck or EPSABlock; `layers` the number of blocks per stage.
     `attention` (None, preset name or factory) goes inside every block; `stage_attention` after
-    every stage except the last, both built with `dtype`, `param_dtype` and `impl` (the gate
-    implementation of SE and CBAM, flax_attention.kernels; the default "auto" also fuses each
-    block's SE with the BatchNorm before it in training). `model(x, return_features=True)`
-    returns `(logits, [stage1, ..., stageS])`, each stage output (after its stage attention) in
-    NHWC.
+    every stage except the last, both built with `dtype` and `param_dtype`. In training mode each
+    block's SE, or CBAM's channel gate, runs fused with the BatchNorm before it
+    (layers.norm_gate). `model(x, return_features=True)` returns `(logits, [stage1, ...,
+    stageS])`, each stage output (after its stage attention) in NHWC.
     """
 
     def __init__(
@@ -55,15 +53,13 @@ class ResNet(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
-        impl: str = "auto",
     ):
         check_positive("num_classes", num_classes)
-        check_impl(impl)
         check_positive("in_channels", in_channels)
         if not layers or any(n < 1 for n in layers):
             raise ValueError(f"layers must be a non-empty list of positive counts, got {layers}")
         dt = dict(dtype=dtype, param_dtype=param_dtype)
-        block_kw = {} if attention is None else {"attention": attention, "impl": impl}
+        block_kw = {} if attention is None else {"attention": attention}
         self.in_channels = in_channels
         self.dtype = dtype
         self.conv1 = StemConv(in_channels, STEM_WIDTH, 7, stride=2, rngs=rngs, **dt)
@@ -81,7 +77,7 @@ class ResNet(nnx.Module):
         self.stage_attention = nnx.List(
             [
                 make_attention(
-                    stage_attention, STEM_WIDTH * 2**i * block.expansion, rngs=rngs, impl=impl, **dt
+                    stage_attention, STEM_WIDTH * 2**i * block.expansion, rngs=rngs, **dt
                 )
                 for i in range(len(layers) - 1)
                 if stage_attention is not None
