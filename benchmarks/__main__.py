@@ -15,32 +15,33 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from types import ModuleType
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
 
-from benchmarks import autotune, input_pipeline, modules, scaling, train, warm
-from benchmarks.common import (
-    RESULTS,
-    ROOT,
-    Results,
-    Settings,
-    chart,
+from benchmarks import input_pipeline, modules, scaling, train, warm
+from benchmarks.caches import (
+    AUTOTUNE_STORE,
+    autotune_cache_dir,
+    autotune_store_path,
     clear_caches,
-    device_name,
-    device_slug,
     enable_caches,
-    gpu_memory_gb,
+    seed_autotune,
 )
+from benchmarks.charts import chart
+from benchmarks.device import device_name, device_slug, gpu_memory_gb
+from benchmarks.results import Results
+from benchmarks.settings import RESULTS, ROOT, Settings
 from flax_attention.data import share_gpu_with_training
 
-SUITES: dict[str, Callable[..., Results]] = {
-    "train": train.run,
-    "modules": modules.run,
-    "scaling": scaling.run,
-    "input": input_pipeline.run,
+# name -> the suite's module: its `run(settings, ...) -> Results` and its `CHART`
+SUITES: dict[str, ModuleType] = {
+    "train": train,
+    "modules": modules,
+    "scaling": scaling,
+    "input": input_pipeline,
 }
 # Per-suite sampling, sized so the one-GPU suites fit one run: whole training steps take ~50 ms
 # (fewer, longer samples); a module takes 0.05-1.5 ms.
@@ -81,12 +82,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-cache", action="store_true", help="start from the caches of a last run")
     p.add_argument("--warm-only", action="store_true", help="(worker) compile and run once each")
     p.add_argument(
-        "--record-autotune",
-        action="store_true",
-        help="compile our cases one at a time and keep XLA's autotuning (benchmarks/autotune.py)",
-    )
-    p.add_argument(
-        "--autotune-dir", type=Path, default=autotune.STORE, help="recorded autotuning, per device"
+        "--autotune-dir", type=Path, default=AUTOTUNE_STORE, help="recorded autotuning, per device"
     )
     return p.parse_args(argv)
 
@@ -99,26 +95,13 @@ def shard_list(args: argparse.Namespace, suites: list[str], frameworks: list[str
     return [replace(s, args=(*s.args, "--quick")) for s in out] if args.quick else out
 
 
-def record_autotune(args: argparse.Namespace, suites: list[str]) -> None:
-    """Compile our train and modules cases one at a time, adding XLA's autotuning results to
-    benchmarks/autotune/<device>.json after each (an interrupted run keeps what it measured)."""
-    store = autotune.store_path(args.autotune_dir, device_slug(args.quick))
-    budget = gpu_memory_gb()
-    for shard in [s for suite in suites for s in shard_list(args, [suite], ["flax"])]:
-        summary = warm.run([shard], args.cache, args.cache / "warm", 1, budget)
-        count = autotune.save(autotune.cache_dir(args.cache), store)
-        print(
-            f"autotune: {store} holds {count} entries, {len(summary['failed'])} failed", flush=True
-        )
-
-
 def warm_phase(args: argparse.Namespace, suites: list[str]) -> tuple[dict, Path]:
     """Compile every case of `suites` in parallel workers; returns their summary and folder."""
     work = args.cache / "warm"
     shutil.rmtree(work, ignore_errors=True)
     split = lambda text: [s for s in text.split(",") if s]  # noqa: E731
     all_shards = shard_list(args, suites, split(args.frameworks))
-    store = autotune.store_path(args.autotune_dir, device_slug(args.quick))
+    store = autotune_store_path(args.autotune_dir, device_slug(args.quick))
     if not store.exists():
         # No autotuning recorded for this GPU: ours would autotune under contention, so they
         # compile in the timing process instead, alone on the GPU (torch.compile still warms).
@@ -127,7 +110,7 @@ def warm_phase(args: argparse.Namespace, suites: list[str]) -> tuple[dict, Path]
     budget = gpu_memory_gb() - MAIN_GPU_GB
     print(f"warm: {len(all_shards)} shards, {args.jobs} at once, {budget:.0f} GB", flush=True)
     summary = warm.run([s for s in all_shards if s.solo], args.cache, work, 1, budget)
-    seeded = autotune.seed(store, autotune.cache_dir(args.cache))
+    seeded = seed_autotune(store, autotune_cache_dir(args.cache))
     print(f"warm: {seeded} autotuning results from {store}", flush=True)
     rest = [s for s in all_shards if not s.solo]
     summary = warm.merge(summary, warm.run(rest, args.cache, work, args.jobs, budget))
@@ -149,9 +132,6 @@ def main(argv: list[str] | None = None) -> None:
         clear_caches(args.cache)  # compile times are cold ones
     enable_caches(args.cache)
     print(f"device: {device_name()}", flush=True)
-    if args.record_autotune:
-        record_autotune(args, names)
-        return
     start = time.perf_counter()
     warmed = None
     if not (args.no_warm or args.warm_only or args.charts_only):
@@ -165,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.charts_only:
             path = Results(name, settings).path
             if path.exists():
-                print(chart(path, name, json.loads(path.read_text())["rows"]))
+                rows = json.loads(path.read_text())["rows"]
+                print(chart(path, name, rows, SUITES[name].CHART))
             continue
         kwargs = {}
         if name == "modules":
@@ -175,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
             kwargs["models"] = tuple(args.models.split(","))
             kwargs["frameworks"] = tuple(args.frameworks.split(","))
         suite_start = time.perf_counter()
-        res = SUITES[name](settings, **kwargs)
+        res = SUITES[name].run(settings, **kwargs)
         res.meta["suite_wall_s"] = round(time.perf_counter() - suite_start, 1)
         if warmed is not None:
             summary, work = warmed
@@ -187,7 +168,10 @@ def main(argv: list[str] | None = None) -> None:
                     row["compile_s"] = cold[warm.row_key(row)]
         res.meta["run_wall_s"] = round(time.perf_counter() - start, 1)
         res.write()
-        print(f"{name}: {res.path}  chart: {chart(res.path, name, res.rows)}", flush=True)
+        print(
+            f"{name}: {res.path}  chart: {chart(res.path, name, res.rows, SUITES[name].CHART)}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

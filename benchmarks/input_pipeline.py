@@ -34,12 +34,21 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from benchmarks.common import Results, Settings, error_text
+from benchmarks.charts import ChartSpec, series
 from benchmarks.cpu_usage import SteadyCpu
+from benchmarks.results import Results, error_text
+from benchmarks.settings import Settings
 from flax_attention import data
 from flax_attention.data import photos, preprocess
 
 DATASET = "imagenet2012"
+
+CHART = ChartSpec(
+    value="img_per_s",
+    label="images / s (host: per CPU core)",
+    group=lambda r: r["name"],
+    series=series,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     machine without an accelerator (the per-core figures of the CPU decoder)."""
     import argparse
 
-    from benchmarks.common import RESULTS
+    from benchmarks.settings import RESULTS
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.input_pipeline")
     parser.add_argument("--host-only", action="store_true", required=True)

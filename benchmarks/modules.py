@@ -22,17 +22,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks.common import (
-    Results,
-    Settings,
+from benchmarks.charts import ChartSpec, series
+from benchmarks.device import torch_cuda
+from benchmarks.results import Results, error_text
+from benchmarks.settings import Settings
+from benchmarks.timing import (
     copy_bandwidth,
-    error_text,
     jax_sync,
     max_rel_error,
     random_inputs,
     time_fn,
     torch_compile,
-    torch_cuda,
     torch_sync,
 )
 from flax_attention import BAM, CBAM, PSA, SE
@@ -43,6 +43,13 @@ QUICK_SHAPES = ((2, 8, 8, 64), (2, 5, 7, 128))
 MODES = ("fwd", "fwdbwd")
 PASSES = {"fwd": 2, "fwdbwd": 5}  # full-tensor passes of the minimal-bytes floor
 SPATIAL_CONV_ROWS = (*FORMULATIONS, "auto")  # the library conv first: the others' reference
+
+CHART = ChartSpec(
+    value="bw_frac",
+    label="fraction of copy bandwidth at minimal bytes (PSA: TFLOP/s / 100)",
+    group=lambda r: f"{r['name']} {r['mode']} {r['shape'][1]}x{r['shape'][3]}",
+    series=series,
+)
 
 
 @dataclass(frozen=True)

@@ -1,92 +1,87 @@
 """Data-parallel weak scaling: images/s per device of a training step on 1, 2, 4 and 8 GPUs.
 
-Runs the training library's own parallel forms (flax_attention.training.steps), so the numbers
-are those of `python -m train --parallel jit|pmap`. Rows (`impl`):
+Runs the training library's own parallel forms (flax_attention.training.steps) with their own
+options, so the numbers are those of `python -m train --parallel jit|pmap`. Rows (`impl`):
 - `jit`: one `jax.jit` of a `shard_map` step over a mesh of the first n devices (batch sharded,
   state replicated), global BatchNorm statistics in one collective per BatchNorm each way, the
   gradients averaged in one `pmean` after the backward (`--grad-sync end`);
 - `jit_flat`: the same with the gradients averaged as one concatenated vector (`--grad-sync
-  flat`, the training default: 3.7% faster than `end` in the suite's 2-H200 run, 1.4-3.8% in
-  two interleaved lab runs on another 2-H200 machine);
+  flat`, the training default);
 - `jit_backward`: the same with each parameter's gradient averaged as the backward produces it
   (`--grad-sync backward`);
 - `pmap`: `jax.pmap` with cross-replica BatchNorm, gradients averaged as `--grad-sync end`;
-- `jit_spmd` (ablation, the `jit` form before shard_map): `jax.jit` of the plain step over the
-  mesh, XLA's SPMD partitioner making the BatchNorm statistics global;
-- `pmap_local_bn` (ablation): `pmap` with each replica's own BatchNorm statistics;
 - `jit_bn_group`: `jit` with `--bn-group-size n/2` (1 on 2 devices: per-device statistics).
 One device runs `jit` only: the base of every row's `efficiency` (images/s per device over the
 one-device `jit` row's). Multi-device rows carry `collectives`: the all-reduce, all-gather,
 reduce-scatter (...) ops in the compiled step's HLO. Per-device batch 256, bf16 compute, SGD
 momentum, synthetic data already on the devices. Device counts above the machine's are listed
-under `not_run`. At the largest device count the `jit` and `pmap_local_bn` steps are also
-traced, after their timing: `meta["profiles"]` holds each one's kernel time by category (summed
-over the devices) and its costliest collectives, so the gap between exact and per-device
-BatchNorm statistics can be read as collective time. `--quick`: a one-stage SE ResNet on 16x16
-images, 2 per device (CPU smoke).
+under `not_run`. `--quick`: a one-stage SE ResNet on 16x16 images, 2 per device (CPU smoke).
+The lab's `python -m benchmarks.lab.scaling_ablations` adds ablation rows and kernel profiles.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from benchmarks.common import Results, Settings, count_collectives, error_text, jax_sync, time_fn
-from benchmarks.profiling import profile_calls
+from benchmarks.charts import ChartSpec, series
+from benchmarks.results import Results, error_text
+from benchmarks.settings import Settings
+from benchmarks.timing import jax_sync, time_fn
 from benchmarks.train import NUM_CLASSES
 from flax_attention.models import BasicBlock, ResNet, create_model
-from flax_attention.training.state import TrainState, create_train_state, set_batchnorm_axis_name
+from flax_attention.training.collectives import count_collectives
+from flax_attention.training.state import TrainState, create_train_state
 from flax_attention.training.steps import MeshForm, PmapForm, train_step
 
 DEVICE_COUNTS = (1, 2, 4, 8)
 MODELS = ("seresnet50",)
 PER_DEVICE_BATCH, QUICK_BATCH = 256, 2
 IMAGE, QUICK_IMAGE = 224, 16
-PROFILED = ("jit", "pmap_local_bn")  # traced at the largest device count, after their timing
-PROFILE_STEPS, PROFILE_TOP = 5, 12
+
+CHART = ChartSpec(
+    value="img_per_s_per_device",
+    label="images / s per device",
+    group=lambda r: f"{r['name']} x{r['n_devices']}",
+    series=series,
+)
 
 
-class SpmdForm(MeshForm):
-    """An ablation, the `jit` form before shard_map: `jax.jit` of the step with no axis names
-    over the mesh; XLA's SPMD partitioner makes the BatchNorm statistics global (several
-    small all-reduces per BatchNorm) and reduces the gradients."""
+@dataclass(frozen=True)
+class Variant:
+    """How a row's step is built: the training form `form(devices)`, which prepares the model
+    and compiles the step unless `prepare_model(form, model)` or `compile_train(form, step)`
+    replace that (the lab's ablations)."""
 
-    def prepare_model(self, model: nnx.Module) -> None:
-        set_batchnorm_axis_name(model, None)
+    form: Callable[[list[jax.Device]], MeshForm]
+    prepare_model: Callable[[MeshForm, nnx.Module], None] | None = None
+    compile_train: Callable[[MeshForm, Callable], Callable] | None = None
 
-    def compile_train(self, step: Callable) -> Callable:
-        return jax.jit(
-            step,
-            in_shardings=(self.replicated, self.sharded),
-            out_shardings=(self.replicated, self.replicated),
-            donate_argnums=0,
+    def prepare(self, form: MeshForm, model: nnx.Module) -> None:
+        """Set up `model`'s BatchNorms for `form`'s step."""
+        (self.prepare_model or type(form).prepare_model)(form, model)
+
+    def compile(self, form: MeshForm, step: Callable) -> Callable:
+        """`step` compiled as `form` runs it, f(placed state, placed batch)."""
+        return (self.compile_train or type(form).compile_train)(form, step)
+
+
+# impl -> its variant over the given devices
+VARIANTS: dict[str, Variant] = {
+    "jit": Variant(lambda devices: MeshForm(devices, grad_sync="end")),
+    "jit_flat": Variant(lambda devices: MeshForm(devices, grad_sync="flat")),
+    "jit_backward": Variant(lambda devices: MeshForm(devices, grad_sync="backward")),
+    "pmap": Variant(lambda devices: PmapForm(devices, grad_sync="end")),
+    "jit_bn_group": Variant(
+        lambda devices: MeshForm(
+            devices, grad_sync="end", bn_group_size=bn_group_size(len(devices))
         )
-
-
-class PmapLocalBatchNorm(PmapForm):
-    """An ablation, not a training mode: `pmap` with each replica's own BatchNorm statistics,
-    so the step's only collective is the gradient `pmean`. Its gap to `pmap` is what the
-    cross-replica BatchNorm collectives cost."""
-
-    def prepare_model(self, model: nnx.Module) -> None:
-        set_batchnorm_axis_name(model, None)
-
-
-# impl -> form over the given devices
-FORMS: dict[str, Callable[[list[jax.Device]], MeshForm]] = {
-    "jit": lambda devices: MeshForm(devices, grad_sync="end"),
-    "jit_flat": lambda devices: MeshForm(devices, grad_sync="flat"),
-    "jit_backward": lambda devices: MeshForm(devices, grad_sync="backward"),
-    "pmap": lambda devices: PmapForm(devices, grad_sync="end"),
-    "jit_spmd": lambda devices: SpmdForm(devices),
-    "pmap_local_bn": lambda devices: PmapLocalBatchNorm(devices, grad_sync="end"),
-    "jit_bn_group": lambda devices: MeshForm(
-        devices, grad_sync="end", bn_group_size=bn_group_size(len(devices))
     ),
 }
 
@@ -96,9 +91,9 @@ def bn_group_size(n_devices: int) -> int:
     return max(1, n_devices // 2)
 
 
-def forms_at(n_devices: int) -> list[str]:
+def impls_at(n_devices: int, variants: dict[str, Variant]) -> list[str]:
     """The rows measured on `n_devices` devices: `jit` alone on one (the efficiency base)."""
-    return ["jit"] if n_devices == 1 else list(FORMS)
+    return ["jit"] if n_devices == 1 else list(variants)
 
 
 def build_model(name: str, quick: bool) -> nnx.Module:
@@ -112,33 +107,26 @@ def build_model(name: str, quick: bool) -> nnx.Module:
 
 
 def _batches(form: MeshForm, n_items: int, batch: int, image: int) -> list[tuple]:
-    """Random (never zero) global batches placed as the form's step takes them."""
+    """Random (never zero) global batches placed by the form as its step takes them."""
     out = []
     for key in jax.random.split(jax.random.key(0), n_items):
         x = jax.random.normal(key, (batch, image, image, 3), jnp.float32).astype(jnp.bfloat16)
         y = jax.random.randint(key, (batch,), 0, NUM_CLASSES)
-        if isinstance(form, PmapForm):
-            n = len(form.local_devices)
-            placed = jax.pmap(lambda a, b: (a, b), devices=form.local_devices)(
-                x.reshape(n, -1, *x.shape[1:]), y.reshape(n, -1)
-            )
-        else:
-            placed = jax.device_put((x, y), form.sharded)
-        out.append(({"image": placed[0], "label": placed[1]},))
+        out.append((form.put_batch({"image": x, "label": y}),))
     return out
 
 
 def compile_step(
-    name: str, impl: str, n: int, settings: Settings, batch: int, image: int
+    name: str, variant: Variant, n: int, settings: Settings, batch: int, image: int
 ) -> tuple[float, Callable, list[tuple], str]:
-    """`name`'s training step in form `impl` on the first n devices, compiled and run once:
+    """`name`'s training step built as `variant` on the first n devices, compiled and run once:
     (compile seconds, run(batch) -> loss, the placed batches, the compiled HLO text)."""
-    form = FORMS[impl](jax.devices()[:n])
+    form = variant.form(jax.devices()[:n])
     model = build_model(name, settings.quick)
-    form.prepare_model(model)
+    variant.prepare(form, model)
     tx = optax.sgd(0.1, momentum=0.9)
     graphdef, state = create_train_state(model, tx, seed=0)
-    step = form.compile_train(lambda s, b, **kw: train_step(graphdef, tx, s, b, **kw))
+    step = variant.compile(form, lambda s, b, **kw: train_step(graphdef, tx, s, b, **kw))
     data = _batches(form, settings.inputs, batch * n, image)
     box: list[TrainState] = [form.put_state(state)]
     t0 = time.perf_counter()
@@ -154,47 +142,28 @@ def compile_step(
     return compile_s, run, data, compiled.as_text()
 
 
-def profile(impl: str, n: int, run: Callable, data: list[tuple], hlo_text: str) -> dict:
-    """Where a compiled step's device time goes (`compile_step`'s run, batches and HLO) in form
-    `impl` on n devices: kernel time per category summed over the n devices
-    (`benchmarks.profiling.profile_calls`) and the costliest collectives. A collective kernel's
-    time includes its wait for the slowest device."""
-    prof = profile_calls(lambda i: run(*data[i % len(data)]), PROFILE_STEPS, hlo_text)
-    collectives = [op for op in prof["ops"] if op["category"] == "collective"]
-    return {
-        "impl": impl,
-        "n_devices": n,
-        "wall_ms": prof["wall_ms"],
-        "device_ms_per_device": round(prof["device_ms"] / n, 4),
-        "categories_all_devices": prof["categories"],
-        "top_collectives": [
-            {k: op[k] for k in ("op", "ms", "launches", "bytes", "source")}
-            for op in collectives[:PROFILE_TOP]
-        ],
-    }
-
-
-def run(settings: Settings, counts: tuple[int, ...] = DEVICE_COUNTS) -> Results:
-    """Measure each model in each form at each device count the machine has."""
+def run(
+    settings: Settings,
+    counts: tuple[int, ...] = DEVICE_COUNTS,
+    variants: dict[str, Variant] = VARIANTS,
+) -> Results:
+    """Measure each model as each of `variants` at each device count the machine has."""
     res = Results("scaling", settings)
     available = jax.device_count()
     res.meta["not_run"] = [n for n in counts if n > available]
     batch = QUICK_BATCH if settings.quick else PER_DEVICE_BATCH
     image = QUICK_IMAGE if settings.quick else IMAGE
-    largest = max((n for n in counts if n <= available), default=1)
-    if largest > 1:
-        res.meta["profiles"] = []
     for name in MODELS:
         base = None  # the one-device jit row's images/s
         for n in (n for n in counts if n <= available):
-            for impl in forms_at(n):
+            for impl in impls_at(n, variants):
                 row = {"name": name, "impl": impl, "n_devices": n, "batch": batch}
                 row.update(dtype="bfloat16 compute, float32 params", shape=[batch, image, image, 3])
                 if impl == "jit_bn_group":
                     row["bn_group_size"] = bn_group_size(n)
                 try:
                     compile_s, step, data, hlo_text = compile_step(
-                        name, impl, n, settings, batch, image
+                        name, variants[impl], n, settings, batch, image
                     )
                     timing = time_fn(step, data, jax_sync, settings)
                     row.update(timing.as_dict(), compile_s=round(compile_s, 2))
@@ -209,10 +178,4 @@ def run(settings: Settings, counts: tuple[int, ...] = DEVICE_COUNTS) -> Results:
                 except Exception as e:
                     row["error"] = error_text(e)
                 res.add(row)
-                profiled = n == largest > 1 and impl in PROFILED and not settings.warm_only
-                if profiled and "error" not in row:
-                    try:
-                        res.meta["profiles"].append(profile(impl, n, step, data, hlo_text))
-                    except Exception as e:
-                        res.meta["profiles"].append({"impl": impl, "error": error_text(e)})
     return res

@@ -21,16 +21,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from benchmarks.common import (
-    Results,
-    Settings,
-    error_text,
-    jax_sync,
-    time_fn,
-    torch_compile,
-    torch_cuda,
-    torch_sync,
-)
+from benchmarks.charts import ChartSpec, series
+from benchmarks.device import torch_cuda
+from benchmarks.results import Results, error_text
+from benchmarks.settings import Settings
+from benchmarks.timing import jax_sync, time_fn, torch_compile, torch_sync
 from flax_attention.models import create_model
 
 MODELS = ("resnet50", "seresnet50", "cbam_resnet50", "bam_resnet50", "epsanet50_small")
@@ -38,6 +33,13 @@ TIMM = {"resnet50": "resnet50", "seresnet50": "seresnet50"}
 BATCH, QUICK_BATCH = 256, 2
 IMAGE, QUICK_IMAGE = 224, 64
 NUM_CLASSES = 1000
+
+CHART = ChartSpec(
+    value="img_per_s",
+    label="images / s (training step)",
+    group=lambda r: r["name"],
+    series=series,
+)
 
 
 def make_step(model: nnx.Module, tx: optax.GradientTransformation):

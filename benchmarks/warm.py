@@ -4,7 +4,7 @@ Compilation dominates the suites' wall time: on an H100 torch.compile's first tr
 50-135 s per model and ours 14-125 s, many minutes in a row before anything is timed. Compiles
 spread over CPU cores; timing must not share the GPU. So `python -m benchmarks` first runs shards
 (one suite restricted to one model or module and one framework) as `--warm-only` workers, several
-at a time: each case compiles into the caches of `common.enable_caches` and runs once, nothing is
+at a time: each case compiles into the caches of `caches.enable_caches` and runs once, nothing is
 timed. The suites are then timed in one process, where a compile is a cache load. Workers
 start longest first, by the seconds each shard took in the previous run (the suites' JSON
 records them, `warm.shard_s`); shards without a recorded time start first.
@@ -27,11 +27,12 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from benchmarks.common import ROOT, stop_processes
+from benchmarks.settings import ROOT
 
 GPU_GB = {("train", "torch.compile"): 15.0}  # a step runs at batch 256; ours only compiles
 SOLO = {"train resnet50 flax"}  # compiled first, alone: see the module docstring
@@ -192,3 +193,18 @@ def cold_compile_s(out_dir: Path, suite: str) -> dict[tuple, float]:
 def row_key(row: dict) -> tuple:
     keys = ("name", "framework", "spatial_conv", "mode", "shape")
     return tuple(str(row.get(k)) for k in keys)
+
+
+def stop_processes(processes: Iterable[subprocess.Popen], grace_s: float = 5.0) -> None:
+    """Terminate the processes still running, give them `grace_s` seconds to exit, then kill
+    those left; returns once every one has exited."""
+    running = [p for p in processes if p.poll() is None]
+    for proc in running:
+        proc.terminate()
+    deadline = time.monotonic() + grace_s
+    for proc in running:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -10,7 +10,7 @@ import torch
 from flax import nnx
 from parity import assert_close, nchw, nhwc
 
-from benchmarks.common import count_collectives
+from flax_attention.training.collectives import count_collectives
 from flax_attention.layers import BatchNorm
 from flax_attention.layers.batch_norm import batch_norm_train
 

@@ -1,19 +1,14 @@
-"""Outputs are ours alone: `convert --overwrite`, training's `model/` and `metrics.jsonl`, the
-benchmark cache and the lab tools' child processes never take a user's files with them."""
+"""Outputs are ours alone: `convert --overwrite`, training's `model/` and `metrics.jsonl` never
+take a user's files with them."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from flax import nnx
 
-from benchmarks import __main__ as bench_main
-from benchmarks import multiprocess, warm
 from flax_attention import checkpoint, data
 from flax_attention.cli import main as cli_main
 from flax_attention.convert import to_torch_state_dict
@@ -176,69 +171,3 @@ def test_a_rerun_after_a_run_that_left_no_checkpoint_drops_its_records(tmp_path,
 
 
 # The benchmark cache and the lab tools' children.
-
-
-@pytest.mark.parametrize("keep", [False, True], ids=["fresh", "keep-cache"])
-def test_benchmark_cache_deletes_only_its_own_subfolders(tmp_path, monkeypatch, keep):
-    cache = tmp_path / "cache"
-    for part in ("jax", "warm", "inductor"):
-        (cache / part).mkdir(parents=True)
-        (cache / part / "entry").write_text("cached")
-    (cache / "notes.txt").write_text("mine")
-    monkeypatch.setattr(bench_main, "enable_caches", lambda path: None)  # JAX config: global
-    argv = ["--suites", "", "--no-warm", "--cache", str(cache), "--out", str(tmp_path / "out")]
-    bench_main.main(argv + ["--keep-cache"] * keep)
-    assert (cache / "notes.txt").read_text() == "mine"
-    kept = ["jax", "jax/entry", "inductor", "inductor/entry", "warm", "warm/entry"] * keep
-    assert listing(cache) == sorted(["notes.txt", *kept])
-
-
-def sleeper(popen, interrupt_at: int | None = None):
-    """A `subprocess.Popen` that starts a child sleeping a minute instead of `cmd` (Ctrl-C
-    instead at start number `interrupt_at`), and the list of (child or None, its stdout)."""
-    started = []
-
-    def start(cmd, **kwargs):
-        if len(started) + 1 == interrupt_at:
-            started.append((None, kwargs["stdout"]))
-            raise KeyboardInterrupt
-        proc = popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs)
-        started.append((proc, kwargs["stdout"]))
-        return proc
-
-    return start, started
-
-
-def test_warm_run_stops_its_workers_and_closes_their_logs_on_ctrl_c(tmp_path, monkeypatch):
-    start, started = sleeper(subprocess.Popen, interrupt_at=2)
-    monkeypatch.setattr(warm.subprocess, "Popen", start)
-    shards = [warm.Shard(f"train m{i} flax", (), 1.0, None) for i in range(2)]
-    with pytest.raises(KeyboardInterrupt):
-        warm.run(shards, tmp_path / "cache", tmp_path / "warm", 2, 8.0)
-    (first, first_log), (_, second_log) = started
-    assert first.poll() is not None and first_log.closed and second_log.closed
-
-
-def test_multiprocess_job_stops_its_processes_and_closes_their_logs_on_error(tmp_path, monkeypatch):
-    start, started = sleeper(subprocess.Popen)
-    monkeypatch.setattr(multiprocess.subprocess, "Popen", start)
-    args = argparse.Namespace(
-        processes=2,
-        quick=True,
-        model=TINY,
-        image_size=16,
-        per_device_batch=4,
-        steps=2,
-        checkpoint_every=1,
-        precision="fp32",
-        data_dir=tmp_path / "tfds",
-        timeout=0.5,
-        train_argv=[],
-    )
-    job = multiprocess.Job(args, tmp_path / "run", distributed=True)
-    job.start()
-    with pytest.raises(subprocess.TimeoutExpired):
-        job.wait()
-    assert len(started) == 2
-    for proc, log in started:
-        assert proc.poll() is not None and log.closed

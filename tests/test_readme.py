@@ -3,7 +3,6 @@ from any directory, and its `--help` prints each default once."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -45,19 +44,6 @@ def test_readme_snippet_runs(code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
-
-
-def test_headline_table_is_the_one_its_train_result_gives():
-    """The README's training-speed table is `python -m benchmarks.headline` of the result file
-    its caption names, so every number in it comes from one committed run."""
-    from benchmarks.headline import headline
-
-    text = README.read_text()
-    named = re.findall(r"Training step on one .*?`(benchmarks/results/[^`]+/train\.json)`", text)
-    assert len(named) == 1, named
-    source = Path(named[0])
-    result = json.loads((README.parent / source).read_text())
-    assert headline(result, source) in text
 
 
 def test_training_program_runs_from_any_directory(tmp_path):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from flax import nnx
 from parity import assert_close
 
-from benchmarks.common import count_collectives
+from flax_attention.training.collectives import count_collectives
 from flax_attention import checkpoint, data
 from flax_attention.convert import load_torch_state_dict, to_torch_state_dict
 from flax_attention.models import MODELS, BasicBlock, ModelSpec, ResNet

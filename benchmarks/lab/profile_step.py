@@ -7,7 +7,7 @@ in one category (convolution / matmul library calls, reduction fusions, elementw
 copies, collectives, other), with its time per step and the bytes its operands and result
 occupy, so that memory-bound categories can be read against the copy bandwidth.
 
-`python -m benchmarks.profile_step [--models resnet50,...] [--steps 5] [--top 25]
+`python -m benchmarks.lab.profile_step [--models resnet50,...] [--steps 5] [--top 25]
 [--quick] [--save-hlo] [--out DIR]` writes `<out>/profile_step.json` (per model: categories and
 the `--top` costliest instructions, every one with `--top 0`); `<out>` is
 benchmarks/results/<device> unless given.
@@ -23,8 +23,10 @@ from pathlib import Path
 import jax
 
 from benchmarks import train
-from benchmarks.common import RESULTS, device_slug, error_text
-from benchmarks.profiling import profile_calls
+from benchmarks.device import device_slug
+from benchmarks.lab.profiling import profile_calls
+from benchmarks.results import error_text
+from benchmarks.settings import RESULTS
 
 
 def profile(name: str, batch: int, image: int, steps: int, top: int, hlo_dir: Path | None) -> dict:

@@ -1,5 +1,5 @@
 """A real multi-process training run, killed after a checkpoint, resumed, checked against one
-process: `python -m benchmarks.multiprocess [--quick] [--processes K] --out result.json`.
+process: `python -m benchmarks.lab.multiprocess [--quick] [--processes K] --out result.json`.
 
 Every run is the training program itself (`flax_attention.training.cli.main`, `--parallel jit`)
 in child processes on the embedded digits dataset (upscaled to `--image-size`). K processes
@@ -37,9 +37,9 @@ from typing import IO, Any
 
 import numpy as np
 
-from benchmarks.common import stop_processes
+from benchmarks.settings import ROOT
+from benchmarks.warm import stop_processes
 
-ROOT = Path(__file__).resolve().parent.parent
 QUICK_MODEL = "tiny_se_resnet"  # registered by the workers of a --quick run
 CPU_DEVICES_PER_PROCESS = 2
 RTOL, ATOL = 1e-4, 1e-5
@@ -47,7 +47,7 @@ WORKER = "--worker"  # first argument of a child process
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.multiprocess", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.lab.multiprocess", description=__doc__)
     p.add_argument("--processes", type=int, default=2, help="K training processes")
     p.add_argument("--quick", action="store_true", help="CPU: tiny model and images")
     p.add_argument("--model", default="seresnet50")
@@ -108,7 +108,7 @@ class Job:
         port = _free_port()
         self.commands, self.envs = [], []
         for pid in range(k) if distributed else [-1]:
-            cmd = [sys.executable, "-m", "benchmarks.multiprocess", WORKER]
+            cmd = [sys.executable, "-m", "benchmarks.lab.multiprocess", WORKER]
             cmd += [str(pid), str(port), str(k), str(int(args.quick)), *train, *args.train_argv]
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path]))
             env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"  # no TF32: a float32 comparison

@@ -1,7 +1,7 @@
 """One-off measurements behind choices the library makes, kept runnable.
 
-Each is `python -m benchmarks.experiments.<name> [--quick] [--out DIR]` and writes
-`<out>/<name>.json` (by default under benchmarks/experiments/results/<device>/). They time the
+Each is `python -m benchmarks.lab.experiments.<name> [--quick] [--out DIR]` and writes
+`<out>/<name>.json` (by default under benchmarks/lab/experiments/results/<device>/). They time the
 library through its public arguments; the suites users run are in the folder above.
 
 - `psa_convs`: PSA's branch convolutions in each formulation (`branch_convs.FORMULATIONS`),

@@ -22,8 +22,8 @@ outputs shifted: a wide matrix product for 0.64x the FLOPs of `merged`, but 1.4-
 `auto` for the whole module at every stride-1 shape, and in epsanet50_small's training step
 2,320 img/s with it at stage 1 alone against 3,050 without).
 
-`python -m benchmarks.experiments.psa_convs [--quick] [--out DIR]` writes `<out>/psa_convs.json`
-(by default benchmarks/experiments/results/<device>/).
+`python -m benchmarks.lab.experiments.psa_convs [--quick] [--out DIR]` writes `<out>/psa_convs.json`
+(by default benchmarks/lab/experiments/results/<device>/).
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import Settings, device_slug, error_text, jax_sync, random_inputs, time_fn
+from benchmarks.device import device_slug
+from benchmarks.results import error_text
+from benchmarks.settings import Settings
+from benchmarks.timing import jax_sync, random_inputs, time_fn
 from flax_attention.layers.branch_convs import FORMULATIONS, branch_convs, plan
 
 BRANCHES = ((3, 1), (5, 4), (7, 8), (9, 16))

@@ -1,7 +1,7 @@
 """The README's headline table from one `train` suite result: images/s of each model's training
 step, ours and PyTorch's, from the same run.
 
-`python -m benchmarks.headline [benchmarks/results/<device>/train.json]` prints the caption and
+`python -m benchmarks.lab.headline [benchmarks/results/<device>/train.json]` prints the caption and
 the markdown table to paste into README.md; tests/test_readme.py checks that the README's table
 is what this prints for the file its caption names.
 """
@@ -11,7 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from benchmarks.common import ROOT, read_result
+from benchmarks.results import read_result
+from benchmarks.settings import ROOT
 
 MODELS = ("resnet50", "seresnet50", "cbam_resnet50", "bam_resnet50", "epsanet50_small")
 BASELINE = "resnet50"  # "of our resnet50": the gates' cost in the network

@@ -18,9 +18,9 @@ history) found every swap of stages 1-3 slower than the then table (`conv`, `im2
 measured fastest at every stage (modules suite) and +5.7% in the network (5,521 against 5,224
 img/s, one interleaved A/B).
 
-`python -m benchmarks.experiments.spatial_convs [--models cbam_resnet50,bam_resnet50] [--quick]
+`python -m benchmarks.lab.experiments.spatial_convs [--models cbam_resnet50,bam_resnet50] [--quick]
 [--out DIR]` writes `<out>/spatial_convs.json` (by default
-benchmarks/experiments/results/<device>/) after every row.
+benchmarks/lab/experiments/results/<device>/) after every row.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ import jax
 
 from benchmarks import train
 from benchmarks.__main__ import SAMPLING
-from benchmarks.common import Settings, device_slug, error_text
+from benchmarks.device import device_slug
+from benchmarks.results import error_text
+from benchmarks.settings import Settings
 from flax_attention.layers import tap_convs
 from flax_attention.layers.common import platform
 

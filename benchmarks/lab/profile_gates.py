@@ -4,14 +4,14 @@ For each gate x stage shape (the modules suite's SHAPES, batch 128, bfloat16, tr
 row of the modules suite (CBAM's and BAM's per `spatial_conv`), compile forward+backward
 exactly as `benchmarks.modules` times it (`flax_fn(module,
 "fwdbwd")`), trace a few calls and join every device kernel to its HLO instruction
-(`benchmarks.profiling.profile_calls`). Each row holds kernel launches, device ms and wall ms
+(`benchmarks.lab.profiling.profile_calls`). Each row holds kernel launches, device ms and wall ms
 per call, time by category, and every instruction that ran: its ms, launches, bytes, category,
 what it computes (custom-call target such as a cuDNN convolution's forward / backward-filter /
 backward-input, or a fusion's kind and fused ops), the JAX op it came from and its HLO text.
 
 Cases are compiled `--jobs` at a time, then each of them is profiled alone before the next
 chunk compiles (the JSON grows chunk by chunk).
-`python -m benchmarks.profile_gates [--gates se,cbam,bam,psa] [--spatial-convs conv,...]
+`python -m benchmarks.lab.profile_gates [--gates se,cbam,bam,psa] [--spatial-convs conv,...]
 [--steps 5] [--jobs 4] [--save-hlo] [--quick] [--out DIR]` writes `<out>/profile_gates.json`
 (rewritten after every profiled case) and prints one line per case; `<out>` is
 benchmarks/results/<device> unless given. `--spatial-convs` keeps CBAM's and BAM's rows of
@@ -37,8 +37,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks import modules
-from benchmarks.common import RESULTS, device_slug, error_text, random_inputs
-from benchmarks.profiling import profile_calls
+from benchmarks.device import device_slug
+from benchmarks.lab.profiling import profile_calls
+from benchmarks.results import error_text
+from benchmarks.settings import RESULTS
+from benchmarks.timing import random_inputs
 
 INPUTS = 2  # input sets rotated through, as the modules suite does (with more)
 TOP_PRINTED = 3

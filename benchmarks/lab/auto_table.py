@@ -1,7 +1,7 @@
 """`tap_convs.AUTO` (`spatial_conv="auto"`) from a modules suite result: for CBAM and BAM at each
 stage shape, the spatial-conv formulation of the fastest forward+backward.
 
-`python -m benchmarks.auto_table [benchmarks/results/<device>/modules.json]` prints the table to
+`python -m benchmarks.lab.auto_table [benchmarks/results/<device>/modules.json]` prints the table to
 paste into flax_attention/layers/tap_convs.py (the default file is the H200's, which the
 committed table comes from; tests check that they agree).
 """
@@ -12,7 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.common import RESULTS, read_result
+from benchmarks.results import read_result
+from benchmarks.settings import RESULTS
 
 SOURCE = RESULTS / "nvidia-h200" / "modules.json"
 Table = dict[str, tuple[tuple[int, str], ...]]  # gate -> ((H * W, choice), ...)

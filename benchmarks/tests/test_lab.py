@@ -1,0 +1,253 @@
+"""The lab (benchmarks/lab): autotune recording, the profilers, the table writers and the
+committed results they read, the multi-process harness and the experiments."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.caches import read_autotune_store, seed_autotune
+from benchmarks.lab import autotune, multiprocess, scaling_ablations
+from benchmarks.settings import Settings
+from benchmarks.tests.test_suites import sleeper
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+TINY = "tiny_se_resnet"  # one SE BasicBlock stage
+
+
+def test_autotune_store_round_trip_keeps_entries_already_cached(tmp_path):
+    measured = tmp_path / "measured"
+    (measured / "sub").mkdir(parents=True)
+    (measured / "a.textproto").write_text("algorithm: 3")
+    (measured / "sub" / "b.pb").write_bytes(b"\x83\x00tiling")
+    store = tmp_path / "store" / "gpu.tar.gz"
+    assert autotune.save(measured, store) == 2
+    (measured / "c.textproto").write_text("algorithm: 1")
+    assert autotune.save(measured, store) == 3  # added to, not replaced
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "a.textproto").write_text("algorithm: 7")  # this run's own result wins
+    assert seed_autotune(store, fresh) == 2
+    assert (fresh / "a.textproto").read_text() == "algorithm: 7"
+    assert (fresh / "sub" / "b.pb").read_bytes() == b"\x83\x00tiling"
+    assert seed_autotune(tmp_path / "store" / "other-gpu.tar.gz", fresh) == 0
+
+
+def test_record_autotune_compiles_alone_and_writes_the_device_archive(tmp_path):
+    """`python -m benchmarks.lab.autotune` on CPU: the shard compiles in a worker and the device's archive is
+    written (empty: XLA autotunes only on GPUs), nothing is timed."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "benchmarks.lab.autotune", "--quick", "--suites", "train"]
+    cmd += ["--models", "resnet50", "--autotune-dir", str(tmp_path / "autotune")]
+    cmd += ["--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (archive,) = (tmp_path / "autotune").glob("*-quick.tar.gz")
+    assert read_autotune_store(archive) == {}
+    assert "warm 1/1 train resnet50 flax: ok" in done.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_profile_gates_quick_run_lists_every_kernel(tmp_path):
+    """`python -m benchmarks.lab.profile_gates --quick` on CPU: one row per gate x shape, each
+    with its kernels joined to HLO instructions; CBAM's spatial gate shows its convolutions."""
+    from benchmarks import modules
+    from benchmarks.lab import profile_gates
+
+    args = ["--quick", "--gates", "se,cbam", "--spatial-convs", "conv", "--steps", "2"]
+    profile_gates.main([*args, "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "profile_gates.json").read_text())["rows"]
+    assert [(r["name"], r.get("spatial_conv")) for r in rows] == [("se", None)] * 2 + [
+        ("cbam", "conv")
+    ] * 2
+    assert [r["shape"] for r in rows[:2]] == [list(s) for s in modules.QUICK_SHAPES]
+    for row in rows:
+        assert "error" not in row, row.get("error")
+        assert row["kernels"] > 0 and row["device_ms"] > 0
+        assert sum(op["launches"] for op in row["ops"]) == row["kernels"]
+        assert all(op["category"] != "unmatched" and op["what"] for op in row["ops"])
+    convs = [op for op in rows[-1]["ops"] if op["category"] == "conv"]
+    assert any("conv_general_dilated" in op["source"] for op in convs)
+
+
+def test_profile_step_keeps_every_instruction_with_top_zero(tmp_path):
+    """`python -m benchmarks.lab.profile_step --quick --top 0` on CPU: the resnet50 step's every
+    instruction, their launches adding up to the step's kernels (the default keeps 25)."""
+    from benchmarks.lab import profile_step
+
+    profile_step.main(
+        ["--quick", "--models", "resnet50", "--steps", "1", "--top", "0", "--out", str(tmp_path)]
+    )
+    (row,) = json.loads((tmp_path / "profile_step.json").read_text())["rows"]
+    assert "error" not in row, row.get("error")
+    assert len(row["top"]) > 25
+    assert sum(op["launches"] for op in row["top"]) == row["kernels_per_step"]
+
+
+def test_multiprocess_quick_run_resumes_after_kill_and_matches_one_process(tmp_path):
+    """Two CPU processes (2 devices each) train, are killed after a checkpoint, resume and
+    finish with the parameters of one process on 4 devices: each device trains on the same
+    rows in both runs, only the cross-process gradient sums round in another order."""
+    out = tmp_path / "result.json"
+    assert (
+        multiprocess.main(["--quick", "--workdir", str(tmp_path / "run"), "--out", str(out)]) == 0
+    )
+    result = json.loads(out.read_text())
+    assert result["pass"] and result["processes"] == 2
+    assert 0 < result["resumed_from_step"] < result["steps"] == 24
+    assert result["resumed_from_step"] >= result["killed_after_checkpoint"]
+    assert result["max_abs_param_diff"] < 1e-5
+    assert all(v > 0 for v in result["img_per_s"].values())
+
+
+def test_multiprocess_job_stops_its_processes_and_closes_their_logs_on_error(tmp_path, monkeypatch):
+    start, started = sleeper(subprocess.Popen)
+    monkeypatch.setattr(multiprocess.subprocess, "Popen", start)
+    args = argparse.Namespace(
+        processes=2,
+        quick=True,
+        model=TINY,
+        image_size=16,
+        per_device_batch=4,
+        steps=2,
+        checkpoint_every=1,
+        precision="fp32",
+        data_dir=tmp_path / "tfds",
+        timeout=0.5,
+        train_argv=[],
+    )
+    job = multiprocess.Job(args, tmp_path / "run", distributed=True)
+    job.start()
+    with pytest.raises(subprocess.TimeoutExpired):
+        job.wait()
+    assert len(started) == 2
+    for proc, log in started:
+        assert proc.poll() is not None and log.closed
+
+
+def test_auto_spatial_conv_table_is_the_committed_h200_measurement():
+    """tap_convs.AUTO["gpu"] is what benchmarks.lab.auto_table derives from the committed H200
+    modules.json (fastest forward+backward formulation per gate and stage)."""
+    from benchmarks.lab import auto_table
+    from flax_attention.layers import tap_convs
+
+    rows = json.loads(auto_table.SOURCE.read_text())["rows"]
+    assert auto_table.fastest_formulations(rows) == tap_convs.AUTO["gpu"]
+
+
+def test_auto_spatial_conv_table_reads_the_spatial_conv_rows_of_later_runs():
+    """Rows that name their formulation in `spatial_conv` (runs after the gates' `impl` was
+    removed) give the same table as the committed rows that named it in `impl` labels."""
+    from benchmarks.lab import auto_table
+
+    old = json.loads(auto_table.SOURCE.read_text())["rows"]
+    new = []
+    for row in old:
+        form = auto_table.spatial_conv_of(row)
+        if row.get("framework") == "flax" and form is not None:
+            new.append({k: v for k, v in row.items() if k != "impl"} | {"spatial_conv": form})
+    assert any(row["spatial_conv"] == "auto" for row in new)
+    assert auto_table.fastest_formulations(new) == auto_table.fastest_formulations(old)
+
+
+@pytest.mark.parametrize(
+    ("module", "suite"),
+    [("benchmarks.lab.headline", "train"), ("benchmarks.lab.auto_table", "modules")],
+)
+def test_table_writers_refuse_a_missing_or_wrong_result_in_one_line(
+    module, suite, tmp_path, capsys
+):
+    main = importlib.import_module(module).main
+    wrong = tmp_path / "other.json"
+    wrong.write_text(json.dumps({"suite": "input", "rows": []}))
+    for path, needle in ((tmp_path / "missing.json", "cannot read"), (wrong, "not a")):
+        with pytest.raises(SystemExit) as stop:
+            main([str(path)])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
+        assert str(path) in err[0]
+    assert f"not a {suite} suite result (suite: input)" in err[0]
+
+
+def test_headline_table_is_the_one_its_train_result_gives():
+    """The README's training-speed table is `python -m benchmarks.lab.headline` of the result file
+    its caption names, so every number in it comes from one committed run."""
+    from benchmarks.lab.headline import headline
+
+    text = README.read_text()
+    named = re.findall(r"Training step on one .*?`(benchmarks/results/[^`]+/train\.json)`", text)
+    assert len(named) == 1, named
+    source = Path(named[0])
+    result = json.loads((README.parent / source).read_text())
+    assert headline(result, source) in text
+
+
+def test_spatial_convs_experiment_swaps_one_stage_of_the_table_at_a_time():
+    """The experiment's cases: the library's table, then each stage with each other
+    formulation; inside `spatial_table` the library resolves to the swapped entry, and the
+    table is restored after."""
+    from benchmarks.lab.experiments import spatial_convs
+    from flax_attention.layers import tap_convs
+
+    sizes = spatial_convs.stage_sizes(224)
+    assert sizes == (56, 28, 14, 7)
+    before = {platform: dict(table) for platform, table in tap_convs.AUTO.items()}
+    bam_56 = tap_convs.resolve("auto", "bam", 56, 56)  # another gate's entry: untouched
+    (first, library), *swaps = spatial_convs.cases(sizes, "cbam", len(sizes))
+    assert first is None and len(swaps) == len(sizes) * (len(tap_convs.FORMULATIONS) - 1)
+    for stage, choices in swaps:
+        changed = [hw for hw in choices if choices[hw] != library[hw]]
+        assert changed == [sizes[stage - 1] ** 2]
+        with spatial_convs.spatial_table("cbam", choices):
+            resolved = [tap_convs.resolve("auto", "cbam", h, h) for h in sizes]
+            assert resolved == [choices[h * h] for h in sizes]
+            assert tap_convs.resolve("auto", "bam", 56, 56) == bam_56
+        assert before == tap_convs.AUTO
+
+
+@pytest.mark.parametrize(
+    "module, args",
+    [
+        ("benchmarks.lab.experiments.spatial_convs", ["--models", "cbam_resnet50,resnet50"]),
+        ("benchmarks.lab.experiments.spatial_convs", ["--models", ","]),
+        ("benchmarks.lab.profile_step", ["--top", "-1"]),
+    ],
+)
+def test_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys, module, args):
+    """A model the experiment does not sweep, no model, or a negative --top: one usage line,
+    exit status 2, before any output folder is made."""
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--quick", "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    assert "error: --" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_scaling_ablations_add_their_rows_and_profile_the_largest_count(tmp_path):
+    """The lab's scaling run on 2 simulated CPU devices: the suite's forms and the ablations,
+    the shard_map jit step with fewer collectives than the SPMD one, per-replica BatchNorm
+    leaving only the gradients' all-reduce, and the profiles of the largest count."""
+    res = scaling_ablations.run(Settings.make(True, tmp_path), counts=(2,))
+    rows = {r["impl"]: r for r in res.rows}
+    assert list(rows) == list(scaling_ablations.VARIANTS)
+    assert all("error" not in r and r["img_per_s"] > 0 for r in res.rows)
+    collectives = {impl: row["collectives"] for impl, row in rows.items()}
+    assert collectives["jit"]["total"] < collectives["jit_spmd"]["total"]
+    assert collectives["pmap_local_bn"] == {"all-reduce": 1, "total": 1}
+    profiles = {p["impl"]: p for p in res.meta["profiles"]}
+    assert list(profiles) == list(scaling_ablations.PROFILED)
+    assert profiles["jit"]["n_devices"] == 2 and profiles["jit"]["top_collectives"]
+    assert "collective" in profiles["jit"]["categories_all_devices"]
+    assert json.loads(res.path.read_text())["profiles"] == res.meta["profiles"]
