@@ -10,9 +10,9 @@ import torch
 from flax import nnx
 from parity import assert_close, nchw, nhwc
 
-from flax_attention.training.collectives import count_collectives
 from flax_attention.layers import BatchNorm
 from flax_attention.layers.batch_norm import batch_norm_train
+from flax_attention.training.collectives import count_collectives
 
 C = 6
 

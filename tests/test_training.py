@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from flax import nnx
 from parity import assert_close
 
-from flax_attention.training.collectives import count_collectives
 from flax_attention import checkpoint, data
 from flax_attention.convert import load_torch_state_dict, to_torch_state_dict
 from flax_attention.models import MODELS, BasicBlock, ModelSpec, ResNet
@@ -42,6 +41,7 @@ from flax_attention.training.checkpointing import (
     abstract_like,
 )
 from flax_attention.training.cli import main
+from flax_attention.training.collectives import count_collectives
 from flax_attention.training.metrics import MetricsLog
 
 MAKE_LOADER = data.make_loader
