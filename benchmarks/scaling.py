@@ -1,6 +1,6 @@
 """Data-parallel weak scaling: images/s per device of a training step on 1, 2, 4 and 8 GPUs.
 
-Runs the training library's own parallel forms (flax_attention.training.steps), so the numbers
+Runs the training library's own parallel forms (flax_attention.training.parallel), so the numbers
 are those of `python -m train --parallel jit|pmap`. Rows (`impl`):
 - `jit`: one `jax.jit` of a `shard_map` step over a mesh of the first n devices (batch sharded,
   state replicated), global BatchNorm statistics in one collective per BatchNorm each way, the
@@ -40,8 +40,9 @@ from benchmarks.common import Results, Settings, count_collectives, error_text, 
 from benchmarks.profiling import profile_calls
 from benchmarks.train import NUM_CLASSES
 from flax_attention.models import BasicBlock, ResNet, create_model
+from flax_attention.training.parallel import MeshForm, PmapForm
 from flax_attention.training.state import TrainState, create_train_state, set_batchnorm_axis_name
-from flax_attention.training.steps import MeshForm, PmapForm, train_step
+from flax_attention.training.steps import train_step
 
 DEVICE_COUNTS = (1, 2, 4, 8)
 MODELS = ("seresnet50",)
