@@ -191,7 +191,7 @@ def synthetic_step_row(res: Results, shape: Shape, settings: Settings) -> float:
     precision = "fp32" if settings.quick else "bf16"
     model = build_model(shape.model, num_classes=1000, seed=0, dtype=PRECISIONS[precision])
     tx = make_optimizer("sgd", 0.1, weight_decay=5e-5, momentum=0.9)
-    graphdef, state = create_train_state(model, tx, 0)
+    graphdef, state = create_train_state(model, tx)
     form = make_parallel("none")
     step = form.compile_train(partial(train_step, graphdef, tx, mean=spec.mean, std=spec.std))
     rng = np.random.default_rng(0)

@@ -138,7 +138,7 @@ def compile_step(
     model = build_model(name, settings.quick)
     form.prepare_model(model)
     tx = optax.sgd(0.1, momentum=0.9)
-    graphdef, state = create_train_state(model, tx, seed=0)
+    graphdef, state = create_train_state(model, tx)
     step = form.compile_train(lambda s, b, **kw: train_step(graphdef, tx, s, b, **kw))
     data = _batches(form, settings.inputs, batch * n, image)
     box: list[TrainState] = [form.put_state(state)]

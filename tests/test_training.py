@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -12,10 +13,11 @@ from unittest.mock import ANY
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import torch.nn.functional as F
-from flax import nnx
+from flax import nnx, struct
 from parity import assert_close
 
 from benchmarks.common import count_collectives
@@ -27,6 +29,7 @@ from flax_attention.training import (
     ConfigError,
     TrainCheckpointer,
     TrainConfig,
+    TrainState,
     create_train_state,
     cross_entropy,
     decay_mask,
@@ -81,7 +84,7 @@ def run_steps(form_name: str, tx, batches, in_channels: int = 1, model=None, **o
     form = make_parallel(form_name, **options)
     model = model if model is not None else tiny_resnet(in_channels)
     form.prepare_model(model)
-    graphdef, state = create_train_state(model, tx, seed=0)
+    graphdef, state = create_train_state(model, tx)
     dev = form.put_state(jax.device_put(state, form.replicated))
     step = form.compile_train(partial(train_step, graphdef, tx))
     for batch in batches:
@@ -142,7 +145,7 @@ def test_batchnorm_groups_equal_independent_groups():
     got = run_steps("jit", tx, batches, bn_group_size=2)[1]
 
     model = tiny_resnet()
-    graphdef, state = create_train_state(model, tx, seed=0)
+    graphdef, state = create_train_state(model, tx)
     one_device = jax.jit(partial(train_step, graphdef, tx))
     mean_of_groups = lambda *leaves: (  # noqa: E731
         np.mean(leaves, 0) if np.issubdtype(leaves[0].dtype, np.floating) else leaves[0]
@@ -167,7 +170,7 @@ def test_jit_step_has_one_collective_per_batchnorm_each_way(grad_sync: str):
     model = tiny_resnet()
     form.prepare_model(model)
     batch_norms = sum(isinstance(node, nnx.BatchNorm) for _, node in nnx.iter_graph(model))
-    graphdef, state = create_train_state(model, tx, seed=0)
+    graphdef, state = create_train_state(model, tx)
     step = form.compile_train(partial(train_step, graphdef, tx))
     lowered = step.lower(form.put_state(state), form.put_batch(random_batches(1)[0]))
     hlo = lowered.compile().as_text()
@@ -367,7 +370,7 @@ def corrupt(step_dir) -> None:
 def tiny_abstract_state():
     """The abstract train state of `config()`'s runs (a schedule: optax then counts steps)."""
     tx = make_optimizer("sgd", lambda step: 0.1, weight_decay=5e-4, momentum=0.9, nesterov=True)
-    _, state = create_train_state(tiny_resnet(), tx, seed=0)
+    _, state = create_train_state(tiny_resnet(), tx)
     return abstract_like(jax.device_put(state, make_parallel("none").replicated))
 
 
@@ -414,6 +417,69 @@ def test_resume_past_a_corrupt_newest_checkpoint_finishes(
     assert not [r.getMessage() for r in caplog.records if "orbax" in r.pathname]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+@struct.dataclass
+class LegacyTrainState:
+    """The train state as checkpoints held it while it carried an unused PRNG key."""
+
+    params: nnx.State
+    batch_stats: nnx.State
+    opt_state: optax.OptState
+    step: jax.Array
+    rng: jax.Array
+
+
+def write_legacy_checkpoint(ref_checkpoints, directory, step: int) -> None:
+    """Step `step` of `ref_checkpoints` saved again as `LegacyTrainState`, through the same
+    checkpointer (and so the same orbax items and metadata) the training loop uses."""
+    source = directory.parent / "reference-checkpoints"
+    shutil.copytree(ref_checkpoints, source)
+    for newer in (p for p in source.iterdir() if int(p.name) > step):
+        shutil.rmtree(newer)
+    reader = TrainCheckpointer(source)
+    state, data_state, restored_step = reader.restore_latest(tiny_abstract_state())
+    reader.close()
+    assert restored_step == step
+    legacy = LegacyTrainState(**vars(state), rng=jax.random.PRNGKey(0))
+    writer = TrainCheckpointer(
+        directory, run={"model": TINY, "dataset": "digits", "optimizer": "sgd"}
+    )
+    writer.save(step, legacy, data_state)
+    writer.wait()
+    writer.close()
+
+
+def test_a_checkpoint_with_the_legacy_rng_resumes(data_dir, tmp_path, uninterrupted, capsys):
+    """A run whose checkpoints were written when the train state held `rng` resumes from them
+    and finishes as the uninterrupted run; the restored state has no `rng`."""
+    ref_dir, _, ref_result = uninterrupted
+    assert "rng" not in {field.name for field in dataclasses.fields(TrainState)}
+    write_legacy_checkpoint(ref_dir / "checkpoints", tmp_path / "checkpoints", 4)
+    shutil.copy(ref_dir / "metrics.jsonl", tmp_path / "metrics.jsonl")
+    restored, _, step = TrainCheckpointer(tmp_path / "checkpoints").restore_latest(
+        tiny_abstract_state()
+    )
+    assert step == 4 and isinstance(restored, TrainState) and int(restored.step) == 4
+
+    result = fit(config(data_dir, tmp_path))
+    assert f"resumed from {tmp_path / 'checkpoints' / '4'}" in capsys.readouterr().out
+    assert result == {**ref_result, "model_dir": result["model_dir"], "plot": result["plot"]}
+    want = flat(nnx.state(checkpoint.restore(None, ref_dir / "model")))
+    got = flat(nnx.state(checkpoint.restore(None, tmp_path / "model")))
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_a_legacy_checkpoint_of_another_model_is_still_refused(uninterrupted, tmp_path):
+    """The legacy `rng` leaf is no difference of layout; another model's arrays still are."""
+    write_legacy_checkpoint(uninterrupted[0] / "checkpoints", tmp_path / "checkpoints", 4)
+    tx = make_optimizer("sgd", lambda step: 0.1, weight_decay=5e-4, momentum=0.9, nesterov=True)
+    _, other = create_train_state(tiny_resnet(in_channels=3), tx)
+    target = abstract_like(jax.device_put(other, make_parallel("none").replicated))
+    with pytest.raises(CheckpointMismatchError, match="checkpoint of another model") as err:
+        TrainCheckpointer(tmp_path / "checkpoints").restore_latest(target)
+    assert "rng" not in str(err.value)
 
 
 def test_checkpoint_of_another_optimizer_is_named(data_dir, tmp_path, uninterrupted, capsys):

@@ -165,7 +165,7 @@ class _Run:
             momentum=cfg.momentum,
             nesterov=cfg.nesterov,
         )
-        self.graphdef, state = create_train_state(model, tx, cfg.seed)
+        self.graphdef, state = create_train_state(model, tx)
         self.state = jax.device_put(state, self.form.replicated)  # canonical
         normalization = {"mean": self.spec.mean, "std": self.spec.std}
         self.train_fn = self.form.compile_train(
