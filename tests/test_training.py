@@ -21,7 +21,7 @@ from flax import nnx, struct
 from parity import assert_close
 
 from benchmarks.common import count_collectives
-from flax_attention import checkpoint, data
+from flax_attention import checkpoint, cli, data
 from flax_attention.convert import load_torch_state_dict, to_torch_state_dict
 from flax_attention.models import MODELS, BasicBlock, ModelSpec, ResNet
 from flax_attention.reference.models import TorchBasicBlock, TorchResNet, randomize_batchnorms_
@@ -44,7 +44,6 @@ from flax_attention.training.checkpointing import (
     CorruptCheckpointError,
     abstract_like,
 )
-from flax_attention.training.cli import main
 from flax_attention.training.metrics import MetricsLog
 
 MAKE_LOADER = data.make_loader
@@ -76,6 +75,11 @@ def tiny_resnet(in_channels: int = 1, seed: int = 0) -> ResNet:
         )
 
     return nnx.jit(build)()
+
+
+def train_main(argv: list[str]) -> int:
+    """`flax-attention train ARGV`: the training program as the one program's subcommand."""
+    return cli.main(["train", *argv])
 
 
 def run_steps(form_name: str, tx, batches, in_channels: int = 1, model=None, **options):
@@ -486,7 +490,7 @@ def test_checkpoint_of_another_optimizer_is_named(data_dir, tmp_path, uninterrup
     shutil.copytree(uninterrupted[0] / "checkpoints", tmp_path / "checkpoints")
     argv = ["--model", TINY, "--data-dir", str(data_dir), "--workdir", str(tmp_path)]
     argv += ["--steps", "6", "--batch-size", "16", "--parallel", "none", "--no-progress"]
-    assert main([*argv, "--optimizer", "adamw"]) == 2
+    assert train_main([*argv, "--optimizer", "adamw"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: "), err
     assert "is a checkpoint of another optimizer" in err
@@ -587,7 +591,7 @@ def test_cli_end_to_end(data_dir, tmp_path, capsys):
     workdir = tmp_path / "run"
     argv = ["--model", TINY, "--data-dir", str(data_dir), "--workdir", str(workdir)]
     argv += ["--steps", "3", "--batch-size", "16", "--log-every", "1", "--no-progress"]
-    assert main(argv) == 0  # default parallel form: jit over the 8 simulated devices
+    assert train_main(argv) == 0  # default parallel form: jit over the 8 simulated devices
     out = capsys.readouterr().out
     assert "final test accuracy" in out and str(workdir / "model") in out
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
@@ -606,7 +610,7 @@ def test_cli_nan_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkey
     argv = ["--model", TINY, "--data-dir", str(data_dir), "--workdir", str(tmp_path)]
     argv += ["--steps", "6", "--batch-size", "16", "--checkpoint-every", "2", "--no-progress"]
     argv += ["--parallel", "none", "--log-every", "1"]
-    assert main(argv) == 1
+    assert train_main(argv) == 1
     err = capsys.readouterr().err
     # NaN inputs poison the BatchNorm statistics (ReLU and max pool may hide them from the loss).
     assert "NaN" in err.replace("nan", "NaN") and "at step 4" in err and "diverged" in err
@@ -619,7 +623,7 @@ def test_cli_missing_dataset(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     argv = ["--dataset", "cifar10", "--data-dir", str(empty), "--workdir", str(tmp_path / "w")]
-    assert main(argv) != 0
+    assert train_main(argv) != 0
     err = capsys.readouterr().err
     assert "cifar10" in err and "not prepared" in err and "tfds build" in err
 

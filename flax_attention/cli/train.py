@@ -1,19 +1,19 @@
-"""Train an attention ResNet: `flax-attention-train [flags]`, from any directory.
+"""Train an attention ResNet: `flax-attention train [flags]`, from any directory.
 
-The same program: `python -m flax_attention.training [flags]` (and `python -m train` from a
-checkout's root). With no flags: the `default` config (se_resnet18 on the embedded digits
-dataset, CPU in a few minutes) into `runs/default` (relative paths are relative to the current
-directory). Values come from the TrainConfig defaults, then the config file (`--config NAME` for
-a config shipped with the package, `train/configs/NAME.yaml` in a checkout, or a YAML path),
-then the flags given. `--pretrained SOURCE` starts from saved or PyTorch weights (fine-tuning).
-Intervals are steps (`--eval-every 100`) or epochs (`--eval-every 2ep`).
+The same program: `python -m train` from a checkout's root (what `make train` runs). With no
+flags: the `default` config (se_resnet18 on the embedded digits dataset, CPU in a few minutes)
+into `runs/default` (relative paths are relative to the current directory). Values come from
+the TrainConfig defaults, then the config file (`--config NAME` for a config shipped with the
+package, or a YAML path), then the flags given. `--pretrained SOURCE` starts from saved or
+PyTorch weights (fine-tuning). Intervals are steps (`--eval-every 100`) or epochs
+(`--eval-every 2ep`).
 
 Examples:
-    flax-attention-train
-    flax-attention-train --config cifar10 --data-dir ~/tensorflow_datasets --workdir runs/cifar10
-    flax-attention-train --model cbam_resnet50 --dataset imagenet2012 --parallel jit --precision bf16
-    flax-attention-train --config cifar10 --model resnet50 --pretrained default --workdir runs/ft
-    flax-attention-train --config imagenet_resnet50 --distributed   # one process per host
+    flax-attention train
+    flax-attention train --config cifar10 --data-dir ~/tensorflow_datasets --workdir runs/cifar10
+    flax-attention train --model cbam_resnet50 --dataset imagenet2012 --parallel jit --precision bf16
+    flax-attention train --config cifar10 --model resnet50 --pretrained default --workdir runs/ft
+    flax-attention train --config imagenet_resnet50 --distributed   # one process per host
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from flax_attention.errors import (
     os_error_exit,
     report_bug,
 )
+from flax_attention.training import config as training_config
 from flax_attention.training.config import (
     ConfigError,
     TrainConfig,
@@ -42,9 +43,10 @@ from flax_attention.training.config import (
     field_help,
 )
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+# The shipped configs: package data of `flax_attention.training`, beside `TrainConfig`.
+CONFIG_DIR = Path(training_config.__file__).with_name("configs")
 DEFAULT_CONFIG = "default"
-PROGRAM = "flax-attention-train"
+PROGRAM = "flax-attention train"
 
 
 class _YamlLoader(yaml.SafeLoader):
