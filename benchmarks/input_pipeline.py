@@ -12,7 +12,7 @@ run:
   carries to the device.
 - `gpu-decode` row (CUDA only): `GpuJpegDecoder` on batches of 256, decoded images per second
   and the host CPU it takes; its difference from the CPU decoder's crops.
-- `train` rows: `flax-attention-train`'s loop (`fit`) on that dataset with each decoder (GPU
+- `train` rows: `flax-attention train`'s loop (`fit`) on that dataset with each decoder (GPU
   decoding with 1 and with 3 `decode_threads`, batches decoded at once; `hybrid` with 3 decode
   threads and each `hybrid_cpu_share` of every batch decoded by CPU workers), images per second
   over the second half of the run (past compilation and the initial buffer) and the machine's

@@ -1,5 +1,5 @@
-"""Training: train state, optimizers, step functions (jit / pmap / one device), orbax
-checkpoints and the fit loop used by the `flax-attention-train` program."""
+"""Training: train state, optimizers, step functions and their parallel forms (jit / pmap / one
+device), orbax checkpoints and the fit loop used by the `flax-attention train` program."""
 
 from flax_attention.training.checkpointing import (
     CheckpointMismatchError,

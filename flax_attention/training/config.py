@@ -111,7 +111,7 @@ def _field(
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Every setting of a training run; see each field's help (`flax-attention-train --help`)."""
+    """Every setting of a training run; see each field's help (`flax-attention train --help`)."""
 
     model: str = _field(
         "se_resnet18",
