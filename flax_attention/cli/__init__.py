@@ -20,10 +20,10 @@ import argparse
 import dis
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from flax_attention import data
-from flax_attention.cli.common import UsageError
+from flax_attention.cli.common import Parser, UsageError
 from flax_attention.cli.convert import cmd_convert
 from flax_attention.cli.evaluate import cmd_eval, cmd_predict, load_image
 from flax_attention.cli.listing import cmd_list
@@ -35,13 +35,6 @@ from flax_attention.models import MODELS
 __all__ = ["UsageError", "build_parser", "load_image", "main"]
 
 TRAIN = "train"  # the subcommand handed to the training program
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one `error: ...` line on stderr, exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _registered(registry: dict[str, Any], what: str) -> Callable[[str], str]:
@@ -72,7 +65,7 @@ def _add_recorded_dataset(parser: argparse.ArgumentParser, dataset_name: Callabl
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="flax-attention",
         description="Flax NNX attention ResNets: training, conversion, evaluation, prediction, "
         "listing.",

@@ -24,10 +24,11 @@ import re
 import sys
 from collections.abc import Hashable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
 
+from flax_attention.cli.common import Parser
 from flax_attention.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -74,14 +75,6 @@ _YamlLoader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:\d[\d_]*(?:\.\d*)?|\.\d+)[eE][-+]?\d+$"),
     list("-+0123456789."),
 )
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line, `error: ...`, exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def load_config_file(name_or_path: str) -> dict[str, Any]:
@@ -162,7 +155,7 @@ def _help_with_default(text: str, default: Any) -> str:
 def build_parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
     """The program's parser: `--config` and one flag per `TrainConfig` field
     (except `model_kwargs`, a config-file key), each defaulting to `defaults[name]`."""
-    parser = _Parser(
+    parser = Parser(
         prog=PROGRAM,
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -191,7 +184,7 @@ def build_parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
 def parse_config(argv: Sequence[str] | None) -> TrainConfig:
     """The config of command line `argv`: defaults, then the config file, then the flags given.
     Raises `ConfigError` for a bad config file or value; exits with status 2 on a bad flag."""
-    first = _Parser(prog=PROGRAM, add_help=False)
+    first = Parser(prog=PROGRAM, add_help=False)
     first.add_argument("--config", default=DEFAULT_CONFIG)
     known, _ = first.parse_known_args(argv)
     defaults = {**_dataclass_defaults(), **load_config_file(known.config)}
