@@ -12,7 +12,7 @@ run:
   carries to the device.
 - `gpu-decode` row (CUDA only): `GpuJpegDecoder` on batches of 256, decoded images per second
   and the host CPU it takes; its difference from the CPU decoder's crops.
-- `train` rows: `flax-attention-train`'s loop (`fit`) on that dataset with each decoder (GPU
+- `train` rows: `flax-attention train`'s loop (`fit`) on that dataset with each decoder (GPU
   decoding with 1 and with 3 `decode_threads`, batches decoded at once; `hybrid` with 3 decode
   threads and each `hybrid_cpu_share` of every batch decoded by CPU workers), images per second
   over the second half of the run (past compilation and the initial buffer) and the machine's
@@ -200,7 +200,7 @@ def synthetic_step_row(res: Results, shape: Shape, settings: Settings) -> float:
     precision = "fp32" if settings.quick else "bf16"
     model = build_model(shape.model, num_classes=1000, seed=0, dtype=PRECISIONS[precision])
     tx = make_optimizer("sgd", 0.1, weight_decay=5e-5, momentum=0.9)
-    graphdef, state = create_train_state(model, tx, 0)
+    graphdef, state = create_train_state(model, tx)
     form = make_parallel("none")
     step = form.compile_train(partial(train_step, graphdef, tx, mean=spec.mean, std=spec.std))
     rng = np.random.default_rng(0)

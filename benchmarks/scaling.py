@@ -1,6 +1,6 @@
 """Data-parallel weak scaling: images/s per device of a training step on 1, 2, 4 and 8 GPUs.
 
-Runs the training library's own parallel forms (flax_attention.training.steps) with their own
+Runs the training library's own parallel forms (flax_attention.training.parallel) with their own
 options, so the numbers are those of `python -m train --parallel jit|pmap`. Rows (`impl`):
 - `jit`: one `jax.jit` of a `shard_map` step over a mesh of the first n devices (batch sharded,
   state replicated), global BatchNorm statistics in one collective per BatchNorm each way, the
@@ -37,8 +37,9 @@ from benchmarks.timing import jax_sync, time_fn
 from benchmarks.train import NUM_CLASSES
 from flax_attention.models import BasicBlock, ResNet, create_model
 from flax_attention.training.collectives import count_collectives
+from flax_attention.training.parallel import MeshForm, PmapForm
 from flax_attention.training.state import TrainState, create_train_state
-from flax_attention.training.steps import MeshForm, PmapForm, train_step
+from flax_attention.training.steps import train_step
 
 DEVICE_COUNTS = (1, 2, 4, 8)
 MODELS = ("seresnet50",)
@@ -125,7 +126,7 @@ def compile_step(
     model = build_model(name, settings.quick)
     variant.prepare(form, model)
     tx = optax.sgd(0.1, momentum=0.9)
-    graphdef, state = create_train_state(model, tx, seed=0)
+    graphdef, state = create_train_state(model, tx)
     step = variant.compile(form, lambda s, b, **kw: train_step(graphdef, tx, s, b, **kw))
     data = _batches(form, settings.inputs, batch * n, image)
     box: list[TrainState] = [form.put_state(state)]

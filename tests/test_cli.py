@@ -165,4 +165,20 @@ def test_list_and_help(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--help"])
     assert info.value.code == 0
-    assert "convert" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "convert" in printed and "train a model" in printed
+
+
+def test_train_is_a_command_with_the_training_programs_flags(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--config", "cifar10", "--help"])
+    assert info.value.code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("usage: flax-attention train [-h] [--config NAME]")
+    assert "(default: runs/cifar10)" in printed  # the config file's workdir
+    assert main(["train", "--steps", "0"]) == 2
+    assert one_line_error(capsys) == "error: steps must be >= 1 (got 0)"
+    assert convert_exit(["train", "--no-such-flag"]) == 2
+    message = one_line_error(capsys)
+    assert "unrecognized arguments: --no-such-flag" in message
+    assert message.endswith("(see flax-attention train --help)")

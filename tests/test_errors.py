@@ -18,9 +18,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from flax_attention import cli, data, training
+from flax_attention.cli.train import main
 from flax_attention.models import MODELS, BasicBlock, ModelSpec
 from flax_attention.training import TrainConfig, fit, loop
-from flax_attention.training.cli import main
 from flax_attention.training.evaluate import evaluate
 
 TINY = "tiny_se_resnet"

@@ -9,11 +9,11 @@ import pytest
 from flax import nnx
 
 from flax_attention import checkpoint, data
+from flax_attention.cli.train import main
 from flax_attention.convert import to_torch_state_dict
 from flax_attention.models import MODELS, BasicBlock, ModelSpec, create_model, registry
 from flax_attention.training import ConfigError, TrainConfig, fit
 from flax_attention.training import loop as training_loop
-from flax_attention.training.cli import main
 
 TINY = "tiny_se_resnet"  # one SE BasicBlock stage: fast to compile and run on CPU
 OTHER = "tiny_cbam_resnet"  # the same, with CBAM: another architecture

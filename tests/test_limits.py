@@ -27,9 +27,9 @@ from flax_attention import checkpoint, data
 from flax_attention.checkpoint_metadata import CheckpointMetadataError, read_metadata
 from flax_attention.cli import evaluate as cli_evaluate
 from flax_attention.cli import load_image, main
+from flax_attention.cli.train import main as train_main
 from flax_attention.data import decode, limits, preprocess
 from flax_attention.models import MODELS, BasicBlock, ModelSpec, create_model
-from flax_attention.training.cli import main as train_main
 from flax_attention.training.config import ConfigError, TrainConfig
 
 training_evaluate = importlib.import_module("flax_attention.training.evaluate")

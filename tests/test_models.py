@@ -308,7 +308,7 @@ def test_the_removed_impl_argument_is_refused_in_one_line(value):
 
 def test_a_training_config_naming_impl_is_one_error_line_and_writes_nothing(tmp_path, capsys):
     from flax_attention import data
-    from flax_attention.training.cli import main as train_main
+    from flax_attention.cli.train import main as train_main
 
     data.build_digits(tmp_path / "tfds")
     capsys.readouterr()  # the dataset builder's progress

@@ -11,9 +11,9 @@ from flax import nnx
 
 from flax_attention import checkpoint, data
 from flax_attention.cli import main as cli_main
+from flax_attention.cli.train import main as train_main
 from flax_attention.convert import to_torch_state_dict
 from flax_attention.models import MODELS, BasicBlock, ModelSpec, create_model
-from flax_attention.training.cli import main as train_main
 
 TINY = "tiny_se_resnet"  # one SE BasicBlock stage: fast to build, convert and train on CPU
 

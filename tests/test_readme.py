@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flax_attention.training.cli import build_parser, parse_config
+from flax_attention.cli.train import build_parser, parse_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -47,8 +47,9 @@ def test_readme_snippet_runs(code, tmp_path, monkeypatch):
 
 
 def test_training_program_runs_from_any_directory(tmp_path):
-    """`python -m flax_attention.training` outside the checkout finds its shipped configs."""
-    command = [sys.executable, "-m", "flax_attention.training", "--config", "cifar10", "--help"]
+    """`flax-attention train` (here `python -m flax_attention.cli train`) outside the checkout
+    finds its shipped configs."""
+    command = [sys.executable, "-m", "flax_attention.cli", "train", "--config", "cifar10", "--help"]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "cifar10, default, imagenet_resnet50" in done.stdout

@@ -21,8 +21,8 @@ from test_training import (  # noqa: F401 (fixtures)
 )
 
 from flax_attention import checkpoint
+from flax_attention.cli.train import load_config_file, main
 from flax_attention.training import ConfigError, TrainCheckpointer, fit
-from flax_attention.training.cli import load_config_file, main
 
 RECORD_NAME = "run_config.json"
 

@@ -5,18 +5,17 @@ generated from the dataclass, intervals in epochs, and the packaging of the prog
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from flax_attention import data
-from flax_attention.models import MODELS, BasicBlock, ModelSpec
-from flax_attention.training import TrainConfig, fit
-from flax_attention.training import loop as training_loop
-from flax_attention.training.cli import (
+from flax_attention.cli.train import (
     CONFIG_DIR,
     build_parser,
     flags_markdown,
@@ -24,6 +23,9 @@ from flax_attention.training.cli import (
     main,
     parse_config,
 )
+from flax_attention.models import MODELS, BasicBlock, ModelSpec
+from flax_attention.training import TrainConfig, fit
+from flax_attention.training import loop as training_loop
 from flax_attention.training.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,7 +172,7 @@ def test_intervals_in_epochs(tmp_path):
         ["--workdir", str(tmp_path), "--eval-every", "2ep", "--checkpoint-every", "0.5ep"]
     )
     assert (config.eval_every, config.checkpoint_every) == ("2ep", "0.5ep")
-    assert config.log_every == 5  # from train/configs/default.yaml
+    assert config.log_every == 5  # from the shipped default.yaml
     resolved = config.in_steps(steps_per_epoch=22)
     assert (resolved.eval_every, resolved.checkpoint_every, resolved.log_every) == (44, 11, 5)
     assert resolved.steps == 220  # 10 epochs (default.yaml) of 22 steps
@@ -211,7 +213,7 @@ def test_readme_flag_table_is_generated_from_the_dataclass():
     table = flags_markdown()
     assert table in readme, (
         "README's flag table differs from TrainConfig; paste the output of\n"
-        "python -c 'from flax_attention.training.cli import flags_markdown as f; print(f())'"
+        "python -c 'from flax_attention.cli.train import flags_markdown as f; print(f())'"
     )
     names = []
     for row in table.splitlines()[2:]:
@@ -220,16 +222,45 @@ def test_readme_flag_table_is_generated_from_the_dataclass():
     assert sorted(names) == sorted(["config", *(f.name for f in dataclasses.fields(TrainConfig))])
 
 
-def test_no_top_level_train_package_is_installed():
+def test_one_program_and_no_top_level_train_package_is_installed():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     include = project["tool"]["setuptools"]["packages"]["find"]["include"]
     assert all(not pattern.startswith("train") for pattern in include), include
-    script = project["project"]["scripts"]["flax-attention-train"]
-    assert script == "flax_attention.training.cli:main"
+    assert project["project"]["scripts"] == {"flax-attention": "flax_attention.cli:main"}
     assert any(dep.lower().startswith("pyyaml") for dep in project["project"]["dependencies"])
     shipped = project["tool"]["setuptools"]["package-data"]["flax_attention.training"]
     assert shipped == ["configs/*.yaml"]
-    assert CONFIG_DIR.resolve() == (ROOT / "train" / "configs").resolve()
+
+
+def test_the_configs_are_files_of_the_package(tmp_path):
+    """The configs are regular files under the package (no link out of it), so a wheel built
+    from the package alone ships them, and its only program is `flax-attention`."""
+    assert CONFIG_DIR == ROOT / "flax_attention" / "training" / "configs"
+    assert not CONFIG_DIR.is_symlink()
+    assert all(path.is_file() and not path.is_symlink() for path in CONFIG_DIR.iterdir())
+    source = tmp_path / "source"
+    skip = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "flax_attention", source / "flax_attention", symlinks=True, ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    build = "from setuptools import build_meta; print(build_meta.build_wheel(%r))"
+    done = subprocess.run(
+        [sys.executable, "-c", build % str(tmp_path / "dist")],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    with zipfile.ZipFile(tmp_path / "dist" / done.stdout.split()[-1]) as wheel:
+        names = wheel.namelist()
+        entry_points = next(name for name in names if name.endswith("entry_points.txt"))
+        scripts = wheel.read(entry_points).decode().split()
+    configs = sorted(n for n in names if n.startswith("flax_attention/training/configs/"))
+    assert configs == [
+        f"flax_attention/training/configs/{p.name}" for p in sorted(CONFIG_DIR.iterdir())
+    ]
+    assert scripts == ["[console_scripts]", "flax-attention", "=", "flax_attention.cli:main"]
 
 
 def test_python_m_train_from_the_repository_root():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -12,13 +13,14 @@ from unittest.mock import ANY
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import torch.nn.functional as F
-from flax import nnx
+from flax import nnx, struct
 from parity import assert_close
 
-from flax_attention import checkpoint, data
+from flax_attention import checkpoint, cli, data
 from flax_attention.convert import load_torch_state_dict, to_torch_state_dict
 from flax_attention.models import MODELS, BasicBlock, ModelSpec, ResNet
 from flax_attention.reference.models import TorchBasicBlock, TorchResNet, randomize_batchnorms_
@@ -26,6 +28,7 @@ from flax_attention.training import (
     ConfigError,
     TrainCheckpointer,
     TrainConfig,
+    TrainState,
     create_train_state,
     cross_entropy,
     decay_mask,
@@ -40,7 +43,6 @@ from flax_attention.training.checkpointing import (
     CorruptCheckpointError,
     abstract_like,
 )
-from flax_attention.training.cli import main
 from flax_attention.training.collectives import count_collectives
 from flax_attention.training.metrics import MetricsLog
 
@@ -75,13 +77,18 @@ def tiny_resnet(in_channels: int = 1, seed: int = 0) -> ResNet:
     return nnx.jit(build)()
 
 
+def train_main(argv: list[str]) -> int:
+    """`flax-attention train ARGV`: the training program as the one program's subcommand."""
+    return cli.main(["train", *argv])
+
+
 def run_steps(form_name: str, tx, batches, in_channels: int = 1, model=None, **options):
     """The canonical state (on host) after one step per batch in parallel form `form_name`
     (made with `options`: grad_sync, bn_group_size)."""
     form = make_parallel(form_name, **options)
     model = model if model is not None else tiny_resnet(in_channels)
     form.prepare_model(model)
-    graphdef, state = create_train_state(model, tx, seed=0)
+    graphdef, state = create_train_state(model, tx)
     dev = form.put_state(jax.device_put(state, form.replicated))
     step = form.compile_train(partial(train_step, graphdef, tx))
     for batch in batches:
@@ -142,7 +149,7 @@ def test_batchnorm_groups_equal_independent_groups():
     got = run_steps("jit", tx, batches, bn_group_size=2)[1]
 
     model = tiny_resnet()
-    graphdef, state = create_train_state(model, tx, seed=0)
+    graphdef, state = create_train_state(model, tx)
     one_device = jax.jit(partial(train_step, graphdef, tx))
     mean_of_groups = lambda *leaves: (  # noqa: E731
         np.mean(leaves, 0) if np.issubdtype(leaves[0].dtype, np.floating) else leaves[0]
@@ -167,7 +174,7 @@ def test_jit_step_has_one_collective_per_batchnorm_each_way(grad_sync: str):
     model = tiny_resnet()
     form.prepare_model(model)
     batch_norms = sum(isinstance(node, nnx.BatchNorm) for _, node in nnx.iter_graph(model))
-    graphdef, state = create_train_state(model, tx, seed=0)
+    graphdef, state = create_train_state(model, tx)
     step = form.compile_train(partial(train_step, graphdef, tx))
     lowered = step.lower(form.put_state(state), form.put_batch(random_batches(1)[0]))
     hlo = lowered.compile().as_text()
@@ -367,7 +374,7 @@ def corrupt(step_dir) -> None:
 def tiny_abstract_state():
     """The abstract train state of `config()`'s runs (a schedule: optax then counts steps)."""
     tx = make_optimizer("sgd", lambda step: 0.1, weight_decay=5e-4, momentum=0.9, nesterov=True)
-    _, state = create_train_state(tiny_resnet(), tx, seed=0)
+    _, state = create_train_state(tiny_resnet(), tx)
     return abstract_like(jax.device_put(state, make_parallel("none").replicated))
 
 
@@ -416,11 +423,74 @@ def test_resume_past_a_corrupt_newest_checkpoint_finishes(
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
+@struct.dataclass
+class LegacyTrainState:
+    """The train state as checkpoints held it while it carried an unused PRNG key."""
+
+    params: nnx.State
+    batch_stats: nnx.State
+    opt_state: optax.OptState
+    step: jax.Array
+    rng: jax.Array
+
+
+def write_legacy_checkpoint(ref_checkpoints, directory, step: int) -> None:
+    """Step `step` of `ref_checkpoints` saved again as `LegacyTrainState`, through the same
+    checkpointer (and so the same orbax items and metadata) the training loop uses."""
+    source = directory.parent / "reference-checkpoints"
+    shutil.copytree(ref_checkpoints, source)
+    for newer in (p for p in source.iterdir() if int(p.name) > step):
+        shutil.rmtree(newer)
+    reader = TrainCheckpointer(source)
+    state, data_state, restored_step = reader.restore_latest(tiny_abstract_state())
+    reader.close()
+    assert restored_step == step
+    legacy = LegacyTrainState(**vars(state), rng=jax.random.PRNGKey(0))
+    writer = TrainCheckpointer(
+        directory, run={"model": TINY, "dataset": "digits", "optimizer": "sgd"}
+    )
+    writer.save(step, legacy, data_state)
+    writer.wait()
+    writer.close()
+
+
+def test_a_checkpoint_with_the_legacy_rng_resumes(data_dir, tmp_path, uninterrupted, capsys):
+    """A run whose checkpoints were written when the train state held `rng` resumes from them
+    and finishes as the uninterrupted run; the restored state has no `rng`."""
+    ref_dir, _, ref_result = uninterrupted
+    assert "rng" not in {field.name for field in dataclasses.fields(TrainState)}
+    write_legacy_checkpoint(ref_dir / "checkpoints", tmp_path / "checkpoints", 4)
+    shutil.copy(ref_dir / "metrics.jsonl", tmp_path / "metrics.jsonl")
+    restored, _, step = TrainCheckpointer(tmp_path / "checkpoints").restore_latest(
+        tiny_abstract_state()
+    )
+    assert step == 4 and isinstance(restored, TrainState) and int(restored.step) == 4
+
+    result = fit(config(data_dir, tmp_path))
+    assert f"resumed from {tmp_path / 'checkpoints' / '4'}" in capsys.readouterr().out
+    assert result == {**ref_result, "model_dir": result["model_dir"], "plot": result["plot"]}
+    want = flat(nnx.state(checkpoint.restore(None, ref_dir / "model")))
+    got = flat(nnx.state(checkpoint.restore(None, tmp_path / "model")))
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_a_legacy_checkpoint_of_another_model_is_still_refused(uninterrupted, tmp_path):
+    """The legacy `rng` leaf is no difference of layout; another model's arrays still are."""
+    write_legacy_checkpoint(uninterrupted[0] / "checkpoints", tmp_path / "checkpoints", 4)
+    tx = make_optimizer("sgd", lambda step: 0.1, weight_decay=5e-4, momentum=0.9, nesterov=True)
+    _, other = create_train_state(tiny_resnet(in_channels=3), tx)
+    target = abstract_like(jax.device_put(other, make_parallel("none").replicated))
+    with pytest.raises(CheckpointMismatchError, match="checkpoint of another model") as err:
+        TrainCheckpointer(tmp_path / "checkpoints").restore_latest(target)
+    assert "rng" not in str(err.value)
+
+
 def test_checkpoint_of_another_optimizer_is_named(data_dir, tmp_path, uninterrupted, capsys):
     shutil.copytree(uninterrupted[0] / "checkpoints", tmp_path / "checkpoints")
     argv = ["--model", TINY, "--data-dir", str(data_dir), "--workdir", str(tmp_path)]
     argv += ["--steps", "6", "--batch-size", "16", "--parallel", "none", "--no-progress"]
-    assert main([*argv, "--optimizer", "adamw"]) == 2
+    assert train_main([*argv, "--optimizer", "adamw"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: "), err
     assert "is a checkpoint of another optimizer" in err
@@ -521,7 +591,7 @@ def test_cli_end_to_end(data_dir, tmp_path, capsys):
     workdir = tmp_path / "run"
     argv = ["--model", TINY, "--data-dir", str(data_dir), "--workdir", str(workdir)]
     argv += ["--steps", "3", "--batch-size", "16", "--log-every", "1", "--no-progress"]
-    assert main(argv) == 0  # default parallel form: jit over the 8 simulated devices
+    assert train_main(argv) == 0  # default parallel form: jit over the 8 simulated devices
     out = capsys.readouterr().out
     assert "final test accuracy" in out and str(workdir / "model") in out
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
@@ -540,7 +610,7 @@ def test_cli_nan_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkey
     argv = ["--model", TINY, "--data-dir", str(data_dir), "--workdir", str(tmp_path)]
     argv += ["--steps", "6", "--batch-size", "16", "--checkpoint-every", "2", "--no-progress"]
     argv += ["--parallel", "none", "--log-every", "1"]
-    assert main(argv) == 1
+    assert train_main(argv) == 1
     err = capsys.readouterr().err
     # NaN inputs poison the BatchNorm statistics (ReLU and max pool may hide them from the loss).
     assert "NaN" in err.replace("nan", "NaN") and "at step 4" in err and "diverged" in err
@@ -553,7 +623,7 @@ def test_cli_missing_dataset(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     argv = ["--dataset", "cifar10", "--data-dir", str(empty), "--workdir", str(tmp_path / "w")]
-    assert main(argv) != 0
+    assert train_main(argv) != 0
     err = capsys.readouterr().err
     assert "cifar10" in err and "not prepared" in err and "tfds build" in err
 

@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from flax_attention import data
+from flax_attention.cli.train import main as train_main
 from flax_attention.training import workdir_lock
-from flax_attention.training.cli import main as train_main
 from flax_attention.training.workdir_lock import (
     LOCK_FILE,
     WorkdirLock,

@@ -1,2 +1,2 @@
-"""The training program's home in a checkout: `python -m train` and `train/configs/*.yaml`.
-Not installed: the program is `flax_attention.training.cli` (`flax-attention-train`)."""
+"""The training program's entry in a checkout: `python -m train` (what `make train` runs).
+Not installed: the program is `flax-attention train` (`flax_attention.cli.train`)."""

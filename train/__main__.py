@@ -1,7 +1,8 @@
-"""`python -m train [flags]` from a checkout's root: the `flax-attention-train` program
-(`flax_attention.training.cli`; from any directory: `flax-attention-train` or
-`python -m flax_attention.training`); the configs it ships are the files in `train/configs/`."""
+"""`python -m train [flags]` from a checkout's root: `flax-attention train [flags]`, the
+training program; its shipped configs are package data (`flax_attention/training/configs/`)."""
 
-from flax_attention.training.cli import main
+import sys
 
-raise SystemExit(main())
+from flax_attention.cli import main
+
+raise SystemExit(main(["train", *sys.argv[1:]]))

@@ -1,7 +1,7 @@
 """A real multi-process training run, killed after a checkpoint, resumed, checked against one
 process: `python -m benchmarks.lab.multiprocess [--quick] [--processes K] --out result.json`.
 
-Every run is the training program itself (`flax_attention.training.cli.main`, `--parallel jit`)
+Every run is the training program itself (`flax_attention.cli.train.main`, `--parallel jit`)
 in child processes on the embedded digits dataset (upscaled to `--image-size`). K processes
 with `jax.distributed.initialize` (coordinator on 127.0.0.1, a free port) each see their own
 devices (GPU: `CUDA_VISIBLE_DEVICES=i`; `--quick`: CPU processes of 2 host devices each):
@@ -80,7 +80,7 @@ def worker(argv: list[str]) -> int:
 
         spec = ModelSpec(QUICK_MODEL, BasicBlock, (1,), "none", "official", {"attention": "se"})
         MODELS[QUICK_MODEL] = spec
-    from flax_attention.training.cli import main as train_main
+    from flax_attention.cli.train import main as train_main
 
     return train_main(argv[4:])
 

@@ -1,14 +1,15 @@
-"""The `flax-attention` command: convert PyTorch checkpoints, evaluate and run saved models, list
-the registered models.
+"""The `flax-attention` command: train models, convert PyTorch checkpoints, evaluate and run saved
+models, list the registered models.
 
+flax-attention train [--config NAME|PATH] [flags]   (see `flax-attention train --help`)
 flax-attention convert SRC.pth OUTDIR --model NAME [--layout official|timm] [--num-classes N]
                        [--key ENTRY] [--dataset NAME] [--no-strict] [--overwrite]
 flax-attention eval MODEL_DIR [--dataset NAME] [--data-dir D] [--batch-size B] [--split S]
 flax-attention predict MODEL_DIR IMAGE... [--dataset NAME]
 flax-attention list [SUBSTRING]
 
-Exit status: 0 success, 1 the data failed a check (checkpoint does not fit or is corrupt) or
-the disk is full, 2 usage error (bad argument, missing file, existing output, read-only
+Exit status (`train`: see `flax_attention.cli.train.main`): 0 success, 1 the data failed a
+check (checkpoint does not fit or is corrupt) or the disk is full, 2 usage error (bad argument, missing file, existing output, read-only
 directory); errors are one `error: ...` line. Anything else is a bug: its traceback, then one
 `error: ...` line, exit status 1.
 """
@@ -19,25 +20,21 @@ import argparse
 import dis
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from flax_attention import data
-from flax_attention.cli.common import UsageError
+from flax_attention.cli.common import Parser, UsageError
 from flax_attention.cli.convert import cmd_convert
 from flax_attention.cli.evaluate import cmd_eval, cmd_predict, load_image
 from flax_attention.cli.listing import cmd_list
+from flax_attention.cli.train import main as train_main
 from flax_attention.convert import LAYOUTS
 from flax_attention.errors import EXIT_FAILED, EXIT_USAGE, os_error_exit, report_bug
 from flax_attention.models import MODELS
 
 __all__ = ["UsageError", "build_parser", "load_image", "main"]
 
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one `error: ...` line on stderr, exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+TRAIN = "train"  # the subcommand handed to the training program
 
 
 def _registered(registry: dict[str, Any], what: str) -> Callable[[str], str]:
@@ -68,13 +65,22 @@ def _add_recorded_dataset(parser: argparse.ArgumentParser, dataset_name: Callabl
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="flax-attention",
-        description="Flax NNX attention ResNets: conversion, evaluation, prediction, listing.",
+        description="Flax NNX attention ResNets: training, conversion, evaluation, prediction, "
+        "listing.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     model_name = _registered(MODELS, "model")
     dataset_name = _registered(data.DATASETS, "dataset")
+
+    # Listed here for the help; `main` hands `train ...` to the training program's own parser
+    # (its flags' defaults come from the config file that --config names).
+    sub.add_parser(
+        TRAIN,
+        help="train a model (flags: flax-attention train --help)",
+        add_help=False,
+    )
 
     convert = sub.add_parser(
         "convert",
@@ -165,7 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `flax-attention` console script; returns the exit status."""
+    """Entry point of the `flax-attention` console script; returns the exit status.
+    `train ...` runs the training program (`flax_attention.cli.train.main`) on the rest."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [TRAIN]:
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

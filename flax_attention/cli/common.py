@@ -1,12 +1,22 @@
-"""What the `flax-attention` commands share: the usage error and a compiled forward pass."""
+"""What the `flax-attention` commands share: the argument parser, the usage error and a compiled
+forward pass."""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from functools import partial
+from typing import NoReturn
 
 import jax
 from flax import nnx
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one `error: ...` line on stderr, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 class UsageError(Exception):

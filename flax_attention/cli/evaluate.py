@@ -82,7 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         image_size=size,
     )
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)
-    state = TrainState(params, batch_stats, None, jnp.zeros((), jnp.int32), jax.random.PRNGKey(0))
+    state = TrainState(params, batch_stats, None, jnp.zeros((), jnp.int32))
     step = jax.jit(partial(eval_step, graphdef, mean=spec.mean, std=spec.std))
     totals: Counter[str] = Counter()
     for i in range(len(ds)):

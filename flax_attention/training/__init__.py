@@ -1,5 +1,5 @@
-"""Training: train state, optimizers, step functions (jit / pmap / one device), orbax
-checkpoints and the fit loop used by the `flax-attention-train` program."""
+"""Training: train state, optimizers, step functions and their parallel forms (jit / pmap / one
+device), orbax checkpoints and the fit loop used by the `flax-attention train` program."""
 
 from flax_attention.training.checkpointing import (
     CheckpointMismatchError,
@@ -23,8 +23,9 @@ from flax_attention.training.optim import (
     make_optimizer,
     make_schedule,
 )
+from flax_attention.training.parallel import PARALLEL, make_parallel
 from flax_attention.training.state import TrainState, create_train_state, merge_model
-from flax_attention.training.steps import PARALLEL, eval_step, make_parallel, train_step
+from flax_attention.training.steps import eval_step, train_step
 
 __all__ = [
     "OPTIMIZERS",

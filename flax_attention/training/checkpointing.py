@@ -7,6 +7,9 @@ finished, so a half-written save is never listed. On restore:
 
 - a step whose arrays do not fit this run's train state (another model or optimizer), as any
   process sees it, stops the run with `CheckpointMismatchError`, naming what differs;
+- a step written when the train state held a PRNG key (a `rng` leaf, which nothing read) is
+  restored with that leaf in its target, then the leaf is dropped: its other arrays are
+  checked and restored as any step's;
 - a step that fails to load or whose checksum differs is refused and the previous step is
   tried. With several processes, every process tries each step and their verdicts are combined:
   the newest step that every process read wins, so all resume from the same step. Once one
@@ -31,6 +34,7 @@ an error; set `FLAX_ATTENTION_ORBAX_LOG=1` to see them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import errno
 import json
@@ -49,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import struct
 from jax.experimental import multihost_utils
 
 from flax_attention.errors import DISK_FULL, NOT_WRITABLE, first_line
@@ -60,6 +65,7 @@ READ_ATTEMPTS = 3  # tries of a step whose read fails with an I/O error
 RETRY_DELAY_S = 0.5  # before the second try; doubled before each further one
 # tensorstore statuses (they begin its error messages) of storage that did not answer
 TRANSIENT_STATUSES = ("UNAVAILABLE:", "DEADLINE_EXCEEDED:", "ABORTED:", "RESOURCE_EXHAUSTED:")
+LEGACY_RNG = "rng"  # the train state's PRNG key leaf in checkpoints written while it had one
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -218,15 +224,22 @@ class TrainCheckpointer:
     ) -> tuple[tuple[TrainState, dict] | None, _Verdict, str]:
         """((state, meta) or None, this process's verdict on step `step`, why it is not usable:
         the mismatch message, or the read error)."""
+        saved = self._saved_layout(step)
+        legacy = saved is not None and LEGACY_RNG in saved
+        target = _with_legacy_rng(abstract_state) if legacy else abstract_state
         try:
-            self._check_layout(step, abstract_state)
+            self._check_layout(step, saved, target)
         except CheckpointMismatchError as err:
             return None, _Verdict.MISMATCH, str(err)
-        return self._try_restore(step, abstract_state)
+        restored, verdict, why = self._try_restore(step, target)
+        if legacy and restored is not None:
+            state, meta = restored
+            restored = _without_legacy_rng(state), meta
+        return restored, verdict, why
 
     def _try_restore(
-        self, step: int, abstract_state: TrainState
-    ) -> tuple[tuple[TrainState, dict] | None, _Verdict, str]:
+        self, step: int, abstract_state: TrainState | _LegacyTrainState
+    ) -> tuple[tuple[TrainState | _LegacyTrainState, dict] | None, _Verdict, str]:
         """((state, meta) or None, this process's verdict on step `step`, why it is not usable).
         A read failing with an I/O error is tried `READ_ATTEMPTS` times."""
         delay = RETRY_DELAY_S
@@ -243,7 +256,9 @@ class TrainCheckpointer:
             delay *= 2
         raise AssertionError("unreachable")
 
-    def _restore_checked(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
+    def _restore_checked(
+        self, step: int, abstract_state: TrainState | _LegacyTrainState
+    ) -> tuple[TrainState | _LegacyTrainState, dict]:
         """(state, meta) of step `step`, read by this process alone (no barrier a failure could
         leave the others waiting at); ValueError if the arrays' or the data position's checksum
         differs."""
@@ -259,14 +274,23 @@ class TrainCheckpointer:
         _check_data_position(meta)
         return state, meta
 
-    def _check_layout(self, step: int, abstract_state: TrainState) -> None:
-        """Raise `CheckpointMismatchError` if step `step`'s saved arrays (when its metadata can
-        be read) differ in names, shapes or dtypes from `abstract_state`'s."""
+    def _saved_layout(self, step: int) -> dict[str, tuple[tuple[int, ...], str]] | None:
+        """The layout (see `_layout`) of step `step`'s saved train state; None if its metadata
+        cannot be read or holds no arrays (the restore that follows reports what is wrong)."""
         try:
-            saved = _layout(self.reader.item_metadata(step)["state"])
+            return _layout(self.reader.item_metadata(step)["state"]) or None
         except Exception:  # unreadable metadata: the restore that follows reports it
-            return
-        if not saved:
+            return None
+
+    def _check_layout(
+        self,
+        step: int,
+        saved: dict[str, tuple[tuple[int, ...], str]] | None,
+        abstract_state: TrainState | _LegacyTrainState,
+    ) -> None:
+        """Raise `CheckpointMismatchError` if step `step`'s `saved` layout (None: not known)
+        differs in names, shapes or dtypes from `abstract_state`'s."""
+        if saved is None:
             return
         wanted = _layout(abstract_state)
         if saved == wanted:
@@ -339,6 +363,38 @@ class TrainCheckpointer:
     def close(self) -> None:
         self.reader.close()
         self.manager.close()
+
+
+@struct.dataclass
+class _LegacyTrainState:
+    """`TrainState` as checkpoints written while it held a PRNG key store it: the same fields
+    in the same order (so the same leaf order, which the saved checksums follow), then `rng`."""
+
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    step: Any
+    rng: Any
+
+
+def _with_legacy_rng(abstract_state: TrainState) -> _LegacyTrainState:
+    """The restore target of a checkpoint with the legacy `rng` leaf: `abstract_state` and a raw
+    uint32 (2,) key placed as the step counter is."""
+    step = abstract_state.step
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=getattr(step, "sharding", None))
+    return _LegacyTrainState(**_fields(abstract_state), rng=rng)
+
+
+def _without_legacy_rng(state: _LegacyTrainState) -> TrainState:
+    """The `TrainState` of a restored legacy state: its `rng` dropped."""
+    fields = _fields(state)
+    del fields[LEGACY_RNG]
+    return TrainState(**fields)
+
+
+def _fields(state: Any) -> dict[str, Any]:
+    """A dataclass's fields by name, not copied (unlike `dataclasses.asdict`)."""
+    return {field.name: getattr(state, field.name) for field in dataclasses.fields(state)}
 
 
 def abstract_like(state: TrainState) -> TrainState:

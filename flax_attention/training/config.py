@@ -111,7 +111,7 @@ def _field(
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Every setting of a training run; see each field's help (`flax-attention-train --help`)."""
+    """Every setting of a training run; see each field's help (`flax-attention train --help`)."""
 
     model: str = _field(
         "se_resnet18",
@@ -180,7 +180,7 @@ class TrainConfig:
         help="jit: one jax.jit step over a mesh of all devices (batch sharded, shard_map body, "
         "global BatchNorm statistics); pmap: jax.pmap with cross-replica BatchNorm; none: one "
         "device",
-        choices=_registry("flax_attention.training.steps", "PARALLEL"),
+        choices=_registry("flax_attention.training.parallel", "PARALLEL"),
     )
     grad_sync: str = _field(
         "flat",

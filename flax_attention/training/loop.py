@@ -38,8 +38,9 @@ from flax_attention.training.evaluate import evaluate
 from flax_attention.training.interrupt import StopOnInterrupt
 from flax_attention.training.metrics import Meter, MetricsLog, plot_curves
 from flax_attention.training.optim import make_optimizer, make_schedule
+from flax_attention.training.parallel import MeshForm, make_parallel
 from flax_attention.training.state import TrainState, create_train_state
-from flax_attention.training.steps import MeshForm, eval_step, make_parallel, train_step
+from flax_attention.training.steps import eval_step, train_step
 from flax_attention.training.workdir_lock import hold_workdir
 
 PRECISIONS: dict[str, Any] = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
@@ -164,7 +165,7 @@ class _Run:
             momentum=cfg.momentum,
             nesterov=cfg.nesterov,
         )
-        self.graphdef, state = create_train_state(model, tx, cfg.seed)
+        self.graphdef, state = create_train_state(model, tx)
         self.state = jax.device_put(state, self.form.replicated)  # canonical
         normalization = {"mean": self.spec.mean, "std": self.spec.std}
         self.train_fn = self.form.compile_train(

@@ -1,4 +1,4 @@
-"""The train state: model variables, optimizer state, step and RNG as one pytree."""
+"""The train state: model variables, optimizer state and step as one pytree."""
 
 from __future__ import annotations
 
@@ -14,20 +14,19 @@ class TrainState:
 
     `params`: the model's `nnx.Param` variables (float32); `batch_stats`: every other variable
     (BatchNorm running statistics); `opt_state`: optax state over `params`; `step`: int32 scalar,
-    the number of updates applied; `rng`: a raw uint32 (2,) PRNG key made from the seed and
-    checkpointed with the rest. No step reads it: the models have no dropout or other
-    randomness in training.
+    the number of updates applied. It holds no PRNG key: the models have no dropout or other
+    randomness in training (checkpoints written when it held one still restore, see
+    `checkpointing`).
     """
 
     params: nnx.State
     batch_stats: nnx.State
     opt_state: optax.OptState
     step: jax.Array
-    rng: jax.Array
 
 
 def create_train_state(
-    model: nnx.Module, tx: optax.GradientTransformation, seed: int
+    model: nnx.Module, tx: optax.GradientTransformation
 ) -> tuple[nnx.GraphDef, TrainState]:
     """Split `model` (put in training mode) into its static graph and a fresh `TrainState`."""
     model.train()
@@ -37,7 +36,6 @@ def create_train_state(
         batch_stats=batch_stats,
         opt_state=tx.init(params),
         step=jnp.zeros((), jnp.int32),
-        rng=jax.random.PRNGKey(seed),
     )
     return graphdef, state
 

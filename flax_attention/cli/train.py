@@ -1,19 +1,19 @@
-"""Train an attention ResNet: `flax-attention-train [flags]`, from any directory.
+"""Train an attention ResNet: `flax-attention train [flags]`, from any directory.
 
-The same program: `python -m flax_attention.training [flags]` (and `python -m train` from a
-checkout's root). With no flags: the `default` config (se_resnet18 on the embedded digits
-dataset, CPU in a few minutes) into `runs/default` (relative paths are relative to the current
-directory). Values come from the TrainConfig defaults, then the config file (`--config NAME` for
-a config shipped with the package, `train/configs/NAME.yaml` in a checkout, or a YAML path),
-then the flags given. `--pretrained SOURCE` starts from saved or PyTorch weights (fine-tuning).
-Intervals are steps (`--eval-every 100`) or epochs (`--eval-every 2ep`).
+The same program: `python -m train` from a checkout's root (what `make train` runs). With no
+flags: the `default` config (se_resnet18 on the embedded digits dataset, CPU in a few minutes)
+into `runs/default` (relative paths are relative to the current directory). Values come from
+the TrainConfig defaults, then the config file (`--config NAME` for a config shipped with the
+package, or a YAML path), then the flags given. `--pretrained SOURCE` starts from saved or
+PyTorch weights (fine-tuning). Intervals are steps (`--eval-every 100`) or epochs
+(`--eval-every 2ep`).
 
 Examples:
-    flax-attention-train
-    flax-attention-train --config cifar10 --data-dir ~/tensorflow_datasets --workdir runs/cifar10
-    flax-attention-train --model cbam_resnet50 --dataset imagenet2012 --parallel jit --precision bf16
-    flax-attention-train --config cifar10 --model resnet50 --pretrained default --workdir runs/ft
-    flax-attention-train --config imagenet_resnet50 --distributed   # one process per host
+    flax-attention train
+    flax-attention train --config cifar10 --data-dir ~/tensorflow_datasets --workdir runs/cifar10
+    flax-attention train --model cbam_resnet50 --dataset imagenet2012 --parallel jit --precision bf16
+    flax-attention train --config cifar10 --model resnet50 --pretrained default --workdir runs/ft
+    flax-attention train --config imagenet_resnet50 --distributed   # one process per host
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ import re
 import sys
 from collections.abc import Hashable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
 
+from flax_attention.cli.common import Parser
 from flax_attention.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -35,6 +36,7 @@ from flax_attention.errors import (
     os_error_exit,
     report_bug,
 )
+from flax_attention.training import config as training_config
 from flax_attention.training.config import (
     ConfigError,
     TrainConfig,
@@ -42,9 +44,10 @@ from flax_attention.training.config import (
     field_help,
 )
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+# The shipped configs: package data of `flax_attention.training`, beside `TrainConfig`.
+CONFIG_DIR = Path(training_config.__file__).with_name("configs")
 DEFAULT_CONFIG = "default"
-PROGRAM = "flax-attention-train"
+PROGRAM = "flax-attention train"
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -72,14 +75,6 @@ _YamlLoader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:\d[\d_]*(?:\.\d*)?|\.\d+)[eE][-+]?\d+$"),
     list("-+0123456789."),
 )
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line, `error: ...`, exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def load_config_file(name_or_path: str) -> dict[str, Any]:
@@ -160,7 +155,7 @@ def _help_with_default(text: str, default: Any) -> str:
 def build_parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
     """The program's parser: `--config` and one flag per `TrainConfig` field
     (except `model_kwargs`, a config-file key), each defaulting to `defaults[name]`."""
-    parser = _Parser(
+    parser = Parser(
         prog=PROGRAM,
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -189,7 +184,7 @@ def build_parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
 def parse_config(argv: Sequence[str] | None) -> TrainConfig:
     """The config of command line `argv`: defaults, then the config file, then the flags given.
     Raises `ConfigError` for a bad config file or value; exits with status 2 on a bad flag."""
-    first = _Parser(prog=PROGRAM, add_help=False)
+    first = Parser(prog=PROGRAM, add_help=False)
     first.add_argument("--config", default=DEFAULT_CONFIG)
     known, _ = first.parse_known_args(argv)
     defaults = {**_dataclass_defaults(), **load_config_file(known.config)}
