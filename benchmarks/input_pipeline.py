@@ -124,7 +124,7 @@ def _host_datasets(data_dir: Path, shape: Shape) -> dict:
     return {
         "pil-float32": _pil_float32_dataset(data_dir, shape),
         "cpu": data.make_dataset(DATASET, **common, image_size=shape.image_size),
-        "gpu-plan": data.make_dataset(DATASET, **common, decoder="gpu"),
+        "gpu-plan": data.make_dataset(DATASET, **common, decoder=data.GpuDecoder()),
     }
 
 
@@ -162,7 +162,7 @@ def gpu_decode_rows(res: Results, data_dir: Path, shape: Shape, settings: Settin
         res.add({"name": "gpu-decode", "impl": "nvimgcodec", "skipped": "no CUDA GPU/nvImageCodec"})
         return
     common = {"train": True, "batch_size": shape.batch, "data_dir": data_dir}
-    plans = data.make_dataset(DATASET, **common, decoder="gpu")
+    plans = data.make_dataset(DATASET, **common, decoder=data.GpuDecoder())
     cpu_crops = data.make_dataset(DATASET, **common, image_size=shape.image_size)[0]["image"]
     batches = [plans[i] for i in range(4)]
     for region_decode in (True, False):
@@ -232,7 +232,7 @@ def train_row(
     settings: Settings,
     decoder: str,
     synthetic: float,
-    decode_threads: int = 1,
+    decode_threads: int | None = None,
     cpu_share: float | None = None,
 ) -> None:
     """`fit` on the JPEG dataset with `decoder` (and `decode_threads` for GPU decoding,
@@ -241,6 +241,7 @@ def train_row(
     from flax_attention.training.metrics import MetricsLog
 
     workers = getattr(shape, WORKERS[decoder])
+    threads = {} if decode_threads is None else {"decode_threads": decode_threads}
     hybrid = {} if cpu_share is None else {"hybrid_cpu_share": cpu_share}
     with tempfile.TemporaryDirectory() as workdir:
         config = TrainConfig(
@@ -255,7 +256,7 @@ def train_row(
             parallel="none",
             num_workers=workers,
             decoder=decoder,
-            decode_threads=decode_threads,
+            **threads,
             **hybrid,
             log_every=shape.log_every,
             checkpoint_every=10 * shape.steps,
@@ -285,7 +286,7 @@ def train_row(
             "impl": decoder,
             "model": shape.model,
             "workers": workers,
-            **({} if decoder == "cpu" else {"decode_threads": decode_threads}),
+            **threads,
             **hybrid,
             "img_per_s": round(rate),
             "img_per_s_windows": [round(r) for r in steady],

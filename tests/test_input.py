@@ -1,6 +1,7 @@
 """The ImageNet input path: JPEG decoding, OpenCV resampling against Pillow's, the photo-like
 JPEG dataset through the grain pipeline (deterministic, resumable), device prefetch."""
 
+import dataclasses
 import io
 import json
 import os
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from flax_attention import data
-from flax_attention.data import decode, photos, preprocess
+from flax_attention.data import decode, decoders, photos, preprocess
 
 
 def _photo_jpeg(seed: int, height: int = 120, width: int = 160) -> tuple[np.ndarray, bytes]:
@@ -251,7 +252,8 @@ class TestGpuDecodingHostSide:
             assert plan["jpeg"].tobytes() == payload and plan["label"] == 7
 
     def test_gpu_plan_batches_are_deterministic_and_resume_exactly(self, photo_dir):
-        kwargs = {"train": True, "batch_size": 4, "data_dir": photo_dir, "decoder": "gpu"}
+        kwargs = {"train": True, "batch_size": 4, "data_dir": photo_dir}
+        kwargs["decoder"] = data.GpuDecoder()
         loader = data.make_loader("imagenet2012", **kwargs)
         batch = next(loader)
         assert set(batch) == {"jpeg", "offsets", "box", "flip", "label"}
@@ -267,14 +269,49 @@ class TestGpuDecodingHostSide:
                 np.testing.assert_array_equal(a[key], b[key])
 
     def test_decoder_choice(self):
-        assert data.choose_decoder("cpu", "imagenet2012") == "cpu"
-        expected_auto = "gpu" if data.gpu_decoding_available() else "cpu"
-        assert data.choose_decoder("auto", "imagenet2012") == expected_auto
-        assert data.choose_decoder("auto", "digits") == "cpu"
+        assert data.choose_decoder("cpu", "imagenet2012") == data.CpuDecoder()
+        gpu = data.gpu_decoding_available()
+        expected_auto = data.GpuDecoder(threads=2) if gpu else data.CpuDecoder()
+        assert data.choose_decoder("auto", "imagenet2012", threads=2) == expected_auto
+        assert data.choose_decoder("auto", "digits") == data.CpuDecoder()
         with pytest.raises(ValueError, match="not stored as JPEG"):
             data.choose_decoder("gpu", "cifar10")
         with pytest.raises(ValueError, match="unknown decoder 'nvjpeg'"):
             data.choose_decoder("nvjpeg", "imagenet2012")
+
+    def test_each_name_is_one_decoder_object_with_its_settings(self, monkeypatch):
+        monkeypatch.setattr(decoders, "gpu_decoding_available", lambda: True)
+        settings = {"threads": 2, "cpu_share": 0.25}
+        chosen = {
+            name: data.choose_decoder(name, "imagenet2012", **settings) for name in data.DECODERS
+        }
+        assert chosen == {
+            "auto": data.GpuDecoder(threads=2),
+            "cpu": data.CpuDecoder(),
+            "gpu": data.GpuDecoder(threads=2),
+            "hybrid": data.HybridDecoder(threads=2, cpu_share=0.25),
+        }
+        assert [chosen[name].threads for name in ("cpu", "gpu", "hybrid")] == [1, 2, 2]
+        assert data.choose_decoder("auto", "digits", **settings) == data.CpuDecoder()
+
+    def test_only_decoders_that_may_use_the_gpu_prepare_the_process_for_it(self, monkeypatch):
+        for name, dataset, expected in [
+            ("cpu", "imagenet2012", None),
+            ("auto", "digits", None),
+            ("auto", "imagenet2012", "32"),
+            ("gpu", "imagenet2012", "32"),
+            ("hybrid", "imagenet2012", "32"),
+        ]:
+            monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+            data.prepare_decoding(name, dataset)
+            assert os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") == expected, (name, dataset)
+        with pytest.raises(ValueError, match="unknown decoder 'nvjpeg'"):
+            data.prepare_decoding("nvjpeg", "imagenet2012")
+
+    def test_only_hybrid_decoding_without_workers_has_a_note(self):
+        assert data.HybridDecoder().notes(2) == []
+        assert "--num-workers 0 decodes its CPU rows" in data.HybridDecoder().notes(0)[0]
+        assert data.CpuDecoder().notes(0) == data.GpuDecoder().notes(0) == []
 
     @pytest.mark.skipif(data.gpu_decoding_available(), reason="this machine can decode on the GPU")
     def test_gpu_decoder_refused_without_a_gpu(self):
@@ -301,15 +338,20 @@ def _decode_plans_on_the_cpu(size: int):
     return decode_plans
 
 
+def _final(result: dict) -> dict:
+    """A run's final evaluation and step, without its paths."""
+    return {k: v for k, v in result.items() if k not in ("model_dir", "plot")}
+
+
 HYBRID_KWARGS = {"train": True, "batch_size": 4, "image_size": 32, "seed": 5}
 
 
 class TestHybridDecoding:
     def test_rows_are_the_cpu_decoders_then_the_gpu_decoders_plans(self, photo_dir):
         kw = dict(HYBRID_KWARGS, data_dir=photo_dir)
-        hybrid = data.make_loader("imagenet2012", **kw, decoder="hybrid", cpu_share=0.5)
+        hybrid = data.make_loader("imagenet2012", **kw, decoder=data.HybridDecoder(cpu_share=0.5))
         cpu = data.make_loader("imagenet2012", **kw)
-        gpu = data.make_loader("imagenet2012", **kw, decoder="gpu")
+        gpu = data.make_loader("imagenet2012", **kw, decoder=data.GpuDecoder())
         for _ in range(8):  # Past the first epoch (6 batches).
             h, c, g = next(hybrid), next(cpu), next(gpu)
             assert h["image"].shape == (2, 32, 32, 3) and h["image"].dtype == np.uint8
@@ -321,7 +363,7 @@ class TestHybridDecoding:
             np.testing.assert_array_equal(h["offsets"], g["offsets"][2:] - g["offsets"][2])
 
     def test_batches_resume_exactly_from_a_position(self, photo_dir):
-        kw = dict(HYBRID_KWARGS, data_dir=photo_dir, decoder="hybrid", cpu_share=0.3)
+        kw = dict(HYBRID_KWARGS, data_dir=photo_dir, decoder=data.HybridDecoder(cpu_share=0.3))
         loader = data.make_loader("imagenet2012", **kw)
         batches = [next(loader) for _ in range(7)]
         resumed = data.make_loader("imagenet2012", **kw, start=4)
@@ -330,22 +372,24 @@ class TestHybridDecoding:
             for key in a:
                 np.testing.assert_array_equal(a[key], b[key])
 
-    def test_split_batch_decoder_puts_the_decoded_plans_after_the_cpu_rows(self, photo_dir):
+    def test_hybrid_decoder_puts_the_decoded_plans_after_the_cpu_rows(self, photo_dir):
         kw = dict(HYBRID_KWARGS, data_dir=photo_dir)
-        hybrid = data.make_loader("imagenet2012", **kw, decoder="hybrid", cpu_share=0.25)
+        decoder = data.HybridDecoder(cpu_share=0.25, plan_decoder=_decode_plans_on_the_cpu)
+        hybrid = data.make_loader("imagenet2012", **kw, decoder=decoder)
         cpu = data.make_loader("imagenet2012", **kw)
-        decode = data.SplitBatchDecoder(_decode_plans_on_the_cpu(32))
+        decode = decoder.input_to_device(lambda batch: batch, 32)
         for _ in range(3):
             out, expected = decode(next(hybrid)), next(cpu)
             np.testing.assert_array_equal(np.asarray(out["image"]), expected["image"])
             np.testing.assert_array_equal(np.asarray(out["label"]), expected["label"])
 
-    def test_fit_with_hybrid_decoding_trains_on_the_cpu_decoders_batches(
+    def test_fit_with_gpu_and_hybrid_decoding_trains_on_the_cpu_decoders_batches(
         self, photo_dir, tmp_path, monkeypatch, capsys
     ):
-        """`fit --decoder hybrid` end to end, the GPU decoder replaced by its CPU stand-in (the
-        real one is compared on the GPU): the CPU workers' rows and the decoded plan rows make
-        the cpu decoder's batches, so both runs end with the same metrics."""
+        """`fit --decoder gpu` and `--decoder hybrid` end to end, the GPU decoder replaced by
+        its CPU stand-in (the real one is compared on the GPU): the decoded plan rows (and the
+        CPU workers' rows) make the cpu decoder's batches, so the runs end with the same
+        metrics."""
         from flax_attention.models import MODELS, BasicBlock, ModelSpec
         from flax_attention.training import TrainConfig, fit
 
@@ -384,15 +428,23 @@ class TestHybridDecoding:
         monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
         cpu = run("cpu", tmp_path / "cpu")
         assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
-        monkeypatch.setattr(data, "choose_decoder", lambda name, dataset: name)
-        monkeypatch.setattr(data, "GpuJpegDecoder", StandInGpuDecoder)
+        monkeypatch.setattr(decoders, "gpu_decoding_available", lambda: True)
+        choose = data.choose_decoder
+        monkeypatch.setattr(
+            data,
+            "choose_decoder",
+            lambda *args, **kwargs: dataclasses.replace(
+                choose(*args, **kwargs), plan_decoder=StandInGpuDecoder
+            ),
+        )
         hybrid = run("hybrid", tmp_path / "hybrid")
         assert plan_rows and set(plan_rows) == {6}  # 8 rows: 2 on the CPU, 6 plans
         # Its decoder streams get hardware queues of their own (data.share_gpu_with_training).
         assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "32"
-        assert {k: v for k, v in hybrid.items() if k not in ("model_dir", "plot")} == {
-            k: v for k, v in cpu.items() if k not in ("model_dir", "plot")
-        }
+        assert _final(hybrid) == _final(cpu)
+        plan_rows.clear()
+        assert _final(run("gpu", tmp_path / "gpu")) == _final(cpu)
+        assert plan_rows and set(plan_rows) == {8}  # every row a plan
         assert "--num-workers" not in capsys.readouterr().out
         in_process = run("hybrid", tmp_path / "in_process", workers=0)
         assert in_process["eval_loss"] == hybrid["eval_loss"]  # the same batches, in-process
@@ -427,7 +479,7 @@ class TestHybridDecoding:
 def test_gpu_decoder_matches_the_cpu_decoder(photo_dir, region_decode):
     kwargs = {"train": True, "batch_size": 6, "data_dir": photo_dir, "image_size": 64}
     cpu = next(data.make_loader("imagenet2012", **kwargs))
-    plans = next(data.make_loader("imagenet2012", **kwargs, decoder="gpu"))
+    plans = next(data.make_loader("imagenet2012", **kwargs, decoder=data.GpuDecoder()))
     gpu = data.GpuJpegDecoder(64, region_decode=region_decode)(plans)
     np.testing.assert_array_equal(np.asarray(gpu["label"]), cpu["label"])
     diff = np.abs(np.asarray(gpu["image"]).astype(int) - cpu["image"])
@@ -444,8 +496,9 @@ def test_gpu_decoder_matches_the_cpu_decoder(photo_dir, region_decode):
 def test_hybrid_decoding_matches_the_cpu_decoder(photo_dir):
     kwargs = {"train": True, "batch_size": 6, "data_dir": photo_dir, "image_size": 64}
     cpu = next(data.make_loader("imagenet2012", **kwargs))
-    split = next(data.make_loader("imagenet2012", **kwargs, decoder="hybrid", cpu_share=0.5))
-    out = data.SplitBatchDecoder(data.GpuJpegDecoder(64))(split)
+    decoder = data.HybridDecoder(cpu_share=0.5)
+    split = next(data.make_loader("imagenet2012", **kwargs, decoder=decoder))
+    out = decoder.input_to_device(lambda batch: batch, 64)(split)
     np.testing.assert_array_equal(np.asarray(out["label"]), cpu["label"])
     images = np.asarray(out["image"]).astype(int)
     np.testing.assert_array_equal(images[:3], cpu["image"][:3])

@@ -4,6 +4,15 @@ grain, tensorflow-datasets, scikit-learn and Pillow are imported only by the fun
 or build real data, so ``synthetic_batches`` works without them. TensorFlow is never needed.
 """
 
+from flax_attention.data.decoders import (
+    DECODERS,
+    CpuDecoder,
+    Decoder,
+    GpuDecoder,
+    HybridDecoder,
+    choose_decoder,
+    prepare_decoding,
+)
 from flax_attention.data.device import normalize_images, prefetch_to_device
 from flax_attention.data.embedded import build_digits
 from flax_attention.data.gpu_decode import (
@@ -11,7 +20,7 @@ from flax_attention.data.gpu_decode import (
     gpu_decoding_available,
     share_gpu_with_training,
 )
-from flax_attention.data.pipeline import DECODERS, choose_decoder, make_dataset, make_loader
+from flax_attention.data.pipeline import make_dataset, make_loader
 from flax_attention.data.preprocess import EvalPreprocess, TrainPreprocess
 from flax_attention.data.registry import DATASETS, DatasetSpec, get_spec
 from flax_attention.data.sources import DatasetNotFoundError, data_source, default_data_dir
@@ -21,10 +30,14 @@ from flax_attention.data.synthetic import synthetic_batches
 __all__ = [
     "DATASETS",
     "DECODERS",
+    "CpuDecoder",
     "DatasetNotFoundError",
     "DatasetSpec",
+    "Decoder",
     "EvalPreprocess",
+    "GpuDecoder",
     "GpuJpegDecoder",
+    "HybridDecoder",
     "SplitBatchDecoder",
     "TrainPreprocess",
     "build_digits",
@@ -37,6 +50,7 @@ __all__ = [
     "make_loader",
     "normalize_images",
     "prefetch_to_device",
+    "prepare_decoding",
     "share_gpu_with_training",
     "synthetic_batches",
 ]

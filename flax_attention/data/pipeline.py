@@ -21,11 +21,10 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from flax_attention.data.gpu_decode import CropPlan, collate_plans, gpu_decoding_available
+from flax_attention.data.decoders import CPU_DECODER, Decoder
 from flax_attention.data.preprocess import EvalPreprocess, TrainPreprocess
 from flax_attention.data.registry import get_spec
 from flax_attention.data.sources import data_source
-from flax_attention.data.split_decode import SplitPlan, collate_split, cpu_rows_of, with_index
 from flax_attention.data.workers import exit_with_parent
 
 if TYPE_CHECKING:
@@ -44,8 +43,7 @@ def make_dataset(
     num_epochs: int | None = None,
     shard_index: int | None = None,
     shard_count: int | None = None,
-    decoder: str = "cpu",
-    cpu_share: float = 0.375,
+    decoder: Decoder = CPU_DECODER,
 ) -> "grain.MapDataset":
     """Batched random-access dataset of {"image": uint8 (B, S, S, C) NHWC, "label": int32 (B,)}.
 
@@ -63,12 +61,11 @@ def make_dataset(
     processes: each device normalises and differentiates the same rows as in a one-process run
     on the same devices. Evaluation shards element-wise.
 
-    ``decoder="gpu"`` (training split of a JPEG dataset): batches hold the JPEG bytes and the
-    drawn crops instead of pixels (``gpu_decode.collate_plans``), for ``GpuJpegDecoder``.
-    ``decoder="hybrid"``: the first ``split_decode.cpu_rows_of(batch_size, cpu_share)`` rows of
-    each batch (``round(cpu_share * batch_size)``, kept within [1, batch_size - 1]) decoded here
-    as with "cpu", the others as crop plans (``split_decode.collate_split``), for
-    ``split_decode.SplitBatchDecoder``.
+    ``decoder`` makes the training batches (``decoders``): ``CpuDecoder`` the pixels above,
+    ``GpuDecoder`` the JPEG bytes and the drawn crops instead (training split of a JPEG
+    dataset), ``HybridDecoder`` pixels for the first rows of each batch and crops for the
+    others; the decoder's ``input_to_device`` finishes them on the device. Evaluation batches
+    are always decoded here.
     """
     import grain
 
@@ -90,22 +87,11 @@ def make_dataset(
         augment_seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
         ds = ds.shuffle(seed=seed).repeat(num_epochs)
         transform = TrainPreprocess(spec.train_transform, size, spec.channels)
-        if decoder == "gpu":
-            ds = ds.random_map(CropPlan(), seed=augment_seed)
-            ds = _process_rows(ds, batch_size, shard_index, shard_count)
-            return ds.batch(batch_size, drop_remainder=True, batch_fn=collate_plans)
-        if decoder == "hybrid":
-            plan = SplitPlan(transform, batch_size, cpu_rows_of(batch_size, cpu_share))
-            ds = ds.map_with_index(with_index).random_map(plan, seed=augment_seed)
-            ds = _process_rows(ds, batch_size, shard_index, shard_count)
-            return ds.batch(batch_size, drop_remainder=True, batch_fn=collate_split)
-        ds = ds.random_map(transform, seed=augment_seed)
+        ds = decoder.plan(ds, transform, batch_size, augment_seed)
         ds = _process_rows(ds, batch_size, shard_index, shard_count)
-    else:
-        ds = ds[shard_index::shard_count].map(
-            EvalPreprocess(spec.eval_transform, size, spec.channels)
-        )
-    return ds.batch(batch_size, drop_remainder=train)
+        return decoder.batch(ds, batch_size)
+    ds = ds[shard_index::shard_count].map(EvalPreprocess(spec.eval_transform, size, spec.channels))
+    return ds.batch(batch_size)
 
 
 class _ProcessRows:
@@ -152,8 +138,7 @@ def make_loader(
     shard_count: int | None = None,
     num_workers: int = 0,
     num_threads: int = 4,
-    decoder: str = "cpu",
-    cpu_share: float = 0.375,
+    decoder: Decoder = CPU_DECODER,
     start: int = 0,
 ) -> "grain.DatasetIterator":
     """Iterator over the batches of ``make_dataset(...)`` (same arguments, same batches), from
@@ -183,7 +168,6 @@ def make_loader(
         shard_index=shard_index,
         shard_count=shard_count,
         decoder=decoder,
-        cpu_share=cpu_share,
     )
     if start:
         ds = ds[start:]
@@ -219,34 +203,3 @@ def _mark_absl_flags_parsed() -> None:
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-
-
-DECODERS = ("auto", "cpu", "gpu", "hybrid")
-
-
-def choose_decoder(name: str, dataset: str) -> str:
-    """Resolve ``--decoder`` for the training split of ``dataset``: "cpu", "gpu" or "hybrid".
-
-    "auto" is "gpu" where it applies (a JPEG dataset, one process, a CUDA GPU with nvImageCodec
-    and CuPy) and "cpu" elsewhere; "gpu" or "hybrid" (which decodes on the GPU too) where it
-    cannot apply is a ``ValueError`` saying why.
-    """
-    if name not in DECODERS:
-        raise ValueError(f"unknown decoder {name!r}; choose one of {list(DECODERS)}")
-    if name == "cpu":
-        return "cpu"
-    problems = []
-    if not get_spec(dataset).gpu_decodable:
-        problems.append(f"dataset {dataset!r} is not stored as JPEG")
-    if jax.process_count() > 1:
-        problems.append("it runs in a single process only")
-    if not gpu_decoding_available():
-        problems.append(
-            "it needs a CUDA GPU with nvImageCodec and CuPy "
-            "(pip install 'flax-attention[gpu-decode]')"
-        )
-    if not problems:
-        return "gpu" if name == "auto" else name
-    if name == "auto":
-        return "cpu"
-    raise ValueError(f"--decoder {name} cannot be used: {'; '.join(problems)}")

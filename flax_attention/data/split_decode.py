@@ -1,8 +1,8 @@
 """Split decoding: each training batch decoded partly by the CPU workers, partly by the GPU.
 
 GPU decoding alone leaves most host cores idle (one H200 trains faster than nvImageCodec delivers
-beside the step), and CPU decoding alone needs more cores than a GPU host has. ``decoder="hybrid"``
-uses both at once on every batch:
+beside the step), and CPU decoding alone needs more cores than a GPU host has.
+``decoders.HybridDecoder`` (``--decoder hybrid``) uses both at once on every batch:
 
 1. Host, per record (grain ``random_map``, ``SplitPlan``): a record whose row in its process's
    batch is below ``cpu_rows`` is decoded and augmented on the CPU exactly as the ``cpu`` decoder

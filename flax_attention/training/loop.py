@@ -15,7 +15,7 @@ import gc
 import inspect
 import itertools
 import math
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -99,15 +99,14 @@ def fit(config: TrainConfig) -> dict[str, Any]:
     `WorkdirLockedError` (another run holds the workdir) and `FileExistsError` (a `model/` or
     `metrics.jsonl` in the workdir that this run would replace but did not write).
 
-    With GPU or hybrid decoding, the first JAX use of the GPU should happen in here:
-    `data.share_gpu_with_training` sets CUDA's queue count, which only applies to a CUDA context
-    created after it.
+    With GPU or hybrid decoding, the first JAX use of the GPU should happen in here: the
+    decoder's process setup (`data.prepare_decoding`) sets CUDA's queue count, which only
+    applies to a CUDA context created after it.
     """
     if config.distributed and not jax.distributed.is_initialized():
         jax.distributed.initialize()
     config.validate()  # before the workdir is made for its lock
-    if config.decoder != "cpu" and data.get_spec(config.dataset).gpu_decodable:
-        data.share_gpu_with_training()  # before JAX first uses the GPU: the lock asks jax
+    data.prepare_decoding(config.decoder, config.dataset)  # before JAX: the lock asks jax
     with hold_workdir(config.workdir):
         return _Run(config).train()
 
@@ -123,11 +122,8 @@ class _Run:
         self.cfg = cfg
         self.is_main = jax.process_index() == 0
         self.decoder = _decoder(cfg)  # before any data is read
-        if self.decoder == "hybrid" and cfg.num_workers == 0:
-            self._print(
-                "note: --decoder hybrid with --num-workers 0 decodes its CPU rows in this "
-                "process, beside the GPU decoder; give it worker processes (--num-workers N)"
-            )
+        for note in self.decoder.notes(cfg.num_workers):
+            self._print(note)
         train_size = len(_readable_source(cfg, self.spec.train_split))
         _readable_source(cfg, self.spec.eval_split)
         self.form = make_parallel(
@@ -209,7 +205,6 @@ class _Run:
             seed=cfg.seed,
             num_workers=cfg.num_workers,
             decoder=self.decoder,
-            cpu_share=cfg.hybrid_cpu_share,
             start=self.batches_read,
         )
 
@@ -252,12 +247,13 @@ class _Run:
         data_state = {"next_index": self.batches_read}
         loader = self._make_loader()  # after restore: from the checkpoint's data position
         # Each device batch comes with the loader position after it: what a checkpoint records.
-        threads = 1 if self.decoder == "cpu" else cfg.decode_threads
         batches = data.prefetch_to_device(
             _with_positions(loader, self.batches_read),
-            self._input_to_device(),
-            size=max(2, threads),
-            threads=threads,
+            self.decoder.input_to_device(
+                self.form.put_batch, cfg.image_size or self.spec.image_size
+            ),
+            size=max(2, self.decoder.threads),
+            threads=self.decoder.threads,
         )
         meter, pending, log_due = Meter(), None, None
         bar = tqdm(
@@ -307,16 +303,6 @@ class _Run:
         result.update(step=step, **self._finish(dev_state))
         self.checkpoints.close()
         return result
-
-    def _input_to_device(self) -> Callable[[dict], dict]:
-        """Host batch -> device batch: a copy, or (GPU or hybrid decoding) decode, crop and
-        resize there."""
-        if self.decoder == "cpu":
-            return self.form.put_batch
-        decode = data.GpuJpegDecoder(self.cfg.image_size or self.spec.image_size)
-        if self.decoder == "hybrid":
-            decode = data.SplitBatchDecoder(decode)
-        return lambda batch: self.form.put_batch(decode(batch))
 
     def _settle(
         self, pending: tuple[int, dict] | None, log_due: int | None, meter: Meter, bar: tqdm
@@ -479,10 +465,15 @@ def _local_batch(global_batch: int, form: MeshForm) -> int:
     return global_batch // jax.process_count()
 
 
-def _decoder(cfg: TrainConfig) -> str:
+def _decoder(cfg: TrainConfig) -> data.Decoder:
     """`--decoder` resolved for this run; `ConfigError` if it cannot be used here."""
     try:
-        return data.choose_decoder(cfg.decoder, cfg.dataset)
+        return data.choose_decoder(
+            cfg.decoder,
+            cfg.dataset,
+            threads=cfg.decode_threads,
+            cpu_share=cfg.hybrid_cpu_share,
+        )
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
