@@ -28,8 +28,8 @@ from benchmarks.__main__ import SAMPLING
 from benchmarks.lab.profiling import profile_calls
 from benchmarks.results import Results, error_text
 from benchmarks.settings import RESULTS, Settings
-from flax_attention.training.state import set_batchnorm_axis_name
 from flax_attention.training.parallel import MeshForm, PmapForm
+from flax_attention.training.state import set_batchnorm_axis_name
 
 PROFILED = ("jit", "pmap_local_bn")  # traced at the largest device count, after the timings
 PROFILE_STEPS, PROFILE_TOP = 5, 12
