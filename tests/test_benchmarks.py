@@ -230,14 +230,19 @@ def test_multiprocess_quick_run_resumes_after_kill_and_matches_one_process(tmp_p
     assert all(v > 0 for v in result["img_per_s"].values())
 
 
-def test_auto_spatial_conv_table_is_the_committed_h200_measurement():
-    """tap_convs.AUTO["gpu"] is what benchmarks.auto_table derives from the committed H200
-    modules.json (fastest forward+backward formulation per gate and stage)."""
+@pytest.mark.parametrize("device", ["nvidia-h200", "nvidia-h100-80gb-hbm3"])
+def test_policy_spatial_conv_rows_are_the_committed_measurements(device):
+    """The spatial-conv rows of `layers.policy.TABLES` for a result's device kind are what
+    benchmarks.auto_table derives from its committed modules.json: the H200's rows, and none
+    for the H100, whose run timed the library conv alone."""
     from benchmarks import auto_table
-    from flax_attention.layers import tap_convs
+    from flax_attention.layers import policy
 
-    rows = json.loads(auto_table.SOURCE.read_text())["rows"]
-    assert auto_table.fastest_formulations(rows) == tap_convs.AUTO["gpu"]
+    result = json.loads((auto_table.RESULTS / device / "modules.json").read_text())
+    table = policy.device_table(result["device"])
+    committed = {gate: table[gate].rows for gate in auto_table.SPATIAL_GATES if gate in table}
+    assert auto_table.fastest_formulations(result["rows"]) == committed
+    assert bool(committed) == (device == "nvidia-h200")
 
 
 def test_auto_spatial_conv_table_reads_the_spatial_conv_rows_of_later_runs():
@@ -293,27 +298,28 @@ def test_table_writers_refuse_a_missing_or_wrong_result_in_one_line(
     assert f"not a {suite} suite result (suite: input)" in err[0]
 
 
-def test_spatial_convs_experiment_swaps_one_stage_of_the_table_at_a_time():
-    """The experiment's cases: the library's table, then each stage with each other
-    formulation; inside `spatial_table` the library resolves to the swapped entry, and the
-    table is restored after."""
+def test_spatial_convs_experiment_swaps_one_stage_of_the_table_at_a_time(monkeypatch):
+    """The experiment's cases: the device's table, then each stage with each other
+    formulation; the rule it builds the model with picks the swapped entry at every stage,
+    and the library's tables are left as they were."""
     from benchmarks.experiments import spatial_convs
-    from flax_attention.layers import tap_convs
+    from flax_attention.layers import policy, tap_convs
 
+    monkeypatch.setattr(policy, "device_kind", lambda: "NVIDIA H200")
     sizes = spatial_convs.stage_sizes(224)
     assert sizes == (56, 28, 14, 7)
-    before = {platform: dict(table) for platform, table in tap_convs.AUTO.items()}
-    bam_56 = tap_convs.resolve("auto", "bam", 56, 56)  # another gate's entry: untouched
+    before = {kind: dict(table) for kind, table in policy.TABLES.items()}
     (first, library), *swaps = spatial_convs.cases(sizes, "cbam", len(sizes))
-    assert first is None and len(swaps) == len(sizes) * (len(tap_convs.FORMULATIONS) - 1)
+    assert first is None and library == {h * h: "shifts" for h in sizes}
+    assert len(swaps) == len(sizes) * (len(tap_convs.FORMULATIONS) - 1)
     for stage, choices in swaps:
         changed = [hw for hw in choices if choices[hw] != library[hw]]
         assert changed == [sizes[stage - 1] ** 2]
-        with spatial_convs.spatial_table("cbam", choices):
-            resolved = [tap_convs.resolve("auto", "cbam", h, h) for h in sizes]
-            assert resolved == [choices[h * h] for h in sizes]
-            assert tap_convs.resolve("auto", "bam", 56, 56) == bam_56
-        assert before == tap_convs.AUTO
+        rule = spatial_convs.stage_rule(choices)
+        assert [policy.resolve("cbam", rule, h * h) for h in sizes] == [
+            choices[h * h] for h in sizes
+        ]
+    assert before == {kind: dict(table) for kind, table in policy.TABLES.items()}
 
 
 @pytest.mark.parametrize(
