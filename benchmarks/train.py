@@ -31,9 +31,9 @@ from benchmarks.common import (
     torch_cuda,
     torch_sync,
 )
+from flax_attention.architectures.blocks import NO_FORMULATIONS
 from flax_attention.layers.policy import Formulations
 from flax_attention.models import create_model
-from flax_attention.models.blocks import NO_FORMULATIONS
 
 MODELS = ("resnet50", "seresnet50", "cbam_resnet50", "bam_resnet50", "epsanet50_small")
 TIMM = {"resnet50": "resnet50", "seresnet50": "seresnet50"}

@@ -10,13 +10,13 @@ import pytest
 from flax import nnx
 from parity import assert_close
 
+from flax_attention.architectures.stem import StemConv, space_to_depth
 from flax_attention.layers import BAM, CBAM, PSA, policy
 from flax_attention.layers.branch_convs import FORMULATIONS, branch_convs
 from flax_attention.layers.common import conv_nhwc
 from flax_attention.layers.policy import BranchShape, DenseUpTo, Nearest, resolve
 from flax_attention.layers.tap_convs import FORMS
 from flax_attention.models import create_model
-from flax_attention.models.stem import StemConv, space_to_depth
 
 H200, H100, A100 = "NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"
 

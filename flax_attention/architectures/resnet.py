@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flax_attention.architectures.blocks import NO_FORMULATIONS, AttentionFactory, make_attention
+from flax_attention.architectures.stem import StemConv
 from flax_attention.kernels.max_pool import max_pool_3x3_s2
 from flax_attention.layers.batch_norm import BatchNorm
 from flax_attention.layers.common import (
@@ -25,8 +27,6 @@ from flax_attention.layers.common import (
     linear,
 )
 from flax_attention.layers.policy import AUTO, Formulations, check_formulations
-from flax_attention.models.blocks import NO_FORMULATIONS, AttentionFactory, make_attention
-from flax_attention.models.stem import StemConv
 
 STEM_WIDTH = 64
 
