@@ -82,8 +82,14 @@ def _torch_modules() -> dict[str, Callable[[int], Any]]:
 
 CASES: dict[str, ModuleCase] = {
     "se": ModuleCase(lambda c, **kw: SE(c, 16, bias=False, **kw)),
-    "cbam": ModuleCase(lambda c, **kw: CBAM(c, 16, **kw), SPATIAL_CONV_ROWS),
-    "bam": ModuleCase(lambda c, **kw: BAM(c, 16, **kw), SPATIAL_CONV_ROWS),
+    "cbam": ModuleCase(
+        lambda c, spatial_conv="auto", **kw: CBAM(c, 16, formulation=spatial_conv, **kw),
+        SPATIAL_CONV_ROWS,
+    ),
+    "bam": ModuleCase(
+        lambda c, spatial_conv="auto", **kw: BAM(c, 16, formulation=spatial_conv, **kw),
+        SPATIAL_CONV_ROWS,
+    ),
     "psa": ModuleCase(lambda c, **kw: PSA(c, c, **kw), flops=_psa_flops),
 }
 

@@ -26,6 +26,8 @@ from benchmarks.device import torch_cuda
 from benchmarks.results import Results, error_text
 from benchmarks.settings import Settings
 from benchmarks.timing import jax_sync, time_fn, torch_compile, torch_sync
+from flax_attention.architectures.blocks import NO_FORMULATIONS
+from flax_attention.layers.policy import Formulations
 from flax_attention.models import create_model
 
 MODELS = ("resnet50", "seresnet50", "cbam_resnet50", "bam_resnet50", "epsanet50_small")
@@ -76,14 +78,18 @@ class FlaxStep:
         return loss
 
 
-def flax_step(name: str, batch: int, image: int, inputs: int) -> FlaxStep:
-    """Build, compile (timed) and return the train suite's step for model `name`."""
+def flax_step(
+    name: str, batch: int, image: int, inputs: int, formulations: Formulations = NO_FORMULATIONS
+) -> FlaxStep:
+    """Build, compile (timed) and return the train suite's step for model `name`, computed as
+    `formulations` says (layers.policy; "auto" for the operations it does not name)."""
     model = create_model(
         name,
         num_classes=NUM_CLASSES,
         rngs=nnx.Rngs(0),
         dtype=jnp.bfloat16,
         param_dtype=jnp.float32,
+        formulations=formulations,
     )
     model.train()
     step, state = make_step(model, optax.sgd(0.1, momentum=0.9))

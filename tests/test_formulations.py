@@ -10,11 +10,15 @@ import pytest
 from flax import nnx
 from parity import assert_close
 
-from flax_attention.layers import BAM, CBAM, PSA, tap_convs
-from flax_attention.layers.branch_convs import FORMULATIONS, branch_convs, plan
+from flax_attention.architectures.stem import StemConv, space_to_depth
+from flax_attention.layers import BAM, CBAM, PSA, policy
+from flax_attention.layers.branch_convs import FORMULATIONS, branch_convs
 from flax_attention.layers.common import conv_nhwc
-from flax_attention.layers.tap_convs import FORMS, resolve
-from flax_attention.models.stem import StemConv, space_to_depth
+from flax_attention.layers.policy import BranchShape, DenseUpTo, Nearest, resolve
+from flax_attention.layers.tap_convs import FORMS
+from flax_attention.models import create_model
+
+H200, H100, A100 = "NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"
 
 
 def _normal(seed: int, shape) -> jax.Array:
@@ -40,8 +44,8 @@ def test_stem_module_keeps_the_hwio_kernel():
     assert stem.kernel[...].shape == (7, 7, 3, 8)
     x = _normal(3, (1, 16, 16, 3))
     assert_close(stem(x), conv_nhwc(x, stem.kernel[...], 2), "module output", tol=1e-6)
-    direct = StemConv(3, 8, rngs=nnx.Rngs(0), formulation="direct")
-    assert_close(direct(x), stem(x), "direct formulation", tol=1e-6)
+    blocked = StemConv(3, 8, rngs=nnx.Rngs(0), formulation="space_to_depth")
+    assert_close(blocked(x), stem(x), "space_to_depth formulation", tol=1e-6)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -75,10 +79,12 @@ def test_branch_formulations_equal_grouped_convs(formulation: str, stride: int):
 
 def test_plan_on_epsanet50_stage_shapes():
     sizes, groups = (3, 5, 7, 9), (1, 4, 8, 16)
-    assert plan(64, 16, sizes, groups) == ("merged",) * 4
-    assert plan(128, 32, sizes, groups) == ("merged",) * 4
-    assert plan(256, 64, sizes, groups) == ("grouped", "dense", "dense", "dense")
-    assert plan(512, 128, sizes, groups) == ("grouped", "dense", "grouped", "grouped")
+    plan = DenseUpTo(2**21).pick
+    assert plan(BranchShape(64, 16, sizes, groups)) == ("merged",) * 4
+    assert plan(BranchShape(128, 32, sizes, groups)) == ("merged",) * 4
+    assert plan(BranchShape(256, 64, sizes, groups)) == ("grouped", "dense", "dense", "dense")
+    want = ("grouped", "dense", "grouped", "grouped")
+    assert plan(BranchShape(512, 128, sizes, groups)) == want
 
 
 def test_mixed_plan_matches_grouped():
@@ -96,14 +102,14 @@ def test_mixed_plan_matches_grouped():
 def test_psa_module_is_the_same_under_every_formulation(formulation: str):
     kw = dict(stride=2, reduction=4, groups=(1, 2, 4, 8))
     x = _normal(6, (2, 9, 9, 32))
-    base = PSA(32, 32, **kw, branch_convs="grouped", rngs=nnx.Rngs(0))
-    other = PSA(32, 32, **kw, branch_convs=formulation, rngs=nnx.Rngs(0))
+    base = PSA(32, 32, **kw, formulation="grouped", rngs=nnx.Rngs(0))
+    other = PSA(32, 32, **kw, formulation=formulation, rngs=nnx.Rngs(0))
     assert_close(other(x), base(x), f"PSA with {formulation}", tol=1e-6)
 
 
 def test_psa_rejects_unknown_formulation():
-    with pytest.raises(ValueError, match="branch_convs"):
-        PSA(32, 32, groups=(1, 2, 4, 8), reduction=4, branch_convs="winograd", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="formulation='winograd'"):
+        PSA(32, 32, groups=(1, 2, 4, 8), reduction=4, formulation="winograd", rngs=nnx.Rngs(0))
 
 
 def _dilated_conv(x: jax.Array, kernel: jax.Array, d: int) -> jax.Array:
@@ -148,12 +154,12 @@ def test_gates_are_the_same_under_every_spatial_conv(gate: str, form: str, monke
         "cbam": lambda **kw: CBAM(32, 4, **kw),
         "bam": lambda **kw: BAM(32, 4, dilation=2, **kw),
     }[gate]
-    if form == "auto":  # As on a GPU, where the 8x8 input resolves to a tap formulation.
-        monkeypatch.setattr(jax, "default_backend", lambda: "cuda")
-        assert resolve("auto", gate, 8, 8) in ("shifts", "im2col")
+    if form == "auto":  # As on an H200, where the 8x8 input resolves to a tap formulation.
+        monkeypatch.setattr(policy, "device_kind", lambda: H200)
+        assert resolve(gate, "auto", 8 * 8) in ("shifts", "im2col")
     x = _normal(41, (2, 8, 8, 32) if form == "auto" else (2, 9, 7, 32))
-    base = build(rngs=nnx.Rngs(0), spatial_conv="conv")
-    other = build(rngs=nnx.Rngs(0), spatial_conv=form)
+    base = build(rngs=nnx.Rngs(0), formulation="conv")
+    other = build(rngs=nnx.Rngs(0), formulation=form)
     base_state, other_state = nnx.state(base), nnx.state(other)
     assert jax.tree.map(jnp.shape, base_state) == jax.tree.map(jnp.shape, other_state)
     for module in (base, other):
@@ -180,23 +186,87 @@ def test_gates_are_the_same_under_every_spatial_conv(gate: str, form: str, monke
     assert_close(flat(got[0]), flat(want[0]), f"{gate} dparams", tol=1e-6)
 
 
-def test_gates_reject_unknown_spatial_conv():
-    with pytest.raises(ValueError, match="spatial_conv"):
-        CBAM(32, 4, spatial_conv="fft", rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="spatial_conv"):
-        BAM(32, 4, spatial_conv="fft", rngs=nnx.Rngs(0))
+def test_gates_reject_unknown_formulation():
+    with pytest.raises(ValueError, match="formulation='fft'"):
+        CBAM(32, 4, formulation="fft", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="formulation='fft'"):
+        BAM(32, 4, formulation="fft", rngs=nnx.Rngs(0))
 
 
-def test_auto_spatial_conv_picks_the_measured_fastest_by_platform_and_size(monkeypatch):
-    """On GPUs `auto` takes AUTO's entry nearest in H*W; elsewhere the library conv."""
-    assert [resolve("auto", "cbam", s, s) for s in (56, 28, 14, 7)] == ["conv"] * 4
-    assert resolve("shifts", "cbam", 56, 56) == "shifts"
-    monkeypatch.setattr(jax, "default_backend", lambda: "cuda")
+def test_auto_picks_the_measured_fastest_by_device_kind_and_size(monkeypatch):
+    """`auto` takes the H200 row's entry nearest in H*W there; the H100's row and any
+    unmeasured device (an A100, the CPU) get the library conv."""
+    for kind in (H100, A100, "cpu"):
+        monkeypatch.setattr(policy, "device_kind", lambda kind=kind: kind)
+        assert [resolve("cbam", "auto", s * s) for s in (56, 28, 14, 7)] == ["conv"] * 4
+    assert resolve("cbam", "shifts", 56 * 56) == "shifts"
+    monkeypatch.setattr(policy, "device_kind", lambda: H200)
     for gate in ("cbam", "bam"):
-        measured = dict(tap_convs.AUTO["gpu"][gate])
-        assert [resolve("auto", gate, s, s) for s in (56, 28, 14, 7)] == [
+        measured = dict(policy.TABLES[H200][gate].rows)
+        assert [resolve(gate, "auto", s * s) for s in (56, 28, 14, 7)] == [
             measured[s * s] for s in (56, 28, 14, 7)
         ]
-        assert resolve("auto", gate, 8, 6) == measured[49]  # 48 px: nearest to 7x7
-        assert resolve("auto", gate, 112, 112) == measured[3136]
-    assert resolve("auto", "psa", 7, 7) == "conv"  # no entry for the gate
+        assert resolve(gate, "auto", 8 * 6) == measured[49]  # 48 px: nearest to 7x7
+        assert resolve(gate, "auto", 112 * 112) == measured[3136]
+
+
+def test_device_kinds_are_separate_rows_and_unmeasured_ones_get_the_library_defaults():
+    """Each op's choice follows its device's own row: H200 choices never reach an H100, an
+    A100 or the CPU, which take the library's default where nothing was measured."""
+    epsa = BranchShape(256, 64, (3, 5, 7, 9), (1, 4, 8, 16))
+    asked = lambda kind: [  # noqa: E731
+        policy.choose(op, shape, table=policy.device_table(kind))
+        for op, shape in (("cbam", 56 * 56), ("bam", 28 * 28), ("psa", epsa), ("stem", 1))
+    ]
+    planned = ("grouped", "dense", "dense", "dense")
+    assert asked(H200) == ["shifts", "im2col", planned, "direct"]
+    assert asked(H100) == ["conv", "conv", planned, "space_to_depth"]
+    assert asked(A100) == asked("cpu") == ["conv", "conv", "grouped", "direct"]
+
+
+def test_device_kind_is_normalised(monkeypatch):
+    class Device:
+        device_kind = "  NVIDIA   H100 80GB HBM3 "
+
+    assert policy.device_kind(Device()) == H100
+
+
+def test_the_tables_are_immutable():
+    with pytest.raises(TypeError):
+        policy.TABLES["NVIDIA A100-SXM4-80GB"] = policy.TABLES[H200]  # type: ignore[index]
+    with pytest.raises(TypeError):
+        policy.TABLES[H200]["cbam"] = Nearest(((49, "conv"),))  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        policy.TABLES[H200]["cbam"].rows = ()  # type: ignore[misc]
+
+
+def test_an_explicit_rule_picks_per_size_without_touching_the_tables():
+    """Experiments pass a per-size rule as the formulation; the tables stay as they were."""
+    rule = Nearest(((64, "im2col"), (16, "shifts")))
+    gate = CBAM(32, 4, formulation=rule, rngs=nnx.Rngs(0)).spatial_gate
+    assert resolve("cbam", gate.formulation, 8 * 8) == "im2col"
+    assert resolve("cbam", gate.formulation, 4 * 4) == "shifts"
+    x = _normal(3, (2, 8, 8, 32))
+    base = CBAM(32, 4, formulation="conv", rngs=nnx.Rngs(0))
+    assert_close(CBAM(32, 4, formulation=rule, rngs=nnx.Rngs(0))(x), base(x), "rule", tol=1e-6)
+
+
+def test_create_model_takes_the_formulation_of_each_operation():
+    """`create_model(..., formulations={op: formulation})` reaches the stem, every CBAM and
+    BAM gate and every PSA; unnamed ops stay "auto"; an unknown op or formulation is refused."""
+    build = lambda name, **kw: nnx.eval_shape(lambda: create_model(name, **kw))  # noqa: E731
+    model = build("cbam_resnet18", formulations={"cbam": "shifts", "stem": "space_to_depth"})
+    assert model.conv1.formulation == "space_to_depth"
+    gates = [block.attention.spatial_gate for stage in model.stages for block in stage]
+    assert {gate.formulation for gate in gates} == {"shifts"}
+    bam = build("bam_resnet18", formulations={"bam": "im2col"})
+    assert {att.spatial.formulation for att in bam.stage_attention} == {"im2col"}
+    assert build("bam_resnet18").stage_attention[0].spatial.formulation == "auto"
+    epsa = build("epsanet50_small", formulations={"psa": "dense"})
+    assert {block.conv2.formulations for stage in epsa.stages for block in stage} == {
+        ("dense",) * 4
+    }
+    with pytest.raises(ValueError, match="formulations: unknown operation 'se'"):
+        build("cbam_resnet18", formulations={"se": "conv"})
+    with pytest.raises(ValueError, match="formulation='merged' is not supported for cbam"):
+        build("cbam_resnet18", formulations={"cbam": "merged"})

@@ -10,10 +10,10 @@ import pytest
 from flax import nnx
 from parity import assert_close
 
+from flax_attention.architectures import blocks
+from flax_attention.architectures.blocks import BasicBlock, Bottleneck
 from flax_attention.layers import SE, BatchNorm, ChannelGate
 from flax_attention.layers.norm_gate import batch_norm_channel_gate
-from flax_attention.models import blocks
-from flax_attention.models.blocks import BasicBlock, Bottleneck
 
 C = 32
 

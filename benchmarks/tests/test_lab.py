@@ -135,14 +135,19 @@ def test_multiprocess_job_stops_its_processes_and_closes_their_logs_on_error(tmp
         assert proc.poll() is not None and log.closed
 
 
-def test_auto_spatial_conv_table_is_the_committed_h200_measurement():
-    """tap_convs.AUTO["gpu"] is what benchmarks.lab.auto_table derives from the committed H200
-    modules.json (fastest forward+backward formulation per gate and stage)."""
+@pytest.mark.parametrize("device", ["nvidia-h200", "nvidia-h100-80gb-hbm3"])
+def test_policy_spatial_conv_rows_are_the_committed_measurements(device):
+    """The spatial-conv rows of `layers.policy.TABLES` for a result's device kind are what
+    benchmarks.lab.auto_table derives from its committed modules.json: the H200's rows, and none
+    for the H100, whose run timed the library conv alone."""
     from benchmarks.lab import auto_table
-    from flax_attention.layers import tap_convs
+    from flax_attention.layers import policy
 
-    rows = json.loads(auto_table.SOURCE.read_text())["rows"]
-    assert auto_table.fastest_formulations(rows) == tap_convs.AUTO["gpu"]
+    result = json.loads((auto_table.RESULTS / device / "modules.json").read_text())
+    table = policy.device_table(result["device"])
+    committed = {gate: table[gate].rows for gate in auto_table.SPATIAL_GATES if gate in table}
+    assert auto_table.fastest_formulations(result["rows"]) == committed
+    assert bool(committed) == (device == "nvidia-h200")
 
 
 def test_auto_spatial_conv_table_reads_the_spatial_conv_rows_of_later_runs():
@@ -193,27 +198,28 @@ def test_headline_table_is_the_one_its_train_result_gives():
     assert headline(result, source) in text
 
 
-def test_spatial_convs_experiment_swaps_one_stage_of_the_table_at_a_time():
-    """The experiment's cases: the library's table, then each stage with each other
-    formulation; inside `spatial_table` the library resolves to the swapped entry, and the
-    table is restored after."""
+def test_spatial_convs_experiment_swaps_one_stage_of_the_table_at_a_time(monkeypatch):
+    """The experiment's cases: the device's table, then each stage with each other
+    formulation; the rule it builds the model with picks the swapped entry at every stage,
+    and the library's tables are left as they were."""
     from benchmarks.lab.experiments import spatial_convs
-    from flax_attention.layers import tap_convs
+    from flax_attention.layers import policy, tap_convs
 
+    monkeypatch.setattr(policy, "device_kind", lambda: "NVIDIA H200")
     sizes = spatial_convs.stage_sizes(224)
     assert sizes == (56, 28, 14, 7)
-    before = {platform: dict(table) for platform, table in tap_convs.AUTO.items()}
-    bam_56 = tap_convs.resolve("auto", "bam", 56, 56)  # another gate's entry: untouched
+    before = {kind: dict(table) for kind, table in policy.TABLES.items()}
     (first, library), *swaps = spatial_convs.cases(sizes, "cbam", len(sizes))
-    assert first is None and len(swaps) == len(sizes) * (len(tap_convs.FORMULATIONS) - 1)
+    assert first is None and library == {h * h: "shifts" for h in sizes}
+    assert len(swaps) == len(sizes) * (len(tap_convs.FORMULATIONS) - 1)
     for stage, choices in swaps:
         changed = [hw for hw in choices if choices[hw] != library[hw]]
         assert changed == [sizes[stage - 1] ** 2]
-        with spatial_convs.spatial_table("cbam", choices):
-            resolved = [tap_convs.resolve("auto", "cbam", h, h) for h in sizes]
-            assert resolved == [choices[h * h] for h in sizes]
-            assert tap_convs.resolve("auto", "bam", 56, 56) == bam_56
-        assert before == tap_convs.AUTO
+        rule = spatial_convs.stage_rule(choices)
+        assert [policy.resolve("cbam", rule, h * h) for h in sizes] == [
+            choices[h * h] for h in sizes
+        ]
+    assert before == {kind: dict(table) for kind, table in policy.TABLES.items()}
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,8 @@ from flax_attention.layers.common import (
     global_mean,
     linear,
 )
-from flax_attention.layers.tap_convs import SPATIAL_CONVS, apply_conv, resolve
+from flax_attention.layers.policy import Rule, check_formulation, resolve
+from flax_attention.layers.tap_convs import apply_conv
 
 COMBINES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
     "product": jnp.multiply,
@@ -80,10 +81,10 @@ def phase_conv3x3(conv: nnx.Conv, x: jax.Array) -> jax.Array:
 class BAMSpatialGate(nnx.Module):
     """1x1 reduce -> `num_dilated` dilated 3x3 convs (each + BN + ReLU) -> 1x1 to one map.
 
-    NHWC (N, H, W, C) -> (N, H, W, 1). `spatial_conv` (layers.tap_convs.SPATIAL_CONVS) picks
-    how the convs are computed: "conv" runs the dilated ones in polyphase form
-    (`phase_conv3x3`), "shifts"/"im2col" run every conv by that formulation, "auto" picks the
-    one measured fastest on this platform at this H x W (`tap_convs.AUTO`).
+    NHWC (N, H, W, C) -> (N, H, W, 1). `formulation` (layers.tap_convs.FORMULATIONS, "auto"
+    or a `policy.Rule`) says how the convs are computed: "conv" runs the dilated ones in
+    polyphase form (`phase_conv3x3`), "shifts"/"im2col" run every conv by that formulation,
+    "auto" the one measured fastest on this device at this H x W (layers.policy, op "bam").
     """
 
     def __init__(
@@ -94,11 +95,11 @@ class BAMSpatialGate(nnx.Module):
         num_dilated: int,
         *,
         rngs: nnx.Rngs,
-        spatial_conv: str = "auto",
+        formulation: str | Rule = "auto",
         **dt,
     ):
-        check_choice("spatial_conv", spatial_conv, SPATIAL_CONVS)
-        self.spatial_conv = spatial_conv
+        check_formulation("bam", formulation)
+        self.formulation = formulation
         self.reduce = conv2d(channels, hidden, 1, bias=True, rngs=rngs, **dt)
         self.reduce_bn = BatchNorm(hidden, rngs=rngs, **dt)
         self.dilated = nnx.List(
@@ -111,7 +112,7 @@ class BAMSpatialGate(nnx.Module):
         self.final = conv2d(hidden, 1, 1, bias=True, rngs=rngs, **dt)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        form = resolve(self.spatial_conv, "bam", *x.shape[1:3])
+        form = resolve("bam", self.formulation, x.shape[1] * x.shape[2])
         y = jax.nn.relu(self.reduce_bn(apply_conv(self.reduce, x, form)))
         for conv, bn in zip(self.dilated, self.dilated_bn, strict=True):
             y = phase_conv3x3(conv, y) if form == "conv" else apply_conv(conv, y, form)
@@ -122,7 +123,7 @@ class BAMSpatialGate(nnx.Module):
 class BAM(nnx.Module):
     """Bottleneck Attention Module; NHWC (N, H, W, C) -> same shape.
 
-    `spatial_conv` picks how the spatial branch's convs are computed (BAMSpatialGate).
+    `formulation` says how the spatial branch's convs are computed (BAMSpatialGate).
     """
 
     def __init__(
@@ -136,7 +137,7 @@ class BAM(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
-        spatial_conv: str = "auto",
+        formulation: str | Rule = "auto",
     ):
         check_choice("combine", combine, list(COMBINES))
         check_positive("channels", channels)
@@ -154,7 +155,7 @@ class BAM(nnx.Module):
         self.dtype = dtype
         self.channel = BAMChannelGate(channels, hidden, rngs=rngs, **dt)
         self.spatial = BAMSpatialGate(
-            channels, hidden, dilation, num_dilated, rngs=rngs, spatial_conv=spatial_conv, **dt
+            channels, hidden, dilation, num_dilated, rngs=rngs, formulation=formulation, **dt
         )
 
     def gate(self, x: jax.Array) -> jax.Array:

@@ -8,10 +8,7 @@ formulations compute the same sums (they differ only in the order of float32 add
   (g_i times the FLOPs, but the matrix units run at full width);
 - `merged`: one conv for all branches, every block-diagonal kernel zero-padded to the largest
   size and centred, outputs concatenated then split.
-On an H100 (benchmarks/experiments/psa_convs.py, EPSANet-50's shapes),
-grouped convs with g >= 4 ran at 6-73 TFLOP/s; `plan` picks per module from the size of the
-dense kernels: merged when the merged kernel is small, else dense per branch where its kernel
-is, else grouped.
+Which one a PSA module runs per branch is layers.policy's choice (op "psa", `DenseUpTo`).
 """
 
 from __future__ import annotations
@@ -22,10 +19,6 @@ import jax
 import jax.numpy as jnp
 
 from flax_attention.layers.common import conv_nhwc
-
-# Dense kernels of at most this many multiply-adds per output pixel ran faster than the
-# grouped convolution at every EPSANet-50 stage shape measured; larger ones ran slower.
-DENSE_MACS_LIMIT = 2**21
 
 Branch = tuple[jax.Array, int]  # (grouped HWIO kernel, groups)
 
@@ -65,19 +58,6 @@ FORMULATIONS: dict[str, Callable[[jax.Array, Sequence[Branch], int], list[jax.Ar
     "dense": dense,
     "merged": merged,
 }
-
-
-def plan(
-    in_channels: int, split: int, kernel_sizes: Sequence[int], groups: Sequence[int]
-) -> tuple[str, ...]:
-    """The measured-faster formulation per branch ("merged" for all, or grouped/dense each)."""
-    size = max(kernel_sizes)
-    if size * size * in_channels * split * len(kernel_sizes) <= DENSE_MACS_LIMIT:
-        return ("merged",) * len(kernel_sizes)
-    return tuple(
-        "dense" if g > 1 and k * k * in_channels * split <= DENSE_MACS_LIMIT else "grouped"
-        for k, g in zip(kernel_sizes, groups, strict=True)
-    )
 
 
 def branch_convs(

@@ -24,7 +24,8 @@ from flax_attention.layers.common import (
     conv2d,
     linear,
 )
-from flax_attention.layers.tap_convs import SPATIAL_CONVS, apply_conv, resolve
+from flax_attention.layers.policy import Rule, check_formulation, resolve
+from flax_attention.layers.tap_convs import apply_conv
 
 Pool = Callable[[jax.Array, tuple[int, ...]], jax.Array]
 
@@ -159,9 +160,9 @@ class ChannelGate(nnx.Module):
 class SpatialGate(nnx.Module):
     """`x * sigmoid(bn(conv_kxk([pool_a over C, pool_b over C])))`; NHWC -> same shape.
 
-    `spatial_conv` ("auto", "conv", "shifts", "im2col"; layers.tap_convs) picks how the kxk
-    conv is computed; the parameters and the sums are the same. "auto": the formulation
-    measured fastest on this platform at this H x W (`tap_convs.AUTO`).
+    `formulation` ("auto", "conv", "shifts", "im2col" or a `policy.Rule`; layers.tap_convs)
+    says how the kxk conv is computed; the parameters and the sums are the same. "auto": the
+    formulation measured fastest on this device at this H x W (layers.policy, op "cbam").
     """
 
     def __init__(
@@ -172,16 +173,16 @@ class SpatialGate(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
-        spatial_conv: str = "auto",
+        formulation: str | Rule = "auto",
     ):
         check_choice("variant", variant, list(VARIANTS))
-        check_choice("spatial_conv", spatial_conv, SPATIAL_CONVS)
+        check_formulation("cbam", formulation)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
         spec = VARIANTS[variant]
         self.descriptor = spec.spatial_descriptor
         self.dtype = dtype
-        self.spatial_conv = spatial_conv
+        self.formulation = formulation
         self.conv = conv2d(2, 1, kernel_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.bn = BatchNorm(
             1, momentum=spec.bn_momentum, rngs=rngs, dtype=dtype, param_dtype=param_dtype
@@ -192,7 +193,7 @@ class SpatialGate(nnx.Module):
         `descriptor`, each (N, H, W) float32: `sigmoid(bn(conv([pooled[a], pooled[b]])))`.
         """
         s = jnp.stack([pooled[p] for p in self.descriptor], axis=-1).astype(self.dtype)
-        form = resolve(self.spatial_conv, "cbam", *s.shape[1:3])
+        form = resolve("cbam", self.formulation, s.shape[1] * s.shape[2])
         y = apply_conv(self.conv, s, form)
         return jax.nn.sigmoid(self.bn(y).astype(jnp.float32))
 
@@ -211,7 +212,7 @@ class SpatialGate(nnx.Module):
 class CBAM(nnx.Module):
     """Channel gate followed by spatial gate (no residual of its own); NHWC -> same shape.
 
-    `spatial_conv` picks how the spatial gate's conv is computed (SpatialGate). Inside a residual
+    `formulation` says how the spatial gate's conv is computed (SpatialGate). Inside a residual
     block in training mode the channel gate runs fused with the block's last BatchNorm
     (layers.norm_gate).
     """
@@ -228,13 +229,13 @@ class CBAM(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
-        spatial_conv: str = "auto",
+        formulation: str | Rule = "auto",
     ):
         kw = dict(variant=variant, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.channels = channels
         self.channel_gate = ChannelGate(channels, reduction, pool_types=pool_types, **kw)
         self.spatial_gate = (
-            SpatialGate(kernel_size, spatial_conv=spatial_conv, **kw) if spatial else None
+            SpatialGate(kernel_size, formulation=formulation, **kw) if spatial else None
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import jax
@@ -166,21 +165,3 @@ def check_positive(name: str, value: int, detail: str = "") -> None:
 def global_mean(x: jax.Array) -> jax.Array:
     """Mean over H and W of an NHWC array, accumulated in float32: (N, H, W, C) -> (N, C)."""
     return jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
-
-
-def platform() -> str:
-    """The default backend's platform as the measurement tables name it: "gpu", "cpu", "tpu"."""
-    backend = jax.default_backend()
-    return "gpu" if backend == "cuda" else backend
-
-
-def measured_choice(
-    table: dict[str, dict[str, tuple[tuple[int, str], ...]]], gate: str, hw: int
-) -> str | None:
-    """From a platform -> gate -> ((H * W, choice), ...) table of measurements (such as
-    `layers.tap_convs.AUTO`), this platform's choice for `gate` at the measured H * W nearest
-    `hw` in ratio; None where the platform or gate has no entry."""
-    rows = table.get(platform(), {}).get(gate)
-    if not rows:
-        return None
-    return min(rows, key=lambda row: abs(math.log(row[0] / hw)))[1]

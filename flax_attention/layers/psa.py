@@ -14,17 +14,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_attention.layers.branch_convs import FORMULATIONS, plan
-from flax_attention.layers.branch_convs import branch_convs as compute_branches
+from flax_attention.layers.branch_convs import branch_convs
 from flax_attention.layers.common import (
     Dtype,
-    check_choice,
     check_nhwc,
     check_positive,
     conv2d,
     global_mean,
     linear,
 )
+from flax_attention.layers.policy import BranchShape, Rule, resolve
 
 
 class SEWeight(nnx.Module):
@@ -46,9 +45,9 @@ class SEWeight(nnx.Module):
 class PSA(nnx.Module):
     """Pyramid Squeeze Attention; NHWC (N, H, W, in) -> (N, ceil(H/s), ceil(W/s), out).
 
-    `branch_convs` says how the grouped branch convolutions run (a `branch_convs.FORMULATIONS`
-    name, or "auto": per-shape choice measured faster on GPU); parameters and results are the
-    same for every choice.
+    `formulation` says how the grouped branch convolutions run: a `branch_convs.FORMULATIONS`
+    name, a `policy.Rule`, or "auto", this device's measured plan (layers.policy, op "psa";
+    "grouped" where unmeasured); parameters and results are the same for every choice.
     """
 
     def __init__(
@@ -60,19 +59,17 @@ class PSA(nnx.Module):
         stride: int = 1,
         *,
         reduction: int = 16,
-        branch_convs: str = "auto",
+        formulation: str | Rule = "auto",
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
     ):
         kernel_sizes, groups = tuple(kernel_sizes), tuple(groups)
         _validate(in_channels, out_channels, kernel_sizes, groups, stride, reduction)
-        check_choice("branch_convs", branch_convs, ("auto", *FORMULATIONS))
         split = out_channels // len(kernel_sizes)
-        if branch_convs == "auto":
-            self.formulations = plan(in_channels, split, kernel_sizes, groups)
-        else:
-            self.formulations = (branch_convs,) * len(kernel_sizes)
+        shape = BranchShape(in_channels, split, kernel_sizes, groups)
+        chosen = resolve("psa", formulation, shape)
+        self.formulations = (chosen,) * len(kernel_sizes) if isinstance(chosen, str) else chosen
         self.groups, self.stride = groups, stride
         dt = dict(dtype=dtype, param_dtype=param_dtype)
         self.in_channels = in_channels
@@ -90,7 +87,7 @@ class PSA(nnx.Module):
         x = x.astype(self.dtype)
         kernels = [conv.kernel[...].astype(self.dtype) for conv in self.convs]
         branches = list(zip(kernels, self.groups, strict=True))
-        feats = compute_branches(x, branches, self.stride, self.formulations)
+        feats = branch_convs(x, branches, self.stride, self.formulations)
         pooled = jnp.stack([global_mean(f) for f in feats])  # (S, N, split), float32
         weights = jax.nn.softmax(self.se(pooled.astype(self.dtype)), axis=0)
         weighted = [

@@ -14,7 +14,8 @@ formulations here compute the same sums from the k*k shifted views of the zero-p
 - `im2col`: the taps concatenated on the channel axis, (N, H, W, k*k*C_in), times the kernel
   reshaped to (k*k*C_in, C_out): one matrix product (and two backward);
 Products accumulate in float32; only the order of the additions differs between them.
-`auto` picks, per platform, gate and H*W, the one measured fastest (`AUTO`).
+Which one a gate runs is its `formulation` (layers.policy: "auto" is this device's measured
+choice at the gate's H*W).
 """
 
 from __future__ import annotations
@@ -28,21 +29,10 @@ from flax import nnx
 from jax import lax
 from jax.lax import Precision
 
-from flax_attention.layers.common import check_choice, measured_choice
+from flax_attention.layers import policy
+from flax_attention.layers.common import check_choice
 
-SPATIAL_CONVS = ("auto", "conv", "shifts", "im2col")
-FORMULATIONS = SPATIAL_CONVS[1:]
-
-# Platform -> gate -> ((H * W, the fastest formulation there), ...) for `spatial_conv="auto"`:
-# forward+backward of the gate at batch 128, bf16, the four ResNet-50 stage sizes. Written
-# from benchmarks/results/nvidia-h200/modules.json by `python -m benchmarks.auto_table`
-# (tests/test_benchmarks.py checks the two agree). Other platforms use the library conv.
-AUTO: dict[str, dict[str, tuple[tuple[int, str], ...]]] = {
-    "gpu": {
-        "cbam": ((3136, "shifts"), (784, "shifts"), (196, "shifts"), (49, "shifts")),
-        "bam": ((3136, "conv"), (784, "im2col"), (196, "im2col"), (49, "im2col")),
-    },
-}
+FORMULATIONS = policy.FORMULATIONS["cbam"]  # the same for BAM
 UNROLL_CHANNELS = 4  # up to this many channels in and out, `shifts` multiplies elementwise
 
 
@@ -160,23 +150,13 @@ FORMS: dict[str, Callable[..., jax.Array]] = {
 }
 
 
-def resolve(form: str, gate: str, height: int, width: int) -> str:
-    """The formulation `form` names for `gate` ("cbam", "bam") on an H x W input: `form`
-    itself, or for "auto" the `AUTO` entry of this platform whose H*W is nearest (in ratio);
-    "conv" where the platform or gate has none."""
-    check_choice("spatial_conv", form, SPATIAL_CONVS)
-    if form != "auto":
-        return form
-    return measured_choice(AUTO, gate, height * width) or "conv"
-
-
 def apply_conv(conv: nnx.Conv, x: jax.Array, form: str) -> jax.Array:
     """`conv(x)` computed by formulation `form` (one of FORMULATIONS) on NHWC x.
 
     `conv` must be stride 1, ungrouped, with square kernel and symmetric padding
     dilation*(k-1)//2 (`layers.common.conv2d`'s). Output (N, H, W, C_out) in `conv.dtype`.
     """
-    check_choice("spatial_conv", form, FORMULATIONS)
+    check_choice("formulation", form, FORMULATIONS)
     if form == "conv":
         return conv(x)
     size = conv.kernel[...].shape[0]
@@ -191,7 +171,7 @@ def apply_conv(conv: nnx.Conv, x: jax.Array, form: str) -> jax.Array:
             (pad, pad),
         )
     ):
-        raise ValueError(f"spatial_conv={form!r} needs a stride-1 ungrouped 'same' conv2d")
+        raise ValueError(f"formulation={form!r} needs a stride-1 ungrouped 'same' conv2d")
     bias = conv.bias[...] if conv.bias is not None else None
     x, kernel, bias = conv.promote_dtype((x, conv.kernel[...], bias), dtype=conv.dtype)
     y = FORMS[form](x, kernel, d, conv.precision)

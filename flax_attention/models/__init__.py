@@ -1,6 +1,6 @@
 """ResNet-family models (NHWC) with SE, CBAM, BAM or PSA attention, and their registry."""
 
-from flax_attention.models.blocks import (
+from flax_attention.architectures.blocks import (
     ATTENTION_PRESETS,
     BasicBlock,
     Bottleneck,
@@ -8,6 +8,7 @@ from flax_attention.models.blocks import (
     EPSABlock,
     make_attention,
 )
+from flax_attention.architectures.resnet import ResNet
 from flax_attention.models.pretrained import (
     HUB_WEIGHTS,
     HubWeights,
@@ -23,7 +24,6 @@ from flax_attention.models.registry import (
     list_models,
     natural_key,
 )
-from flax_attention.models.resnet import ResNet
 
 __all__ = [
     "ATTENTION_PRESETS",

@@ -10,10 +10,10 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from flax_attention.architectures.blocks import BasicBlock, Bottleneck, EPSABlock
+from flax_attention.architectures.resnet import ResNet
 from flax_attention.layers.common import Dtype
-from flax_attention.models.blocks import BasicBlock, Bottleneck, EPSABlock
 from flax_attention.models.pretrained import load_weights, read_weights
-from flax_attention.models.resnet import ResNet
 
 DEPTHS: dict[int, tuple[type, tuple[int, ...]]] = {
     18: (BasicBlock, (2, 2, 2, 2)),

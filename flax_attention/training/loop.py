@@ -30,7 +30,6 @@ from flax_attention import checkpoint, data
 from flax_attention.checkpoint_metadata import WEIGHT_SOURCE_ARGS
 from flax_attention.errors import DISK_FULL, NOT_WRITABLE, DataFileError, first_line
 from flax_attention.models import ResNet, create_model
-from flax_attention.models.pretrained import load_pretrained
 from flax_attention.training import run_record
 from flax_attention.training.checkpointing import TrainCheckpointer, abstract_like, is_finite
 from flax_attention.training.config import ConfigError, TrainConfig
@@ -41,6 +40,7 @@ from flax_attention.training.optim import make_optimizer, make_schedule
 from flax_attention.training.parallel import MeshForm, make_parallel
 from flax_attention.training.state import TrainState, create_train_state
 from flax_attention.training.steps import eval_step, train_step
+from flax_attention.training.warm_start import load_pretrained
 from flax_attention.training.workdir_lock import hold_workdir
 
 PRECISIONS: dict[str, Any] = {"fp32": jnp.float32, "bf16": jnp.bfloat16}

@@ -5,5 +5,5 @@ Each is `python -m benchmarks.lab.experiments.<name> [--quick] [--out DIR]` and 
 library through its public arguments; the suites users run are in the folder above.
 
 - `psa_convs`: PSA's branch convolutions in each formulation (`branch_convs.FORMULATIONS`),
-  the measurements behind `branch_convs.plan`.
+  the measurements behind the PSA rows of `layers.policy`.
 """

@@ -8,7 +8,7 @@ first block, strided from stage 2 on, and its other blocks, `blocks` of them):
   matrix units used at full width);
 - `merged` (whole module's convs): the four branches as one dense width -> width convolution
   with every kernel zero-padded to 9x9 and centred (same sums);
-- `auto` (whole module's convs): the library's choice per branch (`branch_convs.plan`).
+- `auto` (whole module's convs): the library's choice per branch on this device (layers.policy).
 The formulations are the library's (`flax_attention.layers.branch_convs`).
 TFLOP/s count the grouped convolutions' useful FLOPs (2 * MACs, forward + both gradients).
 Formulations measured on the H200 and removed from the library (their rows are in this
@@ -39,7 +39,8 @@ from benchmarks.device import device_slug
 from benchmarks.results import error_text
 from benchmarks.settings import Settings
 from benchmarks.timing import jax_sync, random_inputs, time_fn
-from flax_attention.layers.branch_convs import FORMULATIONS, branch_convs, plan
+from flax_attention.layers import policy
+from flax_attention.layers.branch_convs import FORMULATIONS, branch_convs
 
 BRANCHES = ((3, 1), (5, 4), (7, 8), (9, 16))
 # (stage, H=W of the input, width, stride, blocks of this shape in EPSANet-50), the shapes
@@ -63,12 +64,11 @@ def branch_fn(formulation: str, stride: int, groups: int):
 
 
 def module_fn(formulation: str, stride: int, width: int):
-    """All four branches; "auto" is the library's per-shape plan."""
-    split = width // len(BRANCHES)
+    """All four branches; "auto" is the library's per-shape plan on this device."""
     sizes, groups = zip(*BRANCHES, strict=True)
-    plans = (formulation,) * len(BRANCHES)
-    if formulation == "auto":
-        plans = plan(width, split, sizes, groups)
+    shape = policy.BranchShape(width, width // len(BRANCHES), sizes, groups)
+    plans = policy.resolve("psa", formulation, shape)
+    plans = (plans,) * len(BRANCHES) if isinstance(plans, str) else plans
 
     def f(x, kernels):
         branches = list(zip(kernels, groups, strict=True))

@@ -1,13 +1,14 @@
 """CBAM's and BAM's spatial-conv formulation per stage, timed in the whole training step.
 
-`layers.tap_convs.AUTO` picks, per stage size, the formulation of the spatial gates' convs
+`layers.policy`'s table picks, per device kind and stage size, the formulation of the spatial gates' convs
 (`conv`, `shifts`, `im2col`) that was fastest for the module alone (modules suite, batch 128).
 In the network the choice meets the rest of the step (what XLA fuses the taps with, cuDNN's
 algorithms at batch 256): the H200 profile of cbam_resnet50 (2026-11-30) shows `im2col` at
 28x28 writing its (N, H, W, 98) taps at 0.23 ms per block, and cuDNN's kernel gradient of the
 7x7 conv at 56x56 taking 0.24 ms per block. So this times the train suite's step (batch 256,
-bf16) with the library's table, then with one stage's entry swapped for each other
-formulation, one stage at a time; a row's `vs_auto_ms` is its step time minus the table's.
+bf16) with this device's table, then with one stage's entry swapped for each other
+formulation, one stage at a time (the model built with that per-size rule as its gates'
+formulation: the library's tables are never changed); a row's `vs_auto_ms` is its step time minus the table's.
 
 The H200 result (2026-11-30) is bam_resnet50's: every swap is slower than the table's (`conv`,
 `im2col`, `im2col`), by 1.0-1.1 ms at stage 1 and 0.2-0.8 ms at stages 2-3. That run also swapped
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import jax
@@ -38,10 +38,9 @@ from benchmarks.__main__ import SAMPLING
 from benchmarks.device import device_slug
 from benchmarks.results import error_text
 from benchmarks.settings import Settings
-from flax_attention.layers import tap_convs
-from flax_attention.layers.common import platform
+from flax_attention.layers import policy, tap_convs
 
-# model -> (its tap_convs.AUTO gate, how many stages have one: BAM sits after stages 1-3 only)
+# model -> (its gate's operation in layers.policy, how many stages have one: BAM sits after stages 1-3 only)
 GATES = {"cbam_resnet50": ("cbam", 4), "bam_resnet50": ("bam", 3)}
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -51,36 +50,26 @@ def stage_sizes(image: int) -> tuple[int, ...]:
     return tuple(image // stride for stride in (4, 8, 16, 32))
 
 
-@contextmanager
-def spatial_table(gate: str, choices: dict[int, str]) -> Iterator[None]:
-    """`tap_convs.AUTO` on this platform with `gate`'s entries set to `choices` (H*W ->
-    formulation) while the context lasts: the models built and traced inside it use them."""
-    key = platform()
-    saved = tap_convs.AUTO.get(key)
-    rows = tuple(sorted(choices.items(), reverse=True))
-    tap_convs.AUTO[key] = {**(saved or {}), gate: rows}
-    try:
-        yield
-    finally:
-        if saved is None:
-            del tap_convs.AUTO[key]
-        else:
-            tap_convs.AUTO[key] = saved
+def stage_rule(choices: dict[int, str]) -> policy.Nearest:
+    """The per-size rule that computes the gate at H*W by `choices[H*W]`."""
+    return policy.Nearest(tuple(sorted(choices.items(), reverse=True)))
 
 
-def measure(name: str, settings: Settings, batch: int, image: int) -> dict:
-    """The train suite's row of `name`'s step, with its convolutions counted in the compiled
-    HLO."""
-    step = train.flax_step(name, batch, image, settings.inputs)
+def measure(
+    name: str, settings: Settings, batch: int, image: int, formulations: policy.Formulations
+) -> dict:
+    """The train suite's row of `name`'s step computed as `formulations` says, with its
+    convolutions counted in the compiled HLO."""
+    step = train.flax_step(name, batch, image, settings.inputs, formulations)
     hlo = step.compiled.as_text()
     convolutions = hlo.count(" convolution(") + hlo.count("__cudnn$conv")
     return {**train.step_row(step, settings, batch), "hlo_convolutions": convolutions}
 
 
 def cases(sizes: tuple[int, ...], gate: str, stages: int) -> Iterator[tuple[int | None, dict]]:
-    """(swapped stage or None, H*W -> formulation): the library's table, then the first
+    """(swapped stage or None, H*W -> formulation): this device's table, then the first
     `stages` stages each with every other formulation."""
-    library = {h * h: tap_convs.resolve("auto", gate, h, h) for h in sizes}
+    library = {h * h: policy.choose(gate, h * h) for h in sizes}
     yield None, library
     for stage, h in enumerate(sizes[:stages], start=1):
         for form in tap_convs.FORMULATIONS:
@@ -117,8 +106,8 @@ def main(argv: list[str] | None = None) -> None:
             row = {"name": name, "swapped_stage": stage, "shape": [batch, image, image, 3]}
             row["formulations"] = [choices[h * h] for h in sizes]  # stages 1-4
             try:
-                with spatial_table(gate, choices):
-                    row.update(measure(name, settings, batch, image))
+                formulations = {gate: stage_rule(choices)}
+                row.update(measure(name, settings, batch, image, formulations))
                 if stage is None:
                     auto_ms = row["median_ms"]
                 elif auto_ms is not None:

@@ -7,10 +7,10 @@ Attention modules: senet.pytorch (SE), Jongchan/attention-module (CBAM, BAM), mu
 
 from __future__ import annotations
 
+from flax_attention.architectures import EPSABlock
 from flax_attention.convert.layouts.resnet import resnet_key_map
 from flax_attention.convert.tables import Child, Entry, KeyMap, Layer
 from flax_attention.layers import BAM, CBAM, PSA, SE, ChannelGate, SpatialGate
-from flax_attention.models import EPSABlock
 
 
 def _se(m: SE) -> list[Entry]:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from flax_attention.architectures import BasicBlock, Bottleneck, Downsample, ResNet
 from flax_attention.convert.tables import Child, Entry, KeyMap, Layer, Table
-from flax_attention.models import BasicBlock, Bottleneck, Downsample, ResNet
 
 AttentionKeys = Mapping[type, str]  # attention module class -> its PyTorch attribute name
 DEFAULT_ATTENTION_KEY = "attention"

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flax_attention.architectures.blocks import NO_FORMULATIONS, AttentionFactory, make_attention
+from flax_attention.architectures.stem import StemConv
 from flax_attention.kernels.max_pool import max_pool_3x3_s2
 from flax_attention.layers.batch_norm import BatchNorm
 from flax_attention.layers.common import (
@@ -24,8 +26,7 @@ from flax_attention.layers.common import (
     global_mean,
     linear,
 )
-from flax_attention.models.blocks import AttentionFactory, make_attention
-from flax_attention.models.stem import StemConv
+from flax_attention.layers.policy import AUTO, Formulations, check_formulations
 
 STEM_WIDTH = 64
 
@@ -37,7 +38,9 @@ class ResNet(nnx.Module):
     `attention` (None, preset name or factory) goes inside every block; `stage_attention` after
     every stage except the last, both built with `dtype` and `param_dtype`. In training mode each
     block's SE, or CBAM's channel gate, runs fused with the BatchNorm before it
-    (layers.norm_gate). `model(x, return_features=True)` returns `(logits, [stage1, ...,
+    (layers.norm_gate). `formulations` says how operations with several formulations are
+    computed (layers.policy: operation -> formulation, "auto" for those not named).
+    `model(x, return_features=True)` returns `(logits, [stage1, ...,
     stageS])`, each stage output (after its stage attention) in NHWC.
     """
 
@@ -53,16 +56,21 @@ class ResNet(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        formulations: Formulations = NO_FORMULATIONS,
     ):
         check_positive("num_classes", num_classes)
+        check_formulations(formulations)
         check_positive("in_channels", in_channels)
         if not layers or any(n < 1 for n in layers):
             raise ValueError(f"layers must be a non-empty list of positive counts, got {layers}")
         dt = dict(dtype=dtype, param_dtype=param_dtype)
-        block_kw = {} if attention is None else {"attention": attention}
+        block_kw = {"formulations": formulations}
+        if attention is not None:
+            block_kw["attention"] = attention
         self.in_channels = in_channels
         self.dtype = dtype
-        self.conv1 = StemConv(in_channels, STEM_WIDTH, 7, stride=2, rngs=rngs, **dt)
+        stem = formulations.get("stem", AUTO)
+        self.conv1 = StemConv(in_channels, STEM_WIDTH, 7, 2, rngs=rngs, formulation=stem, **dt)
         self.bn1 = BatchNorm(STEM_WIDTH, rngs=rngs, **dt)
         stages, width = [], STEM_WIDTH
         for i, depth in enumerate(layers):
@@ -77,7 +85,11 @@ class ResNet(nnx.Module):
         self.stage_attention = nnx.List(
             [
                 make_attention(
-                    stage_attention, STEM_WIDTH * 2**i * block.expansion, rngs=rngs, **dt
+                    stage_attention,
+                    STEM_WIDTH * 2**i * block.expansion,
+                    rngs=rngs,
+                    formulations=formulations,
+                    **dt,
                 )
                 for i in range(len(layers) - 1)
                 if stage_attention is not None

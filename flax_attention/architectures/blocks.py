@@ -9,6 +9,7 @@ models/epsanet.py (EPSABlock: PSA replaces the 3x3 conv and holds the stride).
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import MappingProxyType
 
 import jax
 import jax.numpy as jnp
@@ -25,16 +26,22 @@ from flax_attention.layers.common import (
     pointwise_conv,
 )
 from flax_attention.layers.norm_gate import FUSED_POOLS, batch_norm_channel_gate
+from flax_attention.layers.policy import AUTO, Formulations
 
 AttentionFactory = Callable[..., nnx.Module]
+NO_FORMULATIONS: Formulations = MappingProxyType({})  # every operation "auto"
 
-# Preset name -> factory(channels, *, rngs, dtype, param_dtype).
-ATTENTION_PRESETS: dict[str, AttentionFactory] = {
-    "se": lambda c, **kw: SE(c, 16, bias=False, **kw),  # senet.pytorch
-    "se_timm": lambda c, **kw: SE(c, 16, bias=True, rd_divisor=8, **kw),  # timm SEModule
-    "cbam": lambda c, **kw: CBAM(c, 16, variant="official", **kw),  # Jongchan
-    "cbam_timm": lambda c, **kw: CBAM(c, 16, variant="timm", **kw),  # timm CbamModule
-    "bam": lambda c, **kw: BAM(c, 16, **kw),  # Jongchan (between stages)
+# Preset name -> factory(channels, formulations, *, rngs, dtype, param_dtype).
+ATTENTION_PRESETS: dict[str, Callable[..., nnx.Module]] = {
+    "se": lambda c, f, **kw: SE(c, 16, bias=False, **kw),  # senet.pytorch
+    "se_timm": lambda c, f, **kw: SE(c, 16, bias=True, rd_divisor=8, **kw),  # timm SEModule
+    "cbam": lambda c, f, **kw: CBAM(  # Jongchan
+        c, 16, variant="official", formulation=f.get("cbam", AUTO), **kw
+    ),
+    "cbam_timm": lambda c, f, **kw: CBAM(  # timm CbamModule
+        c, 16, variant="timm", formulation=f.get("cbam", AUTO), **kw
+    ),
+    "bam": lambda c, f, **kw: BAM(c, 16, formulation=f.get("bam", AUTO), **kw),  # Jongchan
 }
 
 
@@ -45,16 +52,19 @@ def make_attention(
     rngs: nnx.Rngs,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
+    formulations: Formulations = NO_FORMULATIONS,
 ) -> nnx.Module | None:
-    """Build `attention` for `channels`: None, a preset name, or a factory called as
-    `f(channels, *, rngs, dtype, param_dtype)` (presets and factories alike)."""
+    """Build `attention` for `channels`: None, a preset name (built with the `formulations` of
+    its operation, layers.policy), or a factory called as `f(channels, *, rngs, dtype,
+    param_dtype)`."""
+    dt = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     if attention is None:
         return None
     if isinstance(attention, str):
         check_choice("attention", attention, list(ATTENTION_PRESETS))
-        attention = ATTENTION_PRESETS[attention]
+        return ATTENTION_PRESETS[attention](channels, formulations, **dt)
     if callable(attention):
-        return attention(channels, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        return attention(channels, **dt)
     raise ValueError(
         f"attention must be None, one of {list(ATTENTION_PRESETS)} or a factory "
         f"f(channels, *, rngs, dtype, param_dtype) -> nnx.Module; got {attention!r}"
@@ -91,7 +101,7 @@ class BasicBlock(nnx.Module):
     """3x3 (stride) -> BN -> ReLU -> 3x3 -> BN -> attention -> + shortcut -> ReLU.
 
     NHWC (N, H, W, in_channels) -> (N, ceil(H/stride), ceil(W/stride), planes). `attention` is
-    built by `make_attention` with `dtype` and `param_dtype`.
+    built by `make_attention` with `dtype`, `param_dtype` and `formulations`.
     """
 
     expansion = 1
@@ -106,6 +116,7 @@ class BasicBlock(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        formulations: Formulations = NO_FORMULATIONS,
     ):
         _check_block_args(in_channels, planes, stride)
         dt = dict(dtype=dtype, param_dtype=param_dtype)
@@ -116,7 +127,9 @@ class BasicBlock(nnx.Module):
         self.bn1 = BatchNorm(planes, rngs=rngs, **dt)
         self.conv2 = conv2d(planes, planes, 3, rngs=rngs, **dt)
         self.bn2 = BatchNorm(planes, rngs=rngs, **dt)
-        self.attention = make_attention(attention, out_channels, rngs=rngs, **dt)
+        self.attention = make_attention(
+            attention, out_channels, rngs=rngs, formulations=formulations, **dt
+        )
         self.downsample = make_shortcut(in_channels, out_channels, stride, rngs=rngs, **dt)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -130,7 +143,7 @@ class Bottleneck(nnx.Module):
     """1x1 -> BN -> ReLU -> 3x3 (stride) -> BN -> ReLU -> 1x1 (x4) -> BN -> attention -> add -> ReLU.
 
     NHWC (N, H, W, in_channels) -> (N, ceil(H/stride), ceil(W/stride), 4 * planes). `attention`
-    is built by `make_attention` with `dtype` and `param_dtype`.
+    is built by `make_attention` with `dtype`, `param_dtype` and `formulations`.
     """
 
     expansion = 4
@@ -145,6 +158,7 @@ class Bottleneck(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        formulations: Formulations = NO_FORMULATIONS,
     ):
         _check_block_args(in_channels, planes, stride)
         dt = dict(dtype=dtype, param_dtype=param_dtype)
@@ -157,7 +171,9 @@ class Bottleneck(nnx.Module):
         self.bn2 = BatchNorm(planes, rngs=rngs, **dt)
         self.conv3 = pointwise_conv(planes, out_channels, rngs=rngs, **dt)
         self.bn3 = BatchNorm(out_channels, rngs=rngs, **dt)
-        self.attention = make_attention(attention, out_channels, rngs=rngs, **dt)
+        self.attention = make_attention(
+            attention, out_channels, rngs=rngs, formulations=formulations, **dt
+        )
         self.downsample = make_shortcut(in_channels, out_channels, stride, rngs=rngs, **dt)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -172,7 +188,7 @@ class EPSABlock(nnx.Module):
     """EPSANet bottleneck: 1x1 -> BN -> ReLU -> PSA (stride) -> BN -> ReLU -> 1x1 (x4) -> BN.
 
     Then + shortcut -> ReLU. PSA(planes, planes) with kernels (3, 5, 7, 9) and groups
-    (1, 4, 8, 16) replaces the 3x3 conv. NHWC (N, H, W, in) -> (N, H/stride, W/stride, 4 * planes).
+    (1, 4, 8, 16), computed as `formulations["psa"]` says, replaces the 3x3 conv. NHWC (N, H, W, in) -> (N, H/stride, W/stride, 4 * planes).
     """
 
     expansion = 4
@@ -186,6 +202,7 @@ class EPSABlock(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        formulations: Formulations = NO_FORMULATIONS,
     ):
         _check_block_args(in_channels, planes, stride)
         dt = dict(dtype=dtype, param_dtype=param_dtype)
@@ -194,7 +211,10 @@ class EPSABlock(nnx.Module):
         self.dtype = dtype
         self.conv1 = pointwise_conv(in_channels, planes, rngs=rngs, **dt)
         self.bn1 = BatchNorm(planes, rngs=rngs, **dt)
-        self.conv2 = PSA(planes, planes, stride=stride, rngs=rngs, **dt)
+        psa_formulation = formulations.get("psa", AUTO)
+        self.conv2 = PSA(
+            planes, planes, stride=stride, formulation=psa_formulation, rngs=rngs, **dt
+        )
         self.bn2 = BatchNorm(planes, rngs=rngs, **dt)
         self.conv3 = pointwise_conv(planes, out_channels, rngs=rngs, **dt)
         self.bn3 = BatchNorm(out_channels, rngs=rngs, **dt)
