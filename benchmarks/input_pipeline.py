@@ -193,7 +193,8 @@ def synthetic_step_row(res: Results, shape: Shape, settings: Settings) -> float:
     from functools import partial
 
     from flax_attention.training import create_train_state, make_optimizer, make_parallel
-    from flax_attention.training.loop import PRECISIONS, build_model
+    from flax_attention.training.config import PRECISIONS
+    from flax_attention.training.loop import build_model
     from flax_attention.training.steps import train_step
 
     spec = data.get_spec(DATASET)

@@ -58,3 +58,7 @@ def first_line(err: BaseException, limit: int = 300) -> str:
 
 class DataFileError(Exception):
     """A dataset file that cannot be read (corrupt or truncated); one line naming it."""
+
+
+class ConfigError(ValueError):
+    """A training configuration value (or config file) that cannot be used; one line."""

@@ -6,10 +6,9 @@ from flax_attention.training.checkpointing import (
     CorruptCheckpointError,
     TrainCheckpointer,
 )
-from flax_attention.training.config import ConfigError, TrainConfig
+from flax_attention.training.config import PRECISIONS, ConfigError, TrainConfig
 from flax_attention.training.evaluate import evaluate
 from flax_attention.training.loop import (
-    PRECISIONS,
     TrainingDivergedError,
     TrainingInterruptedError,
     build_model,

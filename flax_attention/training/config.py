@@ -12,7 +12,6 @@ epochs (`"2ep"`, `"0.5ep"`); `in_steps()` turns them into steps once the epoch l
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import os
 import re
@@ -22,22 +21,23 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
+
+from flax_attention import data
+from flax_attention.errors import ConfigError
+from flax_attention.models import MODELS
+from flax_attention.training.optim import OPTIMIZERS, SCHEDULES
+from flax_attention.training.parallel import PARALLEL
+from flax_attention.training.steps import GRAD_SYNCS
+
+PRECISIONS: dict[str, Any] = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
 _EPOCHS = re.compile(r"(\d+(?:\.\d*)?|\.\d+)ep")
 
 
-class ConfigError(ValueError):
-    """A training configuration value (or config file) that cannot be used; one line."""
-
-
-def _registry(module: str, name: str, *, sort: bool = True) -> Callable[[], list[str]]:
-    """The names registered in ``module.name``, read when asked: those modules import this
-    one, so they cannot be imported here at load time."""
-
-    def names() -> list[str]:
-        registry = getattr(importlib.import_module(module), name)
-        return sorted(registry) if sort else list(registry)
-
-    return names
+def _names(registry: Any, *, sort: bool = True) -> Callable[[], list[str]]:
+    """The names registered in `registry` (a mapping or a sequence), read when asked."""
+    return lambda: sorted(registry) if sort else list(registry)
 
 
 def _at_least(bound: float) -> Callable[[Any], str | None]:
@@ -116,7 +116,7 @@ class TrainConfig:
     model: str = _field(
         "se_resnet18",
         help="registered model (flax-attention list)",
-        choices=_registry("flax_attention.models", "MODELS"),
+        choices=_names(MODELS),
     )
     pretrained: str | None = _field(
         None,
@@ -128,7 +128,7 @@ class TrainConfig:
     dataset: str = _field(
         "digits",
         help="dataset (digits: embedded, no download)",
-        choices=_registry("flax_attention.data", "DATASETS"),
+        choices=_names(data.DATASETS),
     )
     data_dir: str | None = _field(
         None,
@@ -159,12 +159,12 @@ class TrainConfig:
     optimizer: str = _field(
         "sgd",
         help="optimizer; weight decay applies to conv/linear kernels only",
-        choices=_registry("flax_attention.training.optim", "OPTIMIZERS"),
+        choices=_names(OPTIMIZERS),
     )
     schedule: str = _field(
         "cosine",
         help="learning-rate schedule, after a linear warm-up from 0",
-        choices=_registry("flax_attention.training.optim", "SCHEDULES"),
+        choices=_names(SCHEDULES),
     )
     warmup_steps: int = _field(0, help="linear warm-up steps", check=_at_least(0))
     weight_decay: float = _field(
@@ -180,14 +180,14 @@ class TrainConfig:
         help="jit: one jax.jit step over a mesh of all devices (batch sharded, shard_map body, "
         "global BatchNorm statistics); pmap: jax.pmap with cross-replica BatchNorm; none: one "
         "device",
-        choices=_registry("flax_attention.training.parallel", "PARALLEL"),
+        choices=_names(PARALLEL),
     )
     grad_sync: str = _field(
         "flat",
         help="gradient all-reduce: flat (one all-reduce of all gradients concatenated, after the "
         "backward), end (a pmean of the gradient tree after the backward) or backward (each "
         "parameter's as the backward produces it)",
-        choices=_registry("flax_attention.training.steps", "GRAD_SYNCS", sort=False),
+        choices=_names(GRAD_SYNCS, sort=False),
     )
     bn_group_size: int = _field(
         0,
@@ -198,7 +198,7 @@ class TrainConfig:
     precision: str = _field(
         "fp32",
         help="bf16: bfloat16 compute, float32 parameters, optimizer state and BatchNorm statistics",
-        choices=_registry("flax_attention.training.loop", "PRECISIONS", sort=False),
+        choices=_names(PRECISIONS, sort=False),
     )
     seed: int = _field(0, help="seed of the initialisation and the data order", check=_at_least(0))
     resume: bool = _field(
@@ -224,7 +224,7 @@ class TrainConfig:
         "auto",
         help="JPEG decoding: cpu, gpu (nvImageCodec), hybrid (part of every batch on the CPU "
         "workers, the rest on the GPU) or auto (gpu when available)",
-        choices=_registry("flax_attention.data", "DECODERS", sort=False),
+        choices=_names(data.DECODERS, sort=False),
     )
     decode_threads: int = _field(
         3,
@@ -348,7 +348,7 @@ def _check_model_fits_dataset(model_kwargs: Mapping[str, Any], dataset: str) -> 
     model with another head trains, then cannot be evaluated on it); else `ConfigError`."""
     if not model_kwargs.keys() & {"num_classes", "in_channels"}:
         return
-    spec = importlib.import_module("flax_attention.data").DATASETS[dataset]  # a registry entry
+    spec = data.DATASETS[dataset]  # a registry entry, no data read
     wanted = {
         "num_classes": (spec.num_classes, "classes"),
         "in_channels": (spec.channels, "channels"),

@@ -32,7 +32,7 @@ from flax_attention.errors import DISK_FULL, NOT_WRITABLE, DataFileError, first_
 from flax_attention.models import ResNet, create_model
 from flax_attention.training import run_record
 from flax_attention.training.checkpointing import TrainCheckpointer, abstract_like, is_finite
-from flax_attention.training.config import ConfigError, TrainConfig
+from flax_attention.training.config import PRECISIONS, ConfigError, TrainConfig
 from flax_attention.training.evaluate import evaluate
 from flax_attention.training.interrupt import StopOnInterrupt
 from flax_attention.training.metrics import Meter, MetricsLog, plot_curves
@@ -43,7 +43,6 @@ from flax_attention.training.steps import eval_step, train_step
 from flax_attention.training.warm_start import load_pretrained
 from flax_attention.training.workdir_lock import hold_workdir
 
-PRECISIONS: dict[str, Any] = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 DEFAULT_WEIGHTS = "default"  # --pretrained default: the model's default Hub weights
 
 

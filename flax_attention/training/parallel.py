@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from flax_attention.training.config import ConfigError
+from flax_attention.errors import ConfigError
 from flax_attention.training.state import TrainState, set_batchnorm_axis_name
 from flax_attention.training.steps import GRAD_SYNCS, Batch, Metrics
 
