@@ -112,7 +112,7 @@ def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
     "kwargs, expected",
     [
         ("{foo: 1}", "model_kwargs: unknown keys ['foo']; known keys: ['attention'"),
-        ("{impl: fastest}", "model_kwargs {'impl': 'fastest'}: "),
+        ("{attention: fastest}", "model_kwargs {'attention': 'fastest'}: "),
     ],
     ids=["unknown", "bad-value"],
 )

@@ -30,6 +30,7 @@ from flax_attention import checkpoint, data
 from flax_attention.checkpoint_metadata import WEIGHT_SOURCE_ARGS
 from flax_attention.errors import DISK_FULL, NOT_WRITABLE, DataFileError, first_line
 from flax_attention.models import ResNet, create_model
+from flax_attention.models.registry import refuse_removed_args
 from flax_attention.training import run_record
 from flax_attention.training.checkpointing import TrainCheckpointer, abstract_like, is_finite
 from flax_attention.training.config import PRECISIONS, ConfigError, TrainConfig
@@ -499,7 +500,12 @@ def _readable_source(cfg: TrainConfig, split: str) -> Any:
 
 
 def _check_model_kwargs(model_kwargs: dict[str, Any]) -> None:
-    """`ConfigError` naming the `model_kwargs` keys that no model constructor takes."""
+    """`ConfigError` naming the `model_kwargs` keys that no model constructor takes, or one
+    that was removed (`REMOVED_ARGS`, with why)."""
+    try:
+        refuse_removed_args(model_kwargs)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     known = set(inspect.signature(ResNet.__init__).parameters)
     known |= set(inspect.signature(create_model).parameters)
     known -= {"self", "name", "block", "layers", "rngs", "dtype", "kw"}  # the run's own
