@@ -1,6 +1,7 @@
 """The training configuration: flags from TrainConfig's fields, every bad value or config file
-refused in one line (exit status 2) before any data or model is touched, the README's flag table
-generated from the dataclass, intervals in epochs, and the packaging of the program."""
+refused in one line (exit status 2) before any data or model is touched, the flag table of
+docs/training.md generated from the dataclass, intervals in epochs, and the packaging of the
+program."""
 
 from __future__ import annotations
 
@@ -208,11 +209,11 @@ def test_shipped_configs_are_valid(tmp_path):
         TrainConfig.from_dict({**values, "workdir": str(tmp_path)})
 
 
-def test_readme_flag_table_is_generated_from_the_dataclass():
-    readme = (ROOT / "README.md").read_text()
+def test_docs_flag_table_is_generated_from_the_dataclass():
+    page = (ROOT / "docs" / "training.md").read_text()
     table = flags_markdown()
-    assert table in readme, (
-        "README's flag table differs from TrainConfig; paste the output of\n"
+    assert table in page, (
+        "docs/training.md's flag table differs from TrainConfig; paste the output of\n"
         "python -c 'from flax_attention.cli.train import flags_markdown as f; print(f())'"
     )
     names = []

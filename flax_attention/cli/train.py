@@ -194,8 +194,8 @@ def parse_config(argv: Sequence[str] | None) -> TrainConfig:
 
 
 def flags_markdown() -> str:
-    """The README's flag table, generated from `TrainConfig` (tests/test_train_config.py checks
-    that the README holds exactly this)."""
+    """The flag table of docs/training.md, generated from `TrainConfig`
+    (tests/test_train_config.py checks that the page holds exactly this)."""
     rows = [
         "| flag | default | meaning |",
         "|---|---|---|",

@@ -7,8 +7,9 @@ FILE the repository's `model.safetensors`, else its `pytorch_model.bin`, is used
 
 `HUB_WEIGHTS` lists Hub weights known to fit a registered model, with their key layout; the
 first entry of a model is its default (`create_model(name, pretrained=True)`). The authors of
-CBAM/BAM (Jongchan/attention-module) and senet.pytorch publish their checkpoints elsewhere (the
-README's "Pretrained weights" says where); pass the downloaded file as `pretrained=PATH`.
+CBAM/BAM (Jongchan/attention-module) and senet.pytorch publish their checkpoints elsewhere
+("Pretrained weights" in docs/models.md says where); pass the downloaded file as
+`pretrained=PATH`.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def read_weights(name: str, pretrained: bool | str | os.PathLike, default_layout
             raise ValueError(
                 f"no default pretrained weights for {name!r} (Hub weights are known for "
                 f"{', '.join(with_weights)}); pass pretrained=PATH to a checkpoint file (the "
-                "README's 'Pretrained weights' lists where the authors publish theirs)"
+                "'Pretrained weights' of docs/models.md lists where the authors publish theirs)"
             )
         source = known[0].source
     elif isinstance(pretrained, str | os.PathLike):

@@ -1,9 +1,9 @@
 """The training configuration: one flat dataclass, filled from defaults, a config file, flags.
 
 `TrainConfig` is the single source of truth: the program's flags, their help, defaults and
-choices, the README's flag table and every check below are derived from its fields. A config is
-validated when it is built (and again by `fit`), before any data or model is touched: a bad
-value raises `ConfigError`, one line naming the field.
+choices, the flag table of docs/training.md and every check below are derived from its fields.
+A config is validated when it is built (and again by `fit`), before any data or model is
+touched: a bad value raises `ConfigError`, one line naming the field.
 
 Intervals (`log_every`, `eval_every`, `checkpoint_every`) count optimizer steps (`100`) or
 epochs (`"2ep"`, `"0.5ep"`); `in_steps()` turns them into steps once the epoch length is known.
