@@ -2,7 +2,7 @@
 step, ours and PyTorch's, from the same run.
 
 `python -m benchmarks.lab.headline [benchmarks/results/<device>/train.json]` prints the caption and
-the markdown table to paste into README.md; tests/test_readme.py checks that the README's table
+the markdown table to paste into README.md; benchmarks/tests/test_lab.py checks that the README's table
 is what this prints for the file its caption names.
 """
 
