@@ -1,9 +1,19 @@
-"""Test-wide setup: 8 simulated CPU devices (set before JAX starts) and float32 matmuls."""
+"""Test-wide setup: 8 simulated CPU devices (set before JAX starts), float32 matmuls, and one
+XLA compilation cache for the whole run: the pytest workers and the processes that tests start
+inherit its folder, so a program whose compile took a second or more (JAX's threshold: a
+model's training step, say) is loaded by every later test that builds it. The folder is new
+for each run and removed after it."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the first conftest of the run makes it
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="flax-attention-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import jax
 

@@ -68,7 +68,8 @@ def flax_grads(module: nnx.Module, x: np.ndarray, upstream: np.ndarray):
         y = m(xx)
         return jnp.sum(y * upstream), y
 
-    (g_module, g_x), y = nnx.grad(loss, argnums=(0, 1), has_aux=True)(module, jnp.asarray(x))
+    grads = nnx.jit(nnx.grad(loss, argnums=(0, 1), has_aux=True))
+    (g_module, g_x), y = grads(module, jnp.asarray(x))
     holder = nnx.clone(module)
     nnx.update(holder, g_module)
     return y, g_x, holder

@@ -172,7 +172,7 @@ def test_gates_are_the_same_under_every_spatial_conv(gate: str, form: str, monke
         def loss(state, x):
             return jnp.sum(nnx.merge(graphdef, state)(x) * dy)
 
-        return jax.grad(loss, argnums=(0, 1))(state, x)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(state, x)
 
     assert_close(other(x), base(x), f"{gate} output", tol=1e-6)
     for got, want in zip(

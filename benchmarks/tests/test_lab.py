@@ -44,17 +44,18 @@ def test_autotune_store_round_trip_keeps_entries_already_cached(tmp_path):
 
 
 def test_record_autotune_compiles_alone_and_writes_the_device_archive(tmp_path):
-    """`python -m benchmarks.lab.autotune` on CPU: the shard compiles in a worker and the device's archive is
-    written (empty: XLA autotunes only on GPUs), nothing is timed."""
+    """`python -m benchmarks.lab.autotune` on CPU: the shard (resnet18's step) compiles in a
+    worker and the device's archive is written (empty: XLA autotunes only on GPUs), nothing is
+    timed."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "benchmarks.lab.autotune", "--quick", "--suites", "train"]
-    cmd += ["--models", "resnet50", "--autotune-dir", str(tmp_path / "autotune")]
+    cmd += ["--models", "resnet18", "--autotune-dir", str(tmp_path / "autotune")]
     cmd += ["--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     (archive,) = (tmp_path / "autotune").glob("*-quick.tar.gz")
     assert read_autotune_store(archive) == {}
-    assert "warm 1/1 train resnet50 flax: ok" in done.stdout
+    assert "warm 1/1 train resnet18 flax: ok" in done.stdout
     assert not (tmp_path / "out").exists()
 
 
@@ -81,12 +82,12 @@ def test_profile_gates_quick_run_lists_every_kernel(tmp_path):
 
 
 def test_profile_step_keeps_every_instruction_with_top_zero(tmp_path):
-    """`python -m benchmarks.lab.profile_step --quick --top 0` on CPU: the resnet50 step's every
+    """`python -m benchmarks.lab.profile_step --quick --top 0` on CPU: the resnet18 step's every
     instruction, their launches adding up to the step's kernels (the default keeps 25)."""
     from benchmarks.lab import profile_step
 
     profile_step.main(
-        ["--quick", "--models", "resnet50", "--steps", "1", "--top", "0", "--out", str(tmp_path)]
+        ["--quick", "--models", "resnet18", "--steps", "1", "--top", "0", "--out", str(tmp_path)]
     )
     (row,) = json.loads((tmp_path / "profile_step.json").read_text())["rows"]
     assert "error" not in row, row.get("error")
