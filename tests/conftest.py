@@ -18,3 +18,29 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the first conftest of the r
 import jax
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+TINY_MODEL = "tiny_se_resnet"  # one SE BasicBlock stage: fast to compile and run on CPU
+
+
+@pytest.fixture
+def tiny_model(monkeypatch) -> str:
+    """Registers the tiny model ("tiny_se_resnet") for the test; returns its name."""
+    from flax_attention.architectures import BasicBlock
+    from flax_attention.models import MODELS, ModelSpec
+
+    spec = ModelSpec(TINY_MODEL, BasicBlock, (1,), "test", "official", {"attention": "se"})
+    monkeypatch.setitem(MODELS, TINY_MODEL, spec)
+    return TINY_MODEL
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A tfds data_dir holding the embedded digits dataset, built once for the module."""
+    from flax_attention import data
+
+    path = tmp_path_factory.mktemp("tfds")
+    data.build_digits(path)
+    return path

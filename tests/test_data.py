@@ -34,14 +34,6 @@ def tfds():
     return tensorflow_datasets
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A tfds data_dir holding the embedded digits dataset, built once for the module."""
-    path = tmp_path_factory.mktemp("tfds")
-    data.build_digits(path)
-    return path
-
-
 def _arrays(source) -> tuple[np.ndarray, np.ndarray]:
     records = [source[i] for i in range(len(source))]
     return np.stack([r["image"] for r in records]), np.array([r["label"] for r in records])

@@ -26,17 +26,7 @@ from flax_attention.training.evaluate import evaluate
 TINY = "tiny_se_resnet"
 
 
-@pytest.fixture(autouse=True)
-def tiny_model(monkeypatch):
-    spec = ModelSpec(TINY, BasicBlock, (1,), "test", "official", {"attention": "se"})
-    monkeypatch.setitem(MODELS, TINY, spec)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tfds")
-    data.build_digits(path)
-    return path
+pytestmark = pytest.mark.usefixtures("tiny_model")
 
 
 def argv(data_dir, workdir, *more: str) -> list[str]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flax_attention import checkpoint, data
+from flax_attention import checkpoint
 from flax_attention.cli.train import main
 from flax_attention.convert import to_torch_state_dict
 from flax_attention.models import MODELS, BasicBlock, ModelSpec, create_model, registry
@@ -25,13 +25,6 @@ def tiny_models(monkeypatch):
     for name, attention in ((TINY, "se"), (OTHER, "cbam")):
         spec = ModelSpec(name, BasicBlock, (1,), "test", "official", {"attention": attention})
         monkeypatch.setitem(MODELS, name, spec)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tfds")
-    data.build_digits(path)
-    return path
 
 
 def config(data_dir, workdir, **kw) -> TrainConfig:

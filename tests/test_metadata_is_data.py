@@ -14,15 +14,12 @@ from PIL import Image
 from flax_attention import checkpoint
 from flax_attention.cli import main as cli_main
 from flax_attention.convert import to_torch_state_dict
-from flax_attention.models import MODELS, BasicBlock, ModelSpec, create_model, pretrained, registry
+from flax_attention.models import create_model, pretrained, registry
 
 TINY = "tiny_se_resnet"
 
 
-@pytest.fixture(autouse=True)
-def tiny_model(monkeypatch):
-    spec = ModelSpec(TINY, BasicBlock, (1,), "test", "official", {"attention": "se"})
-    monkeypatch.setitem(MODELS, TINY, spec)
+pytestmark = pytest.mark.usefixtures("tiny_model")
 
 
 @pytest.fixture

@@ -13,15 +13,12 @@ from flax_attention import checkpoint, data
 from flax_attention.cli import main as cli_main
 from flax_attention.cli.train import main as train_main
 from flax_attention.convert import to_torch_state_dict
-from flax_attention.models import MODELS, BasicBlock, ModelSpec, create_model
+from flax_attention.models import create_model
 
 TINY = "tiny_se_resnet"  # one SE BasicBlock stage: fast to build, convert and train on CPU
 
 
-@pytest.fixture(autouse=True)
-def tiny_model(monkeypatch):
-    spec = ModelSpec(TINY, BasicBlock, (1,), "test", "official", {"attention": "se"})
-    monkeypatch.setitem(MODELS, TINY, spec)
+pytestmark = pytest.mark.usefixtures("tiny_model")
 
 
 @pytest.fixture

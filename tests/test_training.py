@@ -50,17 +50,7 @@ MAKE_LOADER = data.make_loader
 TINY = "tiny_se_resnet"  # one SE BasicBlock stage: fast to compile and run on CPU
 
 
-@pytest.fixture(autouse=True)
-def tiny_model(monkeypatch):
-    spec = ModelSpec(TINY, BasicBlock, (1,), "test", "official", {"attention": "se"})
-    monkeypatch.setitem(MODELS, TINY, spec)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tfds")
-    data.build_digits(path)
-    return path
+pytestmark = pytest.mark.usefixtures("tiny_model")
 
 
 def tiny_resnet(in_channels: int = 1, seed: int = 0) -> ResNet:
