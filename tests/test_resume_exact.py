@@ -11,13 +11,11 @@ import shutil
 import numpy as np
 import pytest
 from flax import nnx
-from test_training import (  # noqa: F401 (fixtures)
+from test_training import (
     TINY,
     config,
-    data_dir,
     flat,
     tiny_abstract_state,
-    tiny_model,
 )
 
 from flax_attention import checkpoint
@@ -26,9 +24,11 @@ from flax_attention.training import ConfigError, TrainCheckpointer, fit
 
 RECORD_NAME = "run_config.json"
 
+pytestmark = pytest.mark.usefixtures("tiny_model")
+
 
 @pytest.fixture(scope="module")
-def finished(data_dir, tmp_path_factory):  # noqa: F811
+def finished(data_dir, tmp_path_factory):
     """A finished 4-step run (cosine schedule) with checkpoints at steps 2 and 4."""
     from flax_attention.models import MODELS, BasicBlock, ModelSpec
 
@@ -75,7 +75,7 @@ def test_the_record_names_the_trajectory_config(finished):
     ids=["batch_size", "seed", "lr", "fewer-steps", "model_kwargs"],
 )
 def test_resume_with_another_trajectory_is_refused_before_writing(
-    data_dir,  # noqa: F811
+    data_dir,
     finished,
     tmp_path,
     change,
@@ -91,7 +91,7 @@ def test_resume_with_another_trajectory_is_refused_before_writing(
 
 
 def test_resume_with_two_changes_lists_both_keys_on_one_line(
-    data_dir,  # noqa: F811
+    data_dir,
     finished,
     tmp_path,
     capsys,
@@ -109,7 +109,7 @@ def test_resume_with_two_changes_lists_both_keys_on_one_line(
 
 
 def test_settings_that_do_not_change_the_trajectory_may_change(
-    data_dir,  # noqa: F811
+    data_dir,
     finished,
     tmp_path,
 ):
@@ -119,7 +119,7 @@ def test_settings_that_do_not_change_the_trajectory_may_change(
 
 
 def test_growing_a_cosine_run_restretches_the_schedule_and_says_so(
-    data_dir,  # noqa: F811
+    data_dir,
     finished,
     tmp_path,
     capsys,
@@ -133,7 +133,7 @@ def test_growing_a_cosine_run_restretches_the_schedule_and_says_so(
 
 
 def test_growing_a_constant_schedule_run_equals_the_longer_run(
-    data_dir,  # noqa: F811
+    data_dir,
     tmp_path,
     capsys,
 ):
@@ -182,7 +182,7 @@ def test_an_edited_data_position_is_refused_as_corrupt(finished, tmp_path, capsy
     ],
 )
 def test_a_model_that_does_not_fit_the_dataset_is_refused(
-    data_dir,  # noqa: F811
+    data_dir,
     tmp_path,
     name,
     wrong,
