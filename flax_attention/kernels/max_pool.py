@@ -60,10 +60,10 @@ def _forward(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return best, winner
 
 
-def _input_grad(g: jax.Array, winner: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Scatter-free backward: `g` and `winner` `(N, Ho, Wo, C)` -> the gradient of `shape`."""
-    n, h, w, c = shape
-    ho, wo = g.shape[1], g.shape[2]
+def _input_grad(g: jax.Array, winner: jax.Array, h: int, w: int) -> jax.Array:
+    """Scatter-free backward: `g` and `winner` `(N, Ho, Wo, C)` -> the gradient of the
+    `(N, h, w, C)` input."""
+    n, ho, wo, c = g.shape
     g_pad = jnp.pad(g, ((0, 0), (0, 1), (0, 1), (0, 0)))
     winner_pad = jnp.pad(winner, ((0, 0), (0, 1), (0, 1), (0, 0)), constant_values=-1)
 
@@ -96,8 +96,7 @@ def _pool_fwd(h: int, w: int, x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _pool_bwd(h: int, w: int, winner: jax.Array, g: jax.Array) -> tuple[jax.Array]:
-    n, _, _, c = g.shape
-    return (_input_grad(g, winner, (n, h, w, c)),)
+    return (_input_grad(g, winner, h, w),)
 
 
 _pool.defvjp(_pool_fwd, _pool_bwd)

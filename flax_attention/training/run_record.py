@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from flax_attention.training.config import ConfigError, TrainConfig
+from flax_attention.training.metrics import replace_atomically
 from flax_attention.training.optim import make_schedule
 
 RECORD_NAME = "run_config.json"
@@ -84,18 +84,15 @@ def read_record(workdir: Path) -> dict[str, Any] | None:
 
 def write_record(workdir: Path, record: dict[str, Any]) -> None:
     """Write `record` to `workdir`'s run record atomically (a temporary file renamed over it)."""
-    path = record_path(workdir)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{RECORD_NAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "w") as file:
             json.dump(record, file, indent=1, sort_keys=True)
             file.write("\n")
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+
+    replace_atomically(record_path(workdir), write)
 
 
 def check_resume(workdir: Path, record: dict[str, Any], step: int) -> list[str]:
