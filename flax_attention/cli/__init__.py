@@ -5,6 +5,7 @@ flax-attention train [--config NAME|PATH] [flags]   (see `flax-attention train -
 flax-attention convert SRC.pth OUTDIR --model NAME [--layout official|timm] [--num-classes N]
                        [--key ENTRY] [--dataset NAME] [--no-strict] [--overwrite]
 flax-attention eval MODEL_DIR [--dataset NAME] [--data-dir D] [--batch-size B] [--split S]
+                    [--decoder auto|cpu|gpu]
 flax-attention predict MODEL_DIR IMAGE... [--dataset NAME]
 flax-attention list [SUBSTRING]
 
@@ -148,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--split", metavar="SPLIT", help="tfds split (default: the dataset's evaluation split)"
+    )
+    evaluate.add_argument(
+        "--decoder",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="where JPEGs are decoded: gpu (every local GPU its rows), cpu, or auto (the GPUs "
+        "where they can, else the CPU); default: auto",
     )
     evaluate.set_defaults(run=cmd_eval)
 

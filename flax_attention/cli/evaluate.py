@@ -1,5 +1,6 @@
-"""`flax-attention eval` and `predict`: a saved model over a dataset split, or on image files,
-with the dataset's evaluation preprocessing. Memory stays bounded: the evaluation batch is at
+"""`flax-attention eval` and `predict`: a saved model over a dataset split (its JPEGs decoded on
+the host or on the GPU, ``--decoder``), or on image files, with the dataset's evaluation
+preprocessing. Memory stays bounded: the evaluation batch is at
 most the split and what this machine holds, images are read in batches of ``PREDICT_BATCH``,
 and an image past the pixel budget is refused before it is decoded."""
 
@@ -41,25 +42,44 @@ CLASS_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _restore_for(args: argparse.Namespace) -> tuple[nnx.Module, str, int]:
-    """The model of `args.model_dir` (eval mode), the dataset whose preprocessing it takes
-    (`--dataset`, else the one recorded at save) and its input size."""
+def _dataset_for(args: argparse.Namespace) -> tuple[dict, str]:
+    """The metadata of `args.model_dir` and the dataset whose preprocessing the model takes
+    (`--dataset`, else the one recorded at save)."""
     metadata = checkpoint.read_metadata(args.model_dir)
     name = args.dataset or metadata["dataset"]
     if name is None:
         raise UsageError(
             f"{args.model_dir} records no dataset (converted weights?); pass --dataset NAME"
         )
+    return metadata, name
+
+
+def _restore_for(args: argparse.Namespace) -> tuple[nnx.Module, str, int]:
+    """The model of `args.model_dir` (eval mode), the dataset whose preprocessing it takes
+    (`--dataset`, else the one recorded at save) and its input size."""
+    metadata, name = _dataset_for(args)
     size = metadata["image_size"] if name == metadata["dataset"] else None
     return checkpoint.restore(None, args.model_dir), name, size or data.get_spec(name).image_size
 
 
+def _eval_decoder(args: argparse.Namespace) -> data.Decoder:
+    """`--decoder` for the model's dataset, its process setup done before JAX first uses the
+    GPU; `UsageError` when it cannot be used here."""
+    _, name = _dataset_for(args)
+    data.prepare_decoding(args.decoder, name)
+    try:
+        return data.choose_decoder(args.decoder, name)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Print top-1, top-5 and loss of the model in `args.model_dir` over a dataset split."""
-    from flax_attention.training.evaluate import pad_batch
+    from flax_attention.training.evaluate import batch_template, pad_batch
     from flax_attention.training.state import TrainState  # optax: not needed by the others
     from flax_attention.training.steps import eval_step
 
+    decoder = _eval_decoder(args)
     model, name, size = _restore_for(args)
     spec = data.get_spec(name)
     if model.fc.out_features != spec.num_classes:
@@ -80,13 +100,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         split=split,
         image_size=size,
+        decoder=decoder,
     )
+    pad = data.pad_plans if decoder.eval_on_device else pad_batch
+    decode = decoder.input_to_device(lambda batch: batch, size)
+    like = batch_template(spec, size)
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)
     state = TrainState(params, batch_stats, None, jnp.zeros((), jnp.int32))
     step = jax.jit(partial(eval_step, graphdef, mean=spec.mean, std=spec.std))
     totals: Counter[str] = Counter()
     for i in range(len(ds)):
-        sums = jax.device_get(step(state, pad_batch(ds[i], batch_size, ds[0])))
+        sums = jax.device_get(step(state, decode(pad(ds[i], batch_size, like))))
         totals.update({k: float(v) for k, v in sums.items()})
     count = totals.pop("count")
     print(

@@ -16,20 +16,24 @@ from flax_attention.data.decoders import (
 from flax_attention.data.device import normalize_images, prefetch_to_device
 from flax_attention.data.embedded import build_digits
 from flax_attention.data.gpu_decode import (
+    CpuCanvasDecoder,
     GpuJpegDecoder,
     gpu_decoding_available,
+    reserve_gpu_memory,
     share_gpu_with_training,
 )
+from flax_attention.data.per_device import PerDeviceDecoder
 from flax_attention.data.pipeline import make_dataset, make_loader
+from flax_attention.data.plans import pad_plans
 from flax_attention.data.preprocess import EvalPreprocess, TrainPreprocess
 from flax_attention.data.registry import DATASETS, DatasetSpec, get_spec
 from flax_attention.data.sources import DatasetNotFoundError, data_source, default_data_dir
-from flax_attention.data.split_decode import SplitBatchDecoder
 from flax_attention.data.synthetic import synthetic_batches
 
 __all__ = [
     "DATASETS",
     "DECODERS",
+    "CpuCanvasDecoder",
     "CpuDecoder",
     "DatasetNotFoundError",
     "DatasetSpec",
@@ -38,7 +42,7 @@ __all__ = [
     "GpuDecoder",
     "GpuJpegDecoder",
     "HybridDecoder",
-    "SplitBatchDecoder",
+    "PerDeviceDecoder",
     "TrainPreprocess",
     "build_digits",
     "choose_decoder",
@@ -49,8 +53,10 @@ __all__ = [
     "make_dataset",
     "make_loader",
     "normalize_images",
+    "pad_plans",
     "prefetch_to_device",
     "prepare_decoding",
+    "reserve_gpu_memory",
     "share_gpu_with_training",
     "synthetic_batches",
 ]

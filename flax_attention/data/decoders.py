@@ -4,14 +4,15 @@ A decoder owns the whole path of a training batch from records to the device:
 
 - its host-side plan (``plan``, ``batch``): what grain does per record and per batch (decode
   and augment, or only read the JPEG headers and draw the crops);
-- its device finish (``input_to_device``): the host batch to the training step's device batch
-  (a copy, or decoding, cropping and resizing on the GPU before it);
+- its evaluation plan (``plan_eval``): the same for the evaluation split (centre crops);
+- its device finish (``input_to_device``): the host batch to the step's device batch (a copy,
+  or decoding, cropping and resizing on each device for the rows it holds before it);
 - its threads (``threads``): host batches finished at once, each on a prefetch thread;
 - its process setup (``prepare_process``): what must happen before JAX first uses the GPU.
 
 ``CpuDecoder`` decodes in the loader, ``GpuDecoder`` on the GPU (nvImageCodec), and
-``HybridDecoder`` part of every batch each way. ``choose_decoder`` maps a ``--decoder`` name
-("auto", "cpu", "gpu", "hybrid") to one of them. Evaluation always decodes on the CPU.
+``HybridDecoder`` part of every batch each way (evaluation: as ``GpuDecoder``).
+``choose_decoder`` maps a ``--decoder`` name ("auto", "cpu", "gpu", "hybrid") to one of them.
 """
 
 import dataclasses
@@ -19,30 +20,24 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import jax
-import numpy as np
+from jax.sharding import Sharding
 
 from flax_attention.data.gpu_decode import (
-    CropPlan,
     GpuJpegDecoder,
-    collate_plans,
     gpu_decoding_available,
+    reserve_gpu_memory,
     share_gpu_with_training,
 )
-from flax_attention.data.preprocess import TrainPreprocess
+from flax_attention.data.per_device import DeviceDecoderFactory, PerDeviceDecoder
+from flax_attention.data.plans import CenterCropPlan, CropPlan, collate_plans
+from flax_attention.data.preprocess import EvalPreprocess, TrainPreprocess
 from flax_attention.data.registry import get_spec
-from flax_attention.data.split_decode import (
-    SplitBatchDecoder,
-    SplitPlan,
-    collate_split,
-    cpu_rows_of,
-    with_index,
-)
+from flax_attention.data.split_decode import SplitPlan, cpu_rows_of, with_index
 
 if TYPE_CHECKING:
     import grain
 
 PutBatch = Callable[[dict[str, Any]], dict[str, jax.Array]]
-PlanDecoder = Callable[[dict[str, np.ndarray]], dict[str, jax.Array]]
 
 
 class Decoder(Protocol):
@@ -50,6 +45,7 @@ class Decoder(Protocol):
     docstring)."""
 
     threads: int
+    eval_on_device: bool  # evaluation batches are plan batches (``plans.pad_plans`` pads them)
 
     def plan(
         self,
@@ -61,7 +57,13 @@ class Decoder(Protocol):
 
     def batch(self, rows: "grain.MapDataset", batch_size: int) -> "grain.MapDataset": ...
 
-    def input_to_device(self, put_batch: PutBatch, image_size: int) -> PutBatch: ...
+    def plan_eval(
+        self, records: "grain.MapDataset", preprocess: EvalPreprocess, batch_size: int
+    ) -> "grain.MapDataset": ...
+
+    def input_to_device(
+        self, put_batch: PutBatch, image_size: int, sharding: Sharding | None = None
+    ) -> PutBatch: ...
 
     def notes(self, num_workers: int) -> list[str]: ...
 
@@ -72,6 +74,7 @@ class CpuDecoder:
     OpenCV, in its worker processes or threads); the device only receives uint8 pixels."""
 
     threads: ClassVar[int] = 1  # a host-to-device copy needs no more
+    eval_on_device: ClassVar[bool] = False
 
     @classmethod
     def from_settings(cls, *, threads: int, cpu_share: float) -> "CpuDecoder":
@@ -102,7 +105,16 @@ class CpuDecoder:
         "label": int32 (B,)}."""
         return rows.batch(batch_size, drop_remainder=True)
 
-    def input_to_device(self, put_batch: PutBatch, image_size: int) -> PutBatch:
+    def plan_eval(
+        self, records: "grain.MapDataset", preprocess: EvalPreprocess, batch_size: int
+    ) -> "grain.MapDataset":
+        """Evaluation records decoded with ``preprocess``, in batches of ``batch_size`` (the
+        last may be smaller)."""
+        return records.map(preprocess).batch(batch_size)
+
+    def input_to_device(
+        self, put_batch: PutBatch, image_size: int, sharding: Sharding | None = None
+    ) -> PutBatch:
         """The host batch copied to the device as it is: ``put_batch``."""
         return put_batch
 
@@ -113,14 +125,17 @@ class CpuDecoder:
 
 @dataclasses.dataclass(frozen=True)
 class GpuDecoder:
-    """Decodes on the GPU: the loader reads each JPEG's header and draws its crop and flip
-    (``CropPlan``, the CPU decoder's choices for the record), the GPU decodes only the crops
-    and resizes them (``GpuJpegDecoder``). ``threads`` batches are decoded at once, each on a
-    thread with its own CUDA stream. ``plan_decoder``: builds the batch decoder for an image
-    side (``GpuJpegDecoder``; tests give a CPU stand-in)."""
+    """Decodes on the GPUs: the loader reads each JPEG's header and draws its crop and flip
+    (``plans.CropPlan``, the CPU decoder's choices for the record; images the GPU does not
+    take are decoded there), each local device decodes the crops of the rows it holds and
+    resizes them (``per_device.PerDeviceDecoder`` over ``GpuJpegDecoder``). ``threads``
+    batches are decoded at once, each on a thread with its own CUDA stream per device.
+    ``plan_decoder``: builds a device's batch decoder for an image side (``GpuJpegDecoder``;
+    tests give a CPU stand-in)."""
 
     threads: int = 3
-    plan_decoder: Callable[[int], PlanDecoder] = GpuJpegDecoder
+    plan_decoder: DeviceDecoderFactory = GpuJpegDecoder
+    eval_on_device: ClassVar[bool] = True
 
     @classmethod
     def from_settings(cls, *, threads: int, cpu_share: float) -> "GpuDecoder":
@@ -130,21 +145,22 @@ class GpuDecoder:
     @staticmethod
     def prepare_process(dataset: str) -> None:
         """For a JPEG dataset: CUDA hardware queues of its own for decoding
-        (``share_gpu_with_training``); call it before JAX first uses the GPU."""
+        (``share_gpu_with_training``) and GPU memory kept outside XLA's share
+        (``reserve_gpu_memory``); call it before JAX first uses the GPU."""
         if get_spec(dataset).gpu_decodable:
             share_gpu_with_training()
+            reserve_gpu_memory()
 
     @staticmethod
     def problems(dataset: str) -> list[str]:
-        """Why it cannot decode ``dataset``'s training split here (starts JAX's backends)."""
+        """Why it cannot decode ``dataset`` here (starts JAX's backends): every local device
+        must be a CUDA GPU, in any number of processes."""
         problems = []
         if not get_spec(dataset).gpu_decodable:
             problems.append(f"dataset {dataset!r} is not stored as JPEG")
-        if jax.process_count() > 1:
-            problems.append("it runs in a single process only")
         if not gpu_decoding_available():
             problems.append(
-                "it needs a CUDA GPU with nvImageCodec and CuPy "
+                "it needs CUDA GPUs as every local device, with nvImageCodec and CuPy "
                 "(pip install 'flax-attention[gpu-decode]')"
             )
         return problems
@@ -156,17 +172,28 @@ class GpuDecoder:
         batch_size: int,
         seed: int,
     ) -> "grain.MapDataset":
-        """Each record's crop plan: JPEG bytes, crop box, flip, label; no pixel decoded."""
-        return stream.random_map(CropPlan(), seed=seed)
+        """Each record's crop plan (JPEG bytes, crop box, flip, label; no pixel decoded), or
+        its pixels for an image the GPU does not take (``plans.CropPlan``)."""
+        return stream.random_map(CropPlan(preprocess), seed=seed)
 
     def batch(self, rows: "grain.MapDataset", batch_size: int) -> "grain.MapDataset":
-        """Whole batches of ``batch_size`` plans as arrays (``collate_plans``)."""
+        """Whole batches of ``batch_size`` rows as arrays (``plans.collate_plans``)."""
         return rows.batch(batch_size, drop_remainder=True, batch_fn=collate_plans)
 
-    def input_to_device(self, put_batch: PutBatch, image_size: int) -> PutBatch:
-        """Plan batch -> the batch decoded, cropped and resized to ``image_size`` on the GPU,
-        then placed by ``put_batch``. Thread-safe."""
-        decode = self.plan_decoder(image_size)
+    def plan_eval(
+        self, records: "grain.MapDataset", preprocess: EvalPreprocess, batch_size: int
+    ) -> "grain.MapDataset":
+        """Evaluation records as centre-crop plans (``plans.CenterCropPlan``), in plan
+        batches of ``batch_size`` rows (the last may be smaller)."""
+        return records.map(CenterCropPlan(preprocess)).batch(batch_size, batch_fn=collate_plans)
+
+    def input_to_device(
+        self, put_batch: PutBatch, image_size: int, sharding: Sharding | None = None
+    ) -> PutBatch:
+        """Plan batch -> the batch decoded, cropped and resized to ``image_size``, each
+        device's rows of ``sharding`` on that device (None: the first local device), then
+        placed by ``put_batch``. Thread-safe."""
+        decode = PerDeviceDecoder(self.plan_decoder, image_size, sharding, self.threads)
         return lambda batch: put_batch(decode(batch))
 
     def notes(self, num_workers: int) -> list[str]:
@@ -176,10 +203,10 @@ class GpuDecoder:
 
 @dataclasses.dataclass(frozen=True)
 class HybridDecoder(GpuDecoder):
-    """Decodes the first ``cpu_rows_of(batch_size, cpu_share)`` rows of every batch as
+    """Decodes the first ``cpu_rows_of(batch_size, cpu_share)`` rows of every training batch as
     ``CpuDecoder`` does (in the loader's worker processes) and the others as ``GpuDecoder``
-    does; the batch on the device holds the CPU rows first (see ``split_decode``). Same
-    requirements and process setup as ``GpuDecoder``."""
+    does (see ``split_decode``); evaluates as ``GpuDecoder``. Same requirements and process
+    setup as ``GpuDecoder``."""
 
     cpu_share: float = 0.375
 
@@ -200,17 +227,6 @@ class HybridDecoder(GpuDecoder):
         split = SplitPlan(preprocess, batch_size, cpu_rows_of(batch_size, self.cpu_share))
         return stream.map_with_index(with_index).random_map(split, seed=seed)
 
-    def batch(self, rows: "grain.MapDataset", batch_size: int) -> "grain.MapDataset":
-        """Whole batches of ``batch_size`` rows: the CPU rows' pixels and the other rows'
-        plans (``collate_split``)."""
-        return rows.batch(batch_size, drop_remainder=True, batch_fn=collate_split)
-
-    def input_to_device(self, put_batch: PutBatch, image_size: int) -> PutBatch:
-        """Split batch -> its plan rows decoded on the GPU after its CPU rows, then placed by
-        ``put_batch``. Thread-safe."""
-        decode = SplitBatchDecoder(self.plan_decoder(image_size))
-        return lambda batch: put_batch(decode(batch))
-
     def notes(self, num_workers: int) -> list[str]:
         """Advice when the CPU rows would be decoded in the training process itself."""
         if num_workers:
@@ -221,7 +237,7 @@ class HybridDecoder(GpuDecoder):
         ]
 
 
-CPU_DECODER = CpuDecoder()  # the pipeline's default: evaluation always decodes on the CPU
+CPU_DECODER = CpuDecoder()  # the pipeline's default
 
 _CANDIDATES: dict[str, tuple[type[CpuDecoder | GpuDecoder], ...]] = {
     "auto": (GpuDecoder, CpuDecoder),
@@ -254,8 +270,8 @@ def choose_decoder(
     """The decoder ``--decoder name`` means for the training split of ``dataset`` here, with
     ``threads`` GPU decoding threads and ``cpu_share`` of each batch on the CPU (hybrid).
 
-    "auto" is ``GpuDecoder`` where it applies (a JPEG dataset, one process, a CUDA GPU with
-    nvImageCodec and CuPy) and ``CpuDecoder`` elsewhere; "gpu" or "hybrid" where it cannot
+    "auto" is ``GpuDecoder`` where it applies (a JPEG dataset, every local device a CUDA GPU,
+    nvImageCodec and CuPy; any number of processes) and ``CpuDecoder`` elsewhere; "gpu" or "hybrid" where it cannot
     apply is a ``ValueError`` saying why, as is an unknown name.
     """
     candidates = _candidates(name)

@@ -6,6 +6,11 @@ structure and fine grain, quality 90: about 80-110 KB at 500x400), stored exactl
 ``tfds build imagenet2012 --file_format array_record`` stores real ones (``Image`` feature with
 JPEG bytes, ``ClassLabel(1000)``, ``file_name``), so ``make_loader("imagenet2012", ...)`` reads
 them unchanged. Deterministic in ``seed``.
+
+With ``odd_images`` the training split also holds the kinds of image real ImageNet has that a
+set of 333-500 px JPEGs never meets (``ODD_KINDS``, the first records of the split): CMYK JPEGs,
+grayscale JPEGs, a PNG stored as a .JPEG and one large JPEG (``large_side`` px on its long
+side, over 4000 by default).
 """
 
 import io
@@ -37,6 +42,31 @@ def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
     return simplejpeg.encode_jpeg(image, quality=quality, colorspace="RGB")
 
 
+# The odd records at the start of the training split, in order.
+ODD_KINDS = ("cmyk", "cmyk", "gray", "gray", "png", "large")
+LARGE_SIDE = 4200
+
+
+def encode_odd(kind: str, image: np.ndarray, quality: int = 90) -> bytes:
+    """uint8 (H, W, 3) RGB ``image`` encoded as one of the odd kinds: "cmyk" (an Adobe CMYK
+    JPEG, as Pillow writes it), "gray" (a one-channel JPEG of its luma), "png" (PNG bytes),
+    "large" (an RGB JPEG)."""
+    from PIL import Image
+
+    if kind == "large":
+        return encode_jpeg(image, quality)
+    buffer = io.BytesIO()
+    if kind == "cmyk":
+        Image.fromarray(image).convert("CMYK").save(buffer, "JPEG", quality=quality)
+    elif kind == "gray":
+        Image.fromarray(image).convert("L").save(buffer, "JPEG", quality=quality)
+    elif kind == "png":
+        Image.fromarray(image).save(buffer, "PNG")
+    else:
+        raise ValueError(f"unknown odd image kind {kind!r}; choose one of {sorted(set(ODD_KINDS))}")
+    return buffer.getvalue()
+
+
 def write_photo_dataset(
     data_dir: str | Path,
     *,
@@ -46,11 +76,15 @@ def write_photo_dataset(
     widths: tuple[int, int] = (375, 500),
     quality: int = 90,
     seed: int = 0,
+    odd_images: bool = False,
+    large_side: int = LARGE_SIDE,
 ) -> Path:
     """Write ``num_train`` / ``num_eval`` photos as tfds ``imagenet2012`` (splits ``train`` /
     ``validation``) into ``data_dir``; returns the dataset's directory. Sizes are drawn
     uniformly from ``heights`` x ``widths`` (inclusive); labels cycle over the 1000 classes.
-    A no-op when it is already prepared."""
+    ``odd_images``: the first ``len(ODD_KINDS)`` training records are of those kinds (the
+    large one ``large_side`` x 3/4 of it). A no-op when it is already prepared (whatever
+    these arguments)."""
     import tensorflow_datasets as tfds
 
     class Imagenet2012(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -80,10 +114,19 @@ def write_photo_dataset(
 
         def _generate_examples(self, split: str, count: int, split_seed: int):
             rng = np.random.default_rng(split_seed)
+            odd = ODD_KINDS if odd_images and split == "train" else ()
             for i in range(count):
                 height = int(rng.integers(heights[0], heights[1] + 1))
                 width = int(rng.integers(widths[0], widths[1] + 1))
-                data = encode_jpeg(photo(rng, height, width), quality)
+                kind = odd[i] if i < len(odd) else None
+                if kind == "large":
+                    height, width = large_side * 3 // 4, large_side
+                image = photo(rng, height, width)
+                data = (
+                    encode_jpeg(image, quality)
+                    if kind is None
+                    else encode_odd(kind, image, quality)
+                )
                 # A file object: tfds stores the bytes as they are, without TensorFlow.
                 yield (
                     i,

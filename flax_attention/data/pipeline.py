@@ -64,8 +64,8 @@ def make_dataset(
     ``decoder`` makes the training batches (``decoders``): ``CpuDecoder`` the pixels above,
     ``GpuDecoder`` the JPEG bytes and the drawn crops instead (training split of a JPEG
     dataset), ``HybridDecoder`` pixels for the first rows of each batch and crops for the
-    others; the decoder's ``input_to_device`` finishes them on the device. Evaluation batches
-    are always decoded here.
+    others; the decoder's ``input_to_device`` finishes them on the device. In evaluation the
+    decoder's ``plan_eval`` makes the batches: pixels (``CpuDecoder``) or centre-crop plans.
     """
     import grain
 
@@ -90,8 +90,8 @@ def make_dataset(
         ds = decoder.plan(ds, transform, batch_size, augment_seed)
         ds = _process_rows(ds, batch_size, shard_index, shard_count)
         return decoder.batch(ds, batch_size)
-    ds = ds[shard_index::shard_count].map(EvalPreprocess(spec.eval_transform, size, spec.channels))
-    return ds.batch(batch_size)
+    transform = EvalPreprocess(spec.eval_transform, size, spec.channels)
+    return decoder.plan_eval(ds[shard_index::shard_count], transform, batch_size)
 
 
 class _ProcessRows:

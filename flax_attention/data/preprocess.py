@@ -127,6 +127,31 @@ def center_crop(image: np.ndarray, size: int, crop_fraction: float = 0.875) -> n
     return crop(resized, ((new_h - size) // 2, (new_w - size) // 2, size, size))
 
 
+def center_crop_box(height: int, width: int, size: int, crop_fraction: float = 0.875) -> Box:
+    """The box of a (height, width) image that ``center_crop(image, size, crop_fraction)``
+    resizes into its output, in source pixels, rounded to whole pixels (within half a source
+    pixel of the exact window): the GPU decoder decodes and resizes it."""
+    trimmed_h, trimmed_w = (
+        min(side, MAX_ASPECT_RATIO * min(height, width)) for side in (height, width)
+    )
+    short = round(size / crop_fraction)
+    if trimmed_h <= trimmed_w:
+        new_h, new_w = short, round(trimmed_w * short / trimmed_h)
+    else:
+        new_h, new_w = round(trimmed_h * short / trimmed_w), short
+    scale_y, scale_x = trimmed_h / new_h, trimmed_w / new_w
+    top = (height - trimmed_h) // 2 + (new_h - size) // 2 * scale_y
+    left = (width - trimmed_w) // 2 + (new_w - size) // 2 * scale_x
+    box_h = min(max(round(size * scale_y), 1), height)
+    box_w = min(max(round(size * scale_x), 1), width)
+    return (
+        min(round(top), height - box_h),
+        min(round(left), width - box_w),
+        box_h,
+        box_w,
+    )
+
+
 def trim_long_side(image: np.ndarray, ratio: int) -> np.ndarray:
     """The central window of ``image`` (HWC) whose long side is at most ``ratio`` times its short
     side: a view, ``image`` itself when it is within that ratio."""

@@ -13,6 +13,8 @@ from tqdm import tqdm
 
 from flax_attention import data
 
+HOST_DECODER = data.CpuDecoder()  # evaluation batches decoded in the loader
+
 
 def evaluate(
     eval_fn: Callable[[Any, dict[str, np.ndarray]], dict[str, Any]],
@@ -24,6 +26,8 @@ def evaluate(
     image_size: int | None = None,
     split: str | None = None,
     progress: bool = True,
+    decoder: data.Decoder = HOST_DECODER,
+    sharding: Any = None,
 ) -> dict[str, float]:
     """{"eval_loss", "eval_top1", "eval_top5"} over ``split`` (default: the evaluation split)
     of ``dataset``.
@@ -31,7 +35,9 @@ def evaluate(
     ``eval_fn(state, batch)`` returns the sums of `steps.eval_step` over a batch of
     ``local_batch`` rows ({"image": uint8 NHWC, "label", "mask"}). Every process reads its
     shard; shards shorter than the longest (an empty one too) are padded with masked rows, so
-    all processes run the same number of steps with one compiled shape.
+    all processes run the same number of steps with one compiled shape. ``decoder`` decodes
+    the batches: on the host (``CpuDecoder``), or centre-crop plans on each device of
+    ``sharding`` (GPU decoders; None: the first local device), its "image" then a device array.
     """
     spec = data.get_spec(dataset)
     split = split or spec.eval_split
@@ -44,11 +50,14 @@ def evaluate(
         data_dir=data_dir,
         split=split,
         image_size=image_size,
+        decoder=decoder,
     )
     like = batch_template(spec, image_size)
+    pad = data.pad_plans if decoder.eval_on_device else pad_batch
+    finish = decoder.input_to_device(lambda batch: batch, image_size or spec.image_size, sharding)
     totals: dict[str, float] = {}
     for i in tqdm(range(num_batches), desc="evaluate", leave=False, disable=not progress):
-        batch = pad_batch(ds[i] if i < len(ds) else None, local_batch, like)
+        batch = finish(pad(ds[i] if i < len(ds) else None, local_batch, like))
         sums = jax.device_get(eval_fn(state, batch))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)

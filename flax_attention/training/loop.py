@@ -38,7 +38,7 @@ from flax_attention.training.evaluate import evaluate
 from flax_attention.training.interrupt import StopOnInterrupt
 from flax_attention.training.metrics import Meter, MetricsLog, plot_curves
 from flax_attention.training.optim import make_optimizer, make_schedule
-from flax_attention.training.parallel import MeshForm, make_parallel
+from flax_attention.training.parallel import MeshForm, PmapForm, make_parallel
 from flax_attention.training.state import TrainState, create_train_state
 from flax_attention.training.steps import eval_step, train_step
 from flax_attention.training.warm_start import load_pretrained
@@ -130,6 +130,9 @@ class _Run:
             cfg.parallel, grad_sync=cfg.grad_sync, bn_group_size=cfg.bn_group_size
         )
         self.local_batch = _local_batch(cfg.batch_size, self.form)
+        # GPU decoding: each device decodes the rows it trains on; pmap's batches are split
+        # over the devices after decoding (evaluation runs in the mesh form).
+        self.decode_sharding = None if isinstance(self.form, PmapForm) else self.form.sharded
         self.local_eval_batch = _local_batch(cfg.eval_batch_size or cfg.batch_size, self.form)
         self.steps_per_epoch = max(train_size // cfg.batch_size, 1)
         self.cfg = cfg = cfg.in_steps(self.steps_per_epoch)  # the run's length and intervals
@@ -250,7 +253,7 @@ class _Run:
         batches = data.prefetch_to_device(
             _with_positions(loader, self.batches_read),
             self.decoder.input_to_device(
-                self.form.put_batch, cfg.image_size or self.spec.image_size
+                self.form.put_batch, cfg.image_size or self.spec.image_size, self.decode_sharding
             ),
             size=max(2, self.decoder.threads),
             threads=self.decoder.threads,
@@ -364,6 +367,8 @@ class _Run:
             data_dir=self.cfg.data_dir,
             image_size=self.cfg.image_size,
             progress=self.cfg.progress,
+            decoder=self.decoder,
+            sharding=self.form.sharded,
         )
         self.log.write({"step": step, **result})
         return result
