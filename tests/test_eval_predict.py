@@ -3,6 +3,7 @@ evaluation of the restored model, the images get the dataset's evaluation prepro
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -135,3 +136,83 @@ def test_predict_names_cifar10_classes_and_prints_indices_otherwise(setup, tmp_p
     assert main(["predict", str(root / "cifar"), str(photo), "--dataset", "imagenet2012"]) == 0
     line = capsys.readouterr().out.strip()  # 224x224 center crop; no ImageNet names here
     assert re.fullmatch(rf"{photo}: (\d \d+\.\d\d%(, |$)){{5}}", line), line
+
+
+def _printed_numbers(text: str) -> tuple[float, float, float]:
+    """(top-1, top-5, loss) of an `eval` line."""
+    found = re.search(r"top-1 ([\d.]+)%, top-5 ([\d.]+)%, loss ([\d.]+)", text)
+    assert found, text
+    return tuple(float(v) for v in found.groups())
+
+
+def test_eval_on_the_gpu_decoder_gives_the_cpu_decoders_numbers(tmp_path, monkeypatch, capsys):
+    """`eval --decoder gpu` decodes centre-crop plans on the device (the GPU decoder's
+    arithmetic on the host, ``CpuCanvasDecoder``, where there is no GPU): the numbers of
+    `--decoder cpu` within the documented tolerance, on CMYK, PNG and large images too."""
+    from flax_attention.data import decoders, photos
+
+    monkeypatch.setitem(
+        MODELS, TINY, ModelSpec(TINY, BasicBlock, (1,), "test", "official", {"attention": "se"})
+    )
+    photos.write_photo_dataset(
+        tmp_path / "tfds",
+        num_train=8,
+        num_eval=20,
+        heights=(60, 90),
+        widths=(70, 100),
+        odd_images=True,
+        large_side=400,
+    )
+    capsys.readouterr()  # tfds' progress
+    model = create_model(TINY, rngs=nnx.Rngs(0), num_classes=1000)
+    rng = np.random.default_rng(0)  # Weights that make the logits follow the pixels closely.
+    nnx.update(
+        model,
+        jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(a.dtype), nnx.state(model)),
+    )
+    for _, bn in nnx.iter_graph(model):
+        if isinstance(bn, nnx.BatchNorm):
+            bn.var.set_value(np.abs(bn.var.get_value()) + 0.5)
+    model_dir = tmp_path / "model"
+    checkpoint.save(
+        model,
+        model_dir,
+        name=TINY,
+        constructor_args={"num_classes": 1000},
+        dataset="imagenet2012",
+        image_size=32,
+    )
+    base = ["eval", str(model_dir), "--data-dir", str(tmp_path / "tfds"), "--batch-size", "8"]
+    assert main([*base, "--decoder", "gpu"]) == 2
+    assert capsys.readouterr().err.startswith("error: --decoder gpu cannot be used: it needs CUDA")
+    assert main([*base, "--decoder", "cpu"]) == 0
+    cpu = _printed_numbers(capsys.readouterr().out)
+    decoded = []
+
+    mirror = []  # Set: a control, the same images mirrored.
+
+    def stand_in(size, device):
+        decode = data.CpuCanvasDecoder(size, device)
+
+        def decode_plans(plans):
+            decoded.append(len(plans["box"]))
+            return decode(plans | {"flip": ~plans["flip"]} if mirror else plans)
+
+        return decode_plans
+
+    choose = data.choose_decoder
+    monkeypatch.setattr(decoders, "gpu_decoding_available", lambda: True)
+    monkeypatch.setattr(
+        data,
+        "choose_decoder",
+        lambda *a, **k: dataclasses.replace(choose(*a, **k), plan_decoder=stand_in),
+    )
+    assert main([*base, "--decoder", "gpu"]) == 0
+    gpu = _printed_numbers(capsys.readouterr().out)
+    assert decoded == [8, 8, 8]  # 20 images: two batches and a padded one
+    mirror.append(True)
+    assert main([*base, "--decoder", "gpu"]) == 0
+    mirrored = _printed_numbers(capsys.readouterr().out)
+    # The decoders' difference moves the loss far less than mirroring the images does.
+    assert abs(gpu[2] - cpu[2]) < 0.25 * abs(mirrored[2] - cpu[2])
+    assert abs(gpu[0] - cpu[0]) <= 5.0 and abs(gpu[1] - cpu[1]) <= 5.0  # one image of 20
