@@ -1,8 +1,9 @@
 """The `input` suite: can the ImageNet input path keep the accelerator busy?
 
 On a photo-like JPEG dataset in tfds `imagenet2012` layout (`flax_attention.data.photos`:
-1000 training images of 333-500 x 375-500 px at quality 90; `--quick`: 48 small ones), in one
-run:
+1000 training images of 333-500 x 375-500 px at quality 90, with the odd images real ImageNet
+has among them: CMYK and grayscale JPEGs, a PNG named .JPEG, one 4200 x 3150 px JPEG; `--quick`:
+48 small ones), in one run:
 
 - `host` rows: the host pipeline's images per CPU-second (one core, one process, no prefetch:
   `process_time` over every record of a pass), for the pipeline before this suite existed
@@ -10,21 +11,29 @@ run:
   decoder (`cpu`: libjpeg-turbo + OpenCV, uint8 batches) and the host half of GPU decoding
   (`gpu-plan`: JPEG headers, crop draws, batching of the bytes); with the bytes a batch of 256
   carries to the device.
-- `gpu-decode` row (CUDA only): `GpuJpegDecoder` on batches of 256, decoded images per second
-  and the host CPU it takes; its difference from the CPU decoder's crops.
+- `gpu-decode` row (CUDA only): `GpuJpegDecoder` on batches of 256 on the first GPU, decoded
+  images per second, the host CPU it takes and its peak GPU memory; its difference from the CPU
+  decoder's crops and from its host reference (`CpuCanvasDecoder`).
 - `train` rows: `flax-attention train`'s loop (`fit`) on that dataset with each decoder (GPU
   decoding with 1 and with 3 `decode_threads`, batches decoded at once; `hybrid` with 3 decode
-  threads and each `hybrid_cpu_share` of every batch decoded by CPU workers), images per second
-  over the second half of the run (past compilation and the initial buffer) and the machine's
-  busy CPU cores over the same windows, next to the same training step on a device-resident
-  synthetic batch. `python -m benchmarks` sets `CUDA_DEVICE_MAX_CONNECTIONS` for this suite as
+  threads and each `hybrid_cpu_share` of every batch decoded by CPU workers), on every local GPU
+  (`parallel` jit, 256 rows per GPU; each GPU decodes its rows) or one CPU device: the median
+  logged window over the second half of the run (`img_per_s`), images per second over every
+  step after the first logged window (`img_per_s_time_weighted`), the slowest 10-step window,
+  the machine's busy CPU cores over the steady windows, the decoders' peak GPU memory
+  (`decoder_peak_mib`, the most any GPU held at once) and a per-step timeline (`timeline_ms`:
+  [time the loop waited for the batch, time since the previous batch] per step; `epoch_steps`
+  marks the epoch boundaries) to attribute dips, next to the same training step on a
+  device-resident synthetic batch. `python -m benchmarks` sets `CUDA_DEVICE_MAX_CONNECTIONS` for this suite as
   the training program does when it decodes on the GPU (`data.share_gpu_with_training`); the
   value is in the results' `cuda_device_max_connections`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import os
 import statistics
 import tempfile
@@ -68,6 +77,7 @@ class Shape:
     gpu_threads: tuple[int, ...]  # `decode_threads` of the GPU-decoding rows
     hybrid_workers: int
     hybrid_shares: tuple[float, ...]  # `hybrid_cpu_share` of the hybrid rows
+    large_side: int  # the long side of the dataset's large image
 
 
 FULL = Shape(
@@ -77,15 +87,17 @@ FULL = Shape(
     image_size=224,
     batch=256,
     model="seresnet50",
-    steps=200,
-    log_every=20,
+    steps=240,
+    log_every=10,
     cpu_workers=14,
     gpu_workers=4,
     gpu_threads=(1, 3),
     hybrid_workers=10,
     hybrid_shares=(0.375,),
+    large_side=photos.LARGE_SIDE,
 )
-QUICK = Shape(48, (60, 90), (70, 100), 32, 8, "resnet18", 6, 2, 1, 1, (2,), 1, (0.5,))
+QUICK = Shape(48, (60, 90), (70, 100), 32, 8, "resnet18", 6, 2, 1, 1, (2,), 1, (0.5,), 300)
+WINDOW = 10  # steps of the slowest window
 WORKERS = {"cpu": "cpu_workers", "gpu": "gpu_workers", "hybrid": "hybrid_workers"}
 HYBRID_THREADS = 3  # decode threads of the hybrid rows
 
@@ -156,40 +168,60 @@ def host_rows(res: Results, data_dir: Path, shape: Shape) -> None:
 
 
 def gpu_decode_rows(res: Results, data_dir: Path, shape: Shape, settings: Settings) -> None:
-    """GpuJpegDecoder alone on prepared plan batches, decoding the crop regions or the whole
-    images; and its crops against the CPU decoder's."""
+    """GpuJpegDecoder alone on prepared plan batches on the first GPU; its crops against the
+    CPU decoder's and against its host reference's (the same arithmetic, libjpeg-turbo)."""
     if not data.gpu_decoding_available():
         res.add({"name": "gpu-decode", "impl": "nvimgcodec", "skipped": "no CUDA GPU/nvImageCodec"})
         return
+    from flax_attention.data.gpu_decode import DECODER_MEMORY
+
     common = {"train": True, "batch_size": shape.batch, "data_dir": data_dir}
     plans = data.make_dataset(DATASET, **common, decoder=data.GpuDecoder())
     cpu_crops = data.make_dataset(DATASET, **common, image_size=shape.image_size)[0]["image"]
     batches = [plans[i] for i in range(4)]
-    for region_decode in (True, False):
-        decode = data.GpuJpegDecoder(shape.image_size, region_decode=region_decode)
-        for batch in batches:  # Compiles the resize for each canvas shape.
-            jax.block_until_ready(decode(batch))
-        repeats = 3 if settings.quick else 12
-        cpu_start, start = time.process_time(), time.perf_counter()
-        for i in range(repeats):
-            jax.block_until_ready(decode(batches[i % len(batches)]))
-        wall, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
-        images = repeats * shape.batch
-        diff = np.abs(np.asarray(decode(batches[0])["image"]).astype(int) - cpu_crops)
-        res.add(
-            {
-                "name": "gpu-decode",
-                "impl": "nvimgcodec-region" if region_decode else "nvimgcodec-whole",
-                "img_per_s": round(images / wall, 1),
-                "host_cpu_ms_per_img": round(1e3 * cpu_s / images, 3),
-                "vs_cpu_decoder_mean_abs": round(float(diff.mean()), 3),
-                "vs_cpu_decoder_p99_abs": float(np.percentile(diff, 99)),
-            }
-        )
+    decode = data.GpuJpegDecoder(shape.image_size)
+    jax.block_until_ready(decode(batches[0]))  # Compiles the resize: one canvas shape.
+    DECODER_MEMORY.reset()
+    repeats = 3 if settings.quick else 12
+    cpu_start, start = time.process_time(), time.perf_counter()
+    for i in range(repeats):
+        jax.block_until_ready(decode(batches[i % len(batches)]))
+    wall, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+    images = repeats * shape.batch
+    gpu = np.asarray(decode(batches[0])["image"]).astype(int)
+    reference = np.asarray(data.CpuCanvasDecoder(shape.image_size)(batches[0])["image"])
+    diff, to_reference = np.abs(gpu - cpu_crops), np.abs(gpu - reference)
+    res.add(
+        {
+            "name": "gpu-decode",
+            "impl": "nvimgcodec",
+            "img_per_s": round(images / wall, 1),
+            "host_cpu_ms_per_img": round(1e3 * cpu_s / images, 3),
+            "decoder_peak_mib": _peak_mib(),
+            "vs_cpu_decoder_mean_abs": round(float(diff.mean()), 3),
+            "vs_cpu_decoder_p99_abs": float(np.percentile(diff, 99)),
+            "vs_host_reference_mean_abs": round(float(to_reference.mean()), 3),
+            "vs_host_reference_max_abs": int(to_reference.max()),
+        }
+    )
+
+
+def _peak_mib() -> float | None:
+    """The most GPU memory any device's decoders held at once since the last reset, MiB."""
+    from flax_attention.data.gpu_decode import DECODER_MEMORY
+
+    peaks = DECODER_MEMORY.peak_bytes().values()
+    return round(max(peaks) / 2**20, 1) if peaks else None
+
+
+def _devices() -> int:
+    """The devices a training row runs on: every local GPU, else one device."""
+    return jax.local_device_count() if jax.default_backend() == "gpu" else 1
 
 
 def synthetic_step_row(res: Results, shape: Shape, settings: Settings) -> float:
-    """The training step alone on a device-resident uint8 batch: the rate to keep up with."""
+    """The training step alone on a device-resident uint8 batch (``shape.batch`` rows per
+    device, on ``_devices()`` devices): the rate to keep up with."""
     from functools import partial
 
     from flax_attention.training import create_train_state, make_optimizer, make_parallel
@@ -202,14 +234,16 @@ def synthetic_step_row(res: Results, shape: Shape, settings: Settings) -> float:
     model = build_model(shape.model, num_classes=1000, seed=0, dtype=PRECISIONS[precision])
     tx = make_optimizer("sgd", 0.1, weight_decay=5e-5, momentum=0.9)
     graphdef, state = create_train_state(model, tx)
-    form = make_parallel("none")
+    devices = _devices()
+    form = make_parallel("jit" if devices > 1 else "none")
+    form.prepare_model(model)
     step = form.compile_train(partial(train_step, graphdef, tx, mean=spec.mean, std=spec.std))
     rng = np.random.default_rng(0)
-    size = shape.image_size
+    size, rows = shape.image_size, shape.batch * devices
     batch = form.put_batch(
         {
-            "image": rng.integers(0, 256, (shape.batch, size, size, 3), np.uint8),
-            "label": rng.integers(0, 1000, shape.batch).astype(np.int32),
+            "image": rng.integers(0, 256, (rows, size, size, 3), np.uint8),
+            "label": rng.integers(0, 1000, rows).astype(np.int32),
         }
     )
     state = form.put_state(jax.device_put(state, form.replicated))
@@ -221,9 +255,73 @@ def synthetic_step_row(res: Results, shape: Shape, settings: Settings) -> float:
     for _ in range(count):
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
-    rate = count * shape.batch / (time.perf_counter() - start)
-    res.add({"name": "train", "impl": "synthetic", "model": shape.model, "img_per_s": round(rate)})
+    rate = count * rows / (time.perf_counter() - start)
+    res.add(
+        {
+            "name": "train",
+            "impl": "synthetic",
+            "model": shape.model,
+            "devices": devices,
+            "img_per_s": round(rate),
+        }
+    )
     return rate
+
+
+@contextlib.contextmanager
+def step_timeline():
+    """While active, the training loop's batches (``data.prefetch_to_device``, which ``fit``
+    draws from) are timed: yields a list that gets, per step, (seconds the loop waited for the
+    batch, ``perf_counter`` when it got it)."""
+    timeline: list[tuple[float, float]] = []
+    prefetch = data.prefetch_to_device
+
+    def timed(*args, **kwargs):
+        stream = prefetch(*args, **kwargs)
+        try:
+            while True:
+                start = time.perf_counter()
+                try:
+                    item = next(stream)
+                except StopIteration:
+                    return
+                now = time.perf_counter()
+                timeline.append((now - start, now))
+                yield item
+        finally:
+            stream.close()
+
+    data.prefetch_to_device = timed
+    try:
+        yield timeline
+    finally:
+        data.prefetch_to_device = prefetch
+
+
+def timeline_figures(
+    timeline: list[tuple[float, float]], rows: int, skip: int
+) -> dict[str, float | list]:
+    """From a step timeline: images per second over the steps after the first ``skip``
+    (time-weighted), the slowest ``WINDOW``-step window among them, and the timeline itself in
+    milliseconds ([wait, time since the previous step] per step)."""
+    stamps = [t for _, t in timeline]
+    intervals = [0.0] + [b - a for a, b in itertools.pairwise(stamps)]
+    out: dict[str, float | list] = {
+        "timeline_ms": [
+            [round(1e3 * w, 2), round(1e3 * i, 2)]
+            for (w, _), i in zip(timeline, intervals, strict=True)
+        ]
+    }
+    if len(stamps) > skip + WINDOW:
+        out["img_per_s_time_weighted"] = round(
+            rows * (len(stamps) - skip) / (stamps[-1] - stamps[skip - 1])
+        )
+        windows = [
+            rows * WINDOW / (stamps[i + WINDOW] - stamps[i])
+            for i in range(skip - 1, len(stamps) - WINDOW)
+        ]
+        out["slowest_window_img_per_s"] = round(min(windows))
+    return out
 
 
 def train_row(
@@ -237,11 +335,14 @@ def train_row(
     cpu_share: float | None = None,
 ) -> None:
     """`fit` on the JPEG dataset with `decoder` (and `decode_threads` for GPU decoding,
-    `cpu_share` for hybrid decoding): images/s after warm-up, CPU cores used."""
+    `cpu_share` for hybrid decoding) on `_devices()` devices: images/s after warm-up (median
+    window, time-weighted, slowest window), CPU cores used, decoder memory, step timeline."""
+    from flax_attention.data.gpu_decode import DECODER_MEMORY
     from flax_attention.training import TrainConfig, fit
     from flax_attention.training.metrics import MetricsLog
 
     workers = getattr(shape, WORKERS[decoder])
+    devices = _devices()
     threads = {} if decode_threads is None else {"decode_threads": decode_threads}
     hybrid = {} if cpu_share is None else {"hybrid_cpu_share": cpu_share}
     with tempfile.TemporaryDirectory() as workdir:
@@ -251,10 +352,10 @@ def train_row(
             data_dir=str(data_dir),
             workdir=workdir,
             steps=shape.steps,
-            batch_size=shape.batch,
+            batch_size=shape.batch * devices,
             image_size=shape.image_size,
             precision="fp32" if settings.quick else "bf16",
-            parallel="none",
+            parallel="jit" if devices > 1 else "none",
             num_workers=workers,
             decoder=decoder,
             **threads,
@@ -266,9 +367,10 @@ def train_row(
         )
         windows = shape.steps // shape.log_every
         steady_cpu = SteadyCpu(Path(workdir) / "metrics.jsonl", windows // 2 + 1, windows)
+        DECODER_MEMORY.reset()
         start = time.perf_counter()
         try:
-            with steady_cpu:
+            with steady_cpu, step_timeline() as timeline:
                 fit(config)
         except Exception as e:  # A failed configuration is a row, not the end of the suite.
             res.add(
@@ -281,11 +383,21 @@ def train_row(
     rates = [r["images_per_s"] for r in records if "images_per_s" in r]
     steady = rates[len(rates) // 2 :] or rates  # Past compilation and the initial buffer.
     rate = statistics.median(steady)
+    figures = timeline_figures(timeline, shape.batch * devices, shape.log_every)
+    relative = {
+        f"{name}_of_synthetic": round(figures[key] / synthetic, 3)
+        for name, key in (
+            ("time_weighted", "img_per_s_time_weighted"),
+            ("slowest_window", "slowest_window_img_per_s"),
+        )
+        if key in figures
+    }
     res.add(
         {
             "name": "train",
             "impl": decoder,
             "model": shape.model,
+            "devices": devices,
             "workers": workers,
             **threads,
             **hybrid,
@@ -293,7 +405,11 @@ def train_row(
             "img_per_s_windows": [round(r) for r in steady],
             "of_synthetic": round(rate / synthetic, 3),
             "cpu_cores_used": None if steady_cpu.cores is None else round(steady_cpu.cores, 1),
+            "decoder_peak_mib": _peak_mib() if decoder != "cpu" else None,
             "wall_s": round(wall, 1),
+            "epoch_steps": shape.num_train // (shape.batch * devices),
+            **relative,
+            **figures,
         }
     )
 
@@ -316,6 +432,8 @@ def run(settings: Settings, data_dir: Path | None = None) -> Results:
             num_eval=max(shape.batch, 16),
             heights=shape.heights,
             widths=shape.widths,
+            odd_images=True,
+            large_side=shape.large_side,
         )
         res.meta["dataset"] = {
             "write_s": round(time.perf_counter() - start, 1),
