@@ -15,14 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_attention.kernels import norm_conv as fused
 from flax_attention.layers import BAM, CBAM, PSA, SE, ChannelGate
-from flax_attention.layers.batch_norm import (
-    BatchNorm,
-    batch_statistics,
-    combine_replicas,
-    global_count,
-)
+from flax_attention.layers.batch_norm import BatchNorm
 from flax_attention.layers.common import (
     Dtype,
     check_choice,
@@ -32,7 +26,7 @@ from flax_attention.layers.common import (
     pointwise_conv,
 )
 from flax_attention.layers.norm_gate import FUSED_POOLS, batch_norm_channel_gate
-from flax_attention.layers.policy import AUTO, Formulations, check_formulation, resolve
+from flax_attention.layers.policy import AUTO, Formulations
 
 AttentionFactory = Callable[..., nnx.Module]
 NO_FORMULATIONS: Formulations = MappingProxyType({})  # every operation "auto"
@@ -181,54 +175,13 @@ class Bottleneck(nnx.Module):
             attention, out_channels, rngs=rngs, formulations=formulations, **dt
         )
         self.downsample = make_shortcut(in_channels, out_channels, stride, rngs=rngs, **dt)
-        self.pointwise_bn = formulations.get("pointwise_bn", AUTO)
-        check_formulation("pointwise_bn", self.pointwise_bn)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         check_nhwc(x, self.in_channels, type(self).__name__)
         x = x.astype(self.dtype)
-        if self._fuses_batch_norms(x):
-            return self._fused(x)
         y = jax.nn.relu(self.bn1(self.conv1(x)))
         y = jax.nn.relu(self.bn2(self.conv2(y)))
         return _finish(self, x, self.conv3(y), self.bn3)
-
-    def _fuses_batch_norms(self, x: jax.Array) -> bool:
-        """Training mode, `formulations["pointwise_bn"]` resolves to "fused" at this block's
-        rows, and the kernel takes both 1x1 convs' shapes."""
-        if self.bn1.use_running_average:
-            return False
-        n, h, w, c = x.shape
-        rows, planes = n * h * w, self.bn1.num_features
-        stride = self.conv2.strides[0]
-        rows_out = n * (-(-h // stride)) * (-(-w // stride))
-        return (
-            resolve("pointwise_bn", self.pointwise_bn, rows) == "fused"
-            and fused.supports(rows, c, planes)
-            and fused.supports(rows_out, planes, self.bn3.num_features)
-        )
-
-    def _fused(self, x: jax.Array) -> jax.Array:
-        """The training-mode block with conv1 and conv3 as `kernels.norm_conv`: conv1's
-        BatchNorm statistics from its epilogue; conv3 applies bn2 + ReLU on load and gives bn3's
-        statistics (used unless an attention module normalises with its own)."""
-        n, h, w, c = x.shape
-        kernel1, kernel3 = (
-            k.kernel[...][0, 0].astype(self.dtype) for k in (self.conv1, self.conv3)
-        )
-        y1, mean1, var1 = fused.norm_conv(x.reshape(-1, c), None, None, kernel1)
-        y = jax.nn.relu(self.bn1.normalize_with(y1, mean1, var1)).reshape(n, h, w, -1)
-        z2 = self.conv2(y)
-        mean2, var2 = batch_statistics(z2.astype(jnp.float32), None)
-        mean2, var2 = combine_replicas(mean2, var2, self.bn2.axis_name)
-        self.bn2.update_running_statistics(mean2, var2, global_count(z2, self.bn2.axis_name))
-        scale2, bias2 = self.bn2.affine(mean2, var2)
-        z3, mean3, var3 = fused.norm_conv(z2.reshape(-1, z2.shape[-1]), scale2, bias2, kernel3)
-        z3 = z3.reshape(*z2.shape[:3], -1)
-        if self.attention is not None:
-            return _finish(self, x, z3, self.bn3)
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return jax.nn.relu(self.bn3.normalize_with(z3, mean3, var3) + shortcut)
 
 
 class EPSABlock(nnx.Module):
@@ -267,54 +220,13 @@ class EPSABlock(nnx.Module):
         self.bn3 = BatchNorm(out_channels, rngs=rngs, **dt)
         self.attention = None
         self.downsample = make_shortcut(in_channels, out_channels, stride, rngs=rngs, **dt)
-        self.pointwise_bn = formulations.get("pointwise_bn", AUTO)
-        check_formulation("pointwise_bn", self.pointwise_bn)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         check_nhwc(x, self.in_channels, type(self).__name__)
         x = x.astype(self.dtype)
-        if self._fuses_batch_norms(x):
-            return self._fused(x)
         y = jax.nn.relu(self.bn1(self.conv1(x)))
         y = jax.nn.relu(self.bn2(self.conv2(y)))
         return _finish(self, x, self.conv3(y), self.bn3)
-
-    def _fuses_batch_norms(self, x: jax.Array) -> bool:
-        """Training mode, `formulations["pointwise_bn"]` resolves to "fused" at this block's
-        rows, and the kernel takes both 1x1 convs' shapes."""
-        if self.bn1.use_running_average:
-            return False
-        n, h, w, c = x.shape
-        rows, planes = n * h * w, self.bn1.num_features
-        stride = self.conv2.strides[0]
-        rows_out = n * (-(-h // stride)) * (-(-w // stride))
-        return (
-            resolve("pointwise_bn", self.pointwise_bn, rows) == "fused"
-            and fused.supports(rows, c, planes)
-            and fused.supports(rows_out, planes, self.bn3.num_features)
-        )
-
-    def _fused(self, x: jax.Array) -> jax.Array:
-        """The training-mode block with conv1 and conv3 as `kernels.norm_conv`: conv1's
-        BatchNorm statistics from its epilogue; conv3 applies bn2 + ReLU on load and gives bn3's
-        statistics (used unless an attention module normalises with its own)."""
-        n, h, w, c = x.shape
-        kernel1, kernel3 = (
-            k.kernel[...][0, 0].astype(self.dtype) for k in (self.conv1, self.conv3)
-        )
-        y1, mean1, var1 = fused.norm_conv(x.reshape(-1, c), None, None, kernel1)
-        y = jax.nn.relu(self.bn1.normalize_with(y1, mean1, var1)).reshape(n, h, w, -1)
-        z2 = self.conv2(y)
-        mean2, var2 = batch_statistics(z2.astype(jnp.float32), None)
-        mean2, var2 = combine_replicas(mean2, var2, self.bn2.axis_name)
-        self.bn2.update_running_statistics(mean2, var2, global_count(z2, self.bn2.axis_name))
-        scale2, bias2 = self.bn2.affine(mean2, var2)
-        z3, mean3, var3 = fused.norm_conv(z2.reshape(-1, z2.shape[-1]), scale2, bias2, kernel3)
-        z3 = z3.reshape(*z2.shape[:3], -1)
-        if self.attention is not None:
-            return _finish(self, x, z3, self.bn3)
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return jax.nn.relu(self.bn3.normalize_with(z3, mean3, var3) + shortcut)
 
 
 Block = BasicBlock | Bottleneck | EPSABlock

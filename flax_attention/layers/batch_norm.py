@@ -153,22 +153,6 @@ class BatchNorm(nnx.BatchNorm):
         self.update_running_statistics(mean, var, global_count(x, self.axis_name))
         return y
 
-    def affine(self, mean: jax.Array, var: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Per-channel float32 (scale, bias) with `x * scale + bias` = this BatchNorm of x
-        under the statistics (mean, biased var)."""
-        scale = jax.lax.rsqrt(var + self.epsilon) * self.scale[...].astype(F32)
-        return scale, self.bias[...].astype(F32) - mean * scale
-
-    def normalize_with(self, x: jax.Array, mean: jax.Array, var: jax.Array) -> jax.Array:
-        """Training mode with the batch statistics of x computed elsewhere: x (..., C)'s own
-        mean and biased variance (C,) float32, as `batch_statistics` gives them (this
-        replica's; they are combined over `axis_name` here). Updates the running statistics;
-        differentiable through mean and var."""
-        mean, var = combine_replicas(mean, var, self.axis_name)
-        self.update_running_statistics(mean, var, global_count(x, self.axis_name))
-        scale, bias = self.affine(mean, var)
-        return (x.astype(F32) * scale + bias).astype(self.dtype or x.dtype)
-
     def update_running_statistics(
         self, mean: jax.Array, var: jax.Array, count: int | jax.Array
     ) -> None:

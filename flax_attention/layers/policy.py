@@ -12,10 +12,7 @@ form computes, used wherever nothing was measured):
 - "bam": BAM's spatial-branch convs (the same formulations), by H * W; "conv";
 - "psa": PSA's grouped branch convs (layers.branch_convs: grouped, dense, merged), by the
   multiply-adds per output pixel of the dense kernel(s); "grouped";
-- "stem": the ResNet stem conv (architectures.stem: direct, space_to_depth); "direct";
-- "pointwise_bn": a bottleneck's 1x1 convs with their BatchNorms in training mode
-  (architectures.blocks: separate, or fused as kernels.norm_conv), by the conv's rows
-  N * H * W; "separate".
+- "stem": the ResNet stem conv (architectures.stem: direct, space_to_depth); "direct".
 
 `TABLES` holds the measurements, keyed by device kind (`jax.Device.device_kind`, whitespace
 normalised): "NVIDIA H100 80GB HBM3" and "NVIDIA H200" are different rows; a device without a
@@ -37,7 +34,6 @@ FORMULATIONS: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "bam": ("conv", "shifts", "im2col"),
         "psa": ("grouped", "dense", "merged"),
         "stem": ("direct", "space_to_depth"),
-        "pointwise_bn": ("separate", "fused"),
     }
 )
 LIBRARY_DEFAULTS: Mapping[str, str] = MappingProxyType(
