@@ -178,7 +178,9 @@ def test_gates_are_the_same_under_every_spatial_conv(gate: str, form: str, monke
     for got, want in zip(
         jax.tree.leaves(nnx.state(other)), jax.tree.leaves(nnx.state(base)), strict=True
     ):
-        assert_close(got, want, f"{gate} state after a training call", tol=1e-6)
+        # BatchNorm statistics over 128 values: float32 rounding, which the code generation
+        # (tests/conftest.py: LLVM unoptimised) moves to about 1.2e-6.
+        assert_close(got, want, f"{gate} state after a training call", tol=2e-6)
     got, want = grads(other), grads(base)
     assert_close(got[1], want[1], f"{gate} dx", tol=1e-6)
     # As one vector: the biases before a BatchNorm have gradients that are 0 up to rounding.
