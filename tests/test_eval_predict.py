@@ -20,6 +20,19 @@ TINY = "tiny_se_resnet"  # one SE BasicBlock stage: fast to compile on CPU
 ARGS = {"num_classes": 10, "in_channels": 1}
 
 
+def randomize(model: nnx.Module) -> None:
+    """Every array of `model` drawn from N(0, 0.3) (seed 0), BatchNorm variances kept positive
+    (|v| + 0.5)."""
+    rng = np.random.default_rng(0)
+    nnx.update(
+        model,
+        jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(a.dtype), nnx.state(model)),
+    )
+    for _, bn in nnx.iter_graph(model):
+        if isinstance(bn, nnx.BatchNorm):
+            bn.var.set_value(np.abs(bn.var.get_value()) + 0.5)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(data_dir, model_dir, images dir) with TINY registered for the module's tests."""
@@ -30,22 +43,13 @@ def setup(tmp_path_factory):
         root = tmp_path_factory.mktemp("eval")
         data.build_digits(root / "tfds")
         model = nnx.eval_shape(lambda: create_model(TINY, rngs=nnx.Rngs(0), **ARGS))
-        rng = np.random.default_rng(0)
-        nnx.update(
-            model,
-            jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(a.dtype), nnx.state(model)),
-        )
-        for _, bn in nnx.iter_graph(model):
-            if isinstance(bn, nnx.BatchNorm):
-                bn.var.set_value(np.abs(bn.var.get_value()) + 0.5)
+        randomize(model)
         checkpoint.save(
             model, root / "model", name=TINY, constructor_args=ARGS, dataset="digits", image_size=16
         )
         checkpoint.save(model, root / "no_dataset", name=TINY, constructor_args=ARGS)
         rgb = nnx.eval_shape(lambda: create_model(TINY, rngs=nnx.Rngs(0), num_classes=10))
-        nnx.update(
-            rgb, jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(a.dtype), nnx.state(rgb))
-        )
+        randomize(rgb)
         rgb_args = {"num_classes": 10}
         checkpoint.save(
             rgb, root / "cifar", name=TINY, constructor_args=rgb_args, dataset="cifar10"
@@ -165,14 +169,7 @@ def test_eval_on_the_gpu_decoder_gives_the_cpu_decoders_numbers(tmp_path, monkey
     )
     capsys.readouterr()  # tfds' progress
     model = create_model(TINY, rngs=nnx.Rngs(0), num_classes=1000)
-    rng = np.random.default_rng(0)  # Weights that make the logits follow the pixels closely.
-    nnx.update(
-        model,
-        jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(a.dtype), nnx.state(model)),
-    )
-    for _, bn in nnx.iter_graph(model):
-        if isinstance(bn, nnx.BatchNorm):
-            bn.var.set_value(np.abs(bn.var.get_value()) + 0.5)
+    randomize(model)  # weights that make the logits follow the pixels closely
     model_dir = tmp_path / "model"
     checkpoint.save(
         model,
