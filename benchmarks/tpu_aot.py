@@ -24,7 +24,8 @@ records per entry:
 Resumable and incremental: each finished entry is merged at once into
 benchmarks/results/tpu-aot/tpu_aot.json (atomic replace), and a rerun skips the entries the
 file holds (`--retry-errors` recompiles those that failed), so a long sweep continues across
-sessions. A PNG chart is drawn beside it when matplotlib is importable.
+sessions. A PNG chart is drawn beside it when matplotlib is importable, and the run ends by
+printing the file's rows as markdown tables (docs/tpu.md quotes them).
 """
 
 from __future__ import annotations
@@ -365,6 +366,43 @@ def format_row(row: dict[str, Any]) -> str:
     )
 
 
+def tables(rows: list[dict[str, Any]]) -> str:
+    """Markdown tables of `rows`: per entry of the smallest slices, memory, largest batch and
+    the roofline estimate; per entry of larger slices, the collectives."""
+    memory = [
+        "| model | TPU | chips | HBM per chip, GiB (of) | largest batch per chip | "
+        "img/s per chip (ESTIMATE) | compile s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    collectives = [
+        "| model | TPU | chips | BatchNorm | all-reduce | all-gather | other | MB | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["model"], list(CHIPS).index(r["generation"]))):
+        head = f"| {r['model']} | {r['generation']} | {r['chips']} |"
+        if not r["ok"]:
+            (memory if r["slice"] == "host" else collectives).append(
+                f"{head} failed: {r['error'][:80]} |"
+            )
+            continue
+        if r["slice"] == "host":
+            largest = r.get("max_batch", "")
+            est = f"{r['est_img_per_s_per_chip']:,.0f} ({r['bound']}-bound)"
+            memory.append(
+                f"{head} {r['hbm_gib']:.2f} ({r['hbm_capacity_gib']}) | {largest} | {est} | "
+                f"{r['compile_s']:.0f} |"
+            )
+            continue
+        counts = r["collectives"]
+        other = counts["total"] - counts.get("all-reduce", 0) - counts.get("all-gather", 0)
+        bn = r["bn"] + (f" ({r['bn_group_size']} chips)" if r["bn"] == "grouped" else "")
+        collectives.append(
+            f"{head} {bn} | {counts.get('all-reduce', 0)} | {counts.get('all-gather', 0)} | "
+            f"{other} | {r['collective_bytes']['total'] / 1e6:,.1f} | {r['compile_s']:.0f} |"
+        )
+    return "\n".join(memory) + "\n\n" + "\n".join(collectives) + "\n"
+
+
 def chart(path: Path) -> Path | None:
     """HBM per chip against capacity and the estimated img/s per chip of the exact-BatchNorm
     rows of the smallest slice, per model and generation (PNG beside the JSON); None without
@@ -430,7 +468,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch", default="estimate", choices=("estimate", "bisect", "none"))
     p.add_argument("--max-batch-slices", type=split, default=("host",), help="where to find it")
     p.add_argument("--retry-errors", action="store_true", help="recompile entries that failed")
-    p.add_argument("--charts-only", action="store_true", help="redraw the PNG from the JSON")
+    p.add_argument(
+        "--charts-only", action="store_true", help="redraw the PNG, print the tables of the JSON"
+    )
     p.add_argument("--out", type=Path, default=TPU_AOT_RESULTS, help="results folder")
     args = p.parse_args(argv)
     for name, values, known in (
@@ -462,6 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     path = args.out / f"{SUITE}.json"
     if not args.charts_only:
         path = run(args)
+    print(tables(list(read_rows(path).values())), flush=True)
     print(f"{SUITE}: {path}  chart: {chart(path)}", flush=True)
 
 

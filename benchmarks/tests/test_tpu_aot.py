@@ -87,6 +87,7 @@ def test_a_rerun_compiles_only_what_the_results_file_lacks(tmp_path):
     failed = [r for r in rows.values() if not r["ok"]]
     assert {r["slice"] for r in failed} == {"64"} and {r["generation"] for r in failed} == {"v4"}
     assert failed[0]["error"] == "JaxRuntimeError: RESOURCE_EXHAUSTED: out of HBM"
+    assert "| v4 | 64 | failed: JaxRuntimeError: RESOURCE_EXHAUSTED" in tpu_aot.tables(failed)
     calls.clear()
     tpu_aot.run(args, compile_fn)
     assert calls == []
@@ -108,6 +109,8 @@ def test_a_row_holds_memory_roofline_collectives_and_largest_batch(tmp_path):
     linear = (16 * 2**30 - fixed) // per_image
     assert row["max_batch"] == 2 ** int(math.log2(linear)) and row["max_batch_linear"] == linear
     assert row["collectives"] == {"all-gather": 2, "all-reduce": 1, "total": 3}
+    table = tpu_aot.tables([row])
+    assert f"| resnet18 | v5e | 4 | {row['hbm_gib']:.2f} (16) | {row['max_batch']} |" in table
 
 
 def test_bisect_finds_the_power_of_two_boundary(tmp_path):
