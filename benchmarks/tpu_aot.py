@@ -31,6 +31,7 @@ printing the file's rows as markdown tables (docs/tpu.md quotes them).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -311,12 +312,22 @@ def read_rows(path: Path) -> dict[str, dict]:
 
 
 def write_row(path: Path, row: dict[str, Any]) -> None:
-    """Merge `row` into the results file (re-read first, so concurrent sweeps keep each other's
-    rows) and replace it atomically."""
+    """Merge `row` into the results file and replace it atomically; re-read under a lock of
+    its folder, so concurrent sweeps keep each other's rows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        rows = read_rows(path)
+        rows[row["key"]] = row
+        _write(path, rows)
+    finally:
+        os.close(folder)  # releases the lock
+
+
+def _write(path: Path, rows: dict[str, dict]) -> None:
     from flax_attention.training.metrics import replace_atomically
 
-    rows = read_rows(path)
-    rows[row["key"]] = row
     doc = {
         "suite": SUITE,
         "device": device_name(),
@@ -327,7 +338,6 @@ def write_row(path: Path, row: dict[str, Any]) -> None:
         "shapes": {"image": "uint8 (B, H, W, 3) NHWC", "label": "int32 (B,)", "classes": 1000},
         "rows": sorted(rows.values(), key=lambda r: r["key"]),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
     replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(doc, indent=1) + "\n"))
 
 
