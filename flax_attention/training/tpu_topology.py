@@ -76,7 +76,7 @@ def abstract_train_step(
     """The `jit`-form training step over `devices` and its abstract arguments: (state, batch)
     as `jax.ShapeDtypeStruct`s carrying the form's shardings (state replicated; batch
     {"image": uint8 (B, H, W, 3), "label": int32 (B,)} with B = per_chip_batch * len(devices),
-    sharded over the chips). Nothing is allocated: the model is built abstractly."""
+    sharded over the chips). The model is built abstractly: no initialiser runs."""
     form = MeshForm(devices, grad_sync=shape.grad_sync, bn_group_size=shape.bn_group_size)
     tx = make_optimizer(
         "sgd",
