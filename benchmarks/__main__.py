@@ -1,6 +1,7 @@
 """Run the benchmark suites: `python -m benchmarks [--quick] [--suites train,modules]`.
 
-The default is every one-GPU suite; `scaling` needs several GPUs (`--suites scaling`). First
+The default is every one-GPU suite; `scaling` needs several GPUs (`--suites scaling`);
+`--suites tpu_aot` (alone, its own flags: benchmarks/tpu_aot.py) compiles for TPU slices. First
 every case is compiled by parallel worker processes into persistent caches (benchmarks/warm.py;
 `--no-warm` skips this), then the suites are timed in this process.
 
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +23,7 @@ from types import ModuleType
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
 
-from benchmarks import input_pipeline, modules, scaling, train, warm
+from benchmarks import input_pipeline, modules, scaling, tpu_aot, train, warm
 from benchmarks.caches import (
     AUTOTUNE_STORE,
     autotune_cache_dir,
@@ -121,6 +123,9 @@ def warm_phase(args: argparse.Namespace, suites: list[str]) -> tuple[dict, Path]
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if tpu_aot.requested(argv):
+        return tpu_aot.main(argv)
     args = parse(argv)
     names = [s for s in args.suites.split(",") if s]
     for name in names:

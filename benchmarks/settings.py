@@ -7,6 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+TPU_AOT_RESULTS = RESULTS / "tpu-aot"  # not per device: compiled for TPU slices on any host
 
 
 @dataclass
