@@ -45,6 +45,7 @@ import numpy as np
 
 from benchmarks.charts import ChartSpec, series
 from benchmarks.cpu_usage import SteadyCpu
+from benchmarks.quick_model import QUICK_MODEL, quick_model_registered
 from benchmarks.results import Results, error_text
 from benchmarks.settings import Settings
 from flax_attention import data
@@ -96,7 +97,7 @@ FULL = Shape(
     hybrid_shares=(0.375,),
     large_side=photos.LARGE_SIDE,
 )
-QUICK = Shape(48, (60, 90), (70, 100), 32, 8, "resnet18", 6, 2, 1, 1, (2,), 1, (0.5,), 300)
+QUICK = Shape(48, (60, 90), (70, 100), 32, 8, QUICK_MODEL, 6, 2, 1, 1, (2,), 1, (0.5,), 300)
 WINDOW = 10  # steps of the slowest window
 WORKERS = {"cpu": "cpu_workers", "gpu": "gpu_workers", "hybrid": "hybrid_workers"}
 HYBRID_THREADS = 3  # decode threads of the hybrid rows
@@ -423,7 +424,8 @@ def run(settings: Settings, data_dir: Path | None = None) -> Results:
         cuda_device_max_connections=os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"),
         suite_doc=__doc__.strip(),
     )
-    with tempfile.TemporaryDirectory() as scratch:
+    quick_model = quick_model_registered() if settings.quick else contextlib.nullcontext()
+    with quick_model, tempfile.TemporaryDirectory() as scratch:
         data_dir = data_dir or Path(scratch)
         start = time.perf_counter()
         path = photos.write_photo_dataset(

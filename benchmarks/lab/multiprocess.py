@@ -37,10 +37,10 @@ from typing import IO, Any
 
 import numpy as np
 
+from benchmarks.quick_model import QUICK_MODEL, register_quick_model
 from benchmarks.settings import ROOT
 from benchmarks.warm import stop_processes
 
-QUICK_MODEL = "tiny_se_resnet"  # registered by the workers of a --quick run
 CPU_DEVICES_PER_PROCESS = 2
 RTOL, ATOL = 1e-4, 1e-5
 WORKER = "--worker"  # first argument of a child process
@@ -76,10 +76,7 @@ def worker(argv: list[str]) -> int:
     if pid >= 0:
         jax.distributed.initialize(f"127.0.0.1:{port}", processes, pid)
     if quick:
-        from flax_attention.models import MODELS, BasicBlock, ModelSpec
-
-        spec = ModelSpec(QUICK_MODEL, BasicBlock, (1,), "none", "official", {"attention": "se"})
-        MODELS[QUICK_MODEL] = spec
+        register_quick_model()
     from flax_attention.cli.train import main as train_main
 
     return train_main(argv[4:])
