@@ -538,21 +538,29 @@ def test_a_logged_step_is_read_after_the_next_step_is_dispatched(data_dir, tmp_p
 
 def test_the_loop_runs_with_the_setup_objects_frozen(data_dir, tmp_path, monkeypatch):
     """Full garbage collections during training skip what was alive when the loop started
-    (`gc.freeze`); everything is unfrozen afterwards, and a caller's own freeze is kept."""
+    and what the first step's trace and compile left alive (`gc.freeze` at both points);
+    everything is unfrozen afterwards, and a caller's own freeze is kept."""
     import gc
 
     from flax_attention.training import loop
 
-    frozen, check = [], loop._Run._check
+    frozen, check, freezes, freeze = [], loop._Run._check, [], gc.freeze
 
     def recorded_check(self, pending, meter):
         frozen.append(gc.get_freeze_count())
         check(self, pending, meter)
 
+    def recorded_freeze():
+        freezes.append(gc.get_freeze_count())
+        freeze()
+
     monkeypatch.setattr(loop._Run, "_check", recorded_check)
+    monkeypatch.setattr(loop.gc, "freeze", recorded_freeze)
     assert gc.get_freeze_count() == 0
-    fit(config(data_dir, tmp_path / "run", steps=2))
+    fit(config(data_dir, tmp_path / "run", steps=3))
     assert frozen and min(frozen) > 10_000  # the model, steps and libraries: many objects
+    assert len(freezes) == 2 and freezes[0] == 0 and freezes[1] > 10_000  # entry, first step
+    monkeypatch.setattr(loop.gc, "freeze", freeze)
     assert gc.get_freeze_count() == 0
     gc.freeze()  # the caller's
     try:
