@@ -60,5 +60,10 @@ class DataFileError(Exception):
     """A dataset file that cannot be read (corrupt or truncated); one line naming it."""
 
 
+class RunFileError(Exception):
+    """A file of a run's workdir that cannot be read as ours (e.g. a metrics.jsonl line that is
+    no record); one line naming it and what to do."""
+
+
 class ConfigError(ValueError):
     """A training configuration value (or config file) that cannot be used; one line."""

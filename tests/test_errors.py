@@ -191,6 +191,18 @@ def test_a_save_left_unfinished_does_not_block_the_next_run(data_dir, tmp_path, 
     assert "6" in names and not [name for name in names if "orbax-checkpoint-tmp" in name]
 
 
+def test_a_corrupt_metrics_log_is_one_line_and_trains_nothing(data_dir, tmp_path, finished, capsys):
+    """Resuming over a metrics.jsonl with a line that is not a record (edited by hand, another
+    program's file): one line naming the file and the line, exit 2, no step trained."""
+    shutil.copytree(finished / "checkpoints", tmp_path / "checkpoints")
+    lines = (finished / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "metrics.jsonl").write_text(lines[0] + "not json\n" + "".join(lines[1:]))
+    assert main(argv(data_dir, tmp_path, "--steps", "6")) == 2
+    line = one_error_line(capsys)
+    assert "metrics.jsonl, line 2: not a JSON record" in line and "move it away" in line
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4"]
+
+
 def test_recovery_from_a_lost_data_file_prints_one_line(
     data_dir, tmp_path, finished, capfd, monkeypatch
 ):

@@ -22,6 +22,7 @@ from parity import assert_close
 
 from flax_attention import checkpoint, cli, data
 from flax_attention.convert import load_torch_state_dict, to_torch_state_dict
+from flax_attention.errors import RunFileError
 from flax_attention.models import MODELS, BasicBlock, ModelSpec, ResNet
 from flax_attention.reference.models import TorchBasicBlock, TorchResNet, randomize_batchnorms_
 from flax_attention.training import (
@@ -581,7 +582,7 @@ def test_partial_last_metrics_line_is_dropped(tmp_path, capsys):
     log.write({"step": 3, "loss": 1.0})
     assert [json.loads(line)["step"] for line in path.open()] == [1, 2, 3]
     path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
-    with pytest.raises(ValueError, match="line 2: not a JSON record"):
+    with pytest.raises(RunFileError, match="line 2: not a JSON record"):
         log.records()
 
 

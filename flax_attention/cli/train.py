@@ -263,12 +263,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _usage_errors() -> tuple[type[BaseException], ...]:
     """What the user can fix (exit 2): a bad value, a dataset not prepared or a corrupt data
-    file, an existing run's checkpoints of another model or optimizer (or with --no-resume)."""
+    file, a workdir file that is not ours to read, an existing run's checkpoints of another
+    model or optimizer (or with --no-resume)."""
     from flax_attention.data import DatasetNotFoundError
-    from flax_attention.errors import DataFileError
+    from flax_attention.errors import DataFileError, RunFileError
     from flax_attention.training.checkpointing import CheckpointMismatchError
 
-    usage = ConfigError, DatasetNotFoundError, DataFileError, CheckpointMismatchError
+    usage = ConfigError, DatasetNotFoundError, DataFileError, RunFileError, CheckpointMismatchError
     return (*usage, FileExistsError)
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flax_attention.errors import RunFileError
+
 
 class Meter:
     """Means of per-step scalar metrics and images/s since the last `summary()`."""
@@ -70,7 +72,7 @@ class MetricsLog:
 
     def records(self) -> list[dict]:
         """Every record. A partial last line (a run killed while writing it) is dropped with a
-        warning; any other line that is not a JSON object with a "step" raises ValueError."""
+        warning; any other line that is not a JSON object with a "step" raises RunFileError."""
         if not self.path.exists():
             return []
         text = self.path.read_text()
@@ -91,8 +93,9 @@ class MetricsLog:
                         file=sys.stderr,
                     )
                     continue
-                raise ValueError(
-                    f"{self.path}, line {number}: not a JSON record with a step: {line[:80]!r}"
+                raise RunFileError(
+                    f"{self.path}, line {number}: not a JSON record with a step: {line[:80]!r}; "
+                    "move it away (or repair the line) to resume"
                 ) from None
             records.append(record)
         return records
