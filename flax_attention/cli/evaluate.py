@@ -54,18 +54,16 @@ def _dataset_for(args: argparse.Namespace) -> tuple[dict, str]:
     return metadata, name
 
 
-def _restore_for(args: argparse.Namespace) -> tuple[nnx.Module, str, int]:
-    """The model of `args.model_dir` (eval mode), the dataset whose preprocessing it takes
-    (`--dataset`, else the one recorded at save) and its input size."""
-    metadata, name = _dataset_for(args)
+def _restore_for(args: argparse.Namespace, metadata: dict, name: str) -> tuple[nnx.Module, int]:
+    """The model of `args.model_dir` (eval mode) and its input size for dataset `name`: the
+    size recorded at save (`metadata`) when `name` is its dataset, else the dataset's."""
     size = metadata["image_size"] if name == metadata["dataset"] else None
-    return checkpoint.restore(None, args.model_dir), name, size or data.get_spec(name).image_size
+    return checkpoint.restore(None, args.model_dir), size or data.get_spec(name).image_size
 
 
-def _eval_decoder(args: argparse.Namespace) -> data.Decoder:
-    """`--decoder` for the model's dataset, its process setup done before JAX first uses the
-    GPU; `UsageError` when it cannot be used here."""
-    _, name = _dataset_for(args)
+def _eval_decoder(args: argparse.Namespace, name: str) -> data.Decoder:
+    """`--decoder` for dataset `name`, its process setup done before JAX first uses the GPU;
+    `UsageError` when it cannot be used here."""
     data.prepare_decoding(args.decoder, name)
     try:
         return data.choose_decoder(args.decoder, name)
@@ -75,12 +73,13 @@ def _eval_decoder(args: argparse.Namespace) -> data.Decoder:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Print top-1, top-5 and loss of the model in `args.model_dir` over a dataset split."""
-    from flax_attention.training.evaluate import batch_template, pad_batch
+    from flax_attention.training.evaluate import eval_batch_finisher
     from flax_attention.training.state import TrainState  # optax: not needed by the others
     from flax_attention.training.steps import eval_step
 
-    decoder = _eval_decoder(args)
-    model, name, size = _restore_for(args)
+    metadata, name = _dataset_for(args)
+    decoder = _eval_decoder(args, name)
+    model, size = _restore_for(args, metadata, name)
     spec = data.get_spec(name)
     if model.fc.out_features != spec.num_classes:
         raise UsageError(
@@ -102,15 +101,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         image_size=size,
         decoder=decoder,
     )
-    pad = data.pad_plans if decoder.eval_on_device else pad_batch
-    decode = decoder.input_to_device(lambda batch: batch, size)
-    like = batch_template(spec, size)
+    finish = eval_batch_finisher(decoder, spec, size, batch_size)
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)
     state = TrainState(params, batch_stats, None, jnp.zeros((), jnp.int32))
     step = jax.jit(partial(eval_step, graphdef, mean=spec.mean, std=spec.std))
     totals: Counter[str] = Counter()
     for i in range(len(ds)):
-        sums = jax.device_get(step(state, decode(pad(ds[i], batch_size, like))))
+        sums = jax.device_get(step(state, finish(ds[i])))
         totals.update({k: float(v) for k, v in sums.items()})
     count = totals.pop("count")
     print(
@@ -158,7 +155,8 @@ def load_image(path: str | Path, spec: DatasetSpec, size: int) -> np.ndarray:
 def cmd_predict(args: argparse.Namespace) -> int:
     """Print the top-5 classes of each image file of `args.images`, read and run in batches of
     at most `PREDICT_BATCH` images (the last one padded: one compiled shape)."""
-    model, name, size = _restore_for(args)
+    metadata, name = _dataset_for(args)
+    model, size = _restore_for(args, metadata, name)
     spec = data.get_spec(name)
     forward = jitted_forward(model)
     label = _class_label(name, model.fc.out_features)

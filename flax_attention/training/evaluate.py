@@ -52,17 +52,32 @@ def evaluate(
         image_size=image_size,
         decoder=decoder,
     )
-    like = batch_template(spec, image_size)
-    pad = data.pad_plans if decoder.eval_on_device else pad_batch
-    finish = decoder.input_to_device(lambda batch: batch, image_size or spec.image_size, sharding)
+    finish = eval_batch_finisher(decoder, spec, image_size, local_batch, sharding)
     totals: dict[str, float] = {}
     for i in tqdm(range(num_batches), desc="evaluate", leave=False, disable=not progress):
-        batch = finish(pad(ds[i] if i < len(ds) else None, local_batch, like))
+        batch = finish(ds[i] if i < len(ds) else None)
         sums = jax.device_get(eval_fn(state, batch))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     count = max(totals.pop("count"), 1.0)
     return {f"eval_{k}": v / count for k, v in totals.items()}
+
+
+def eval_batch_finisher(
+    decoder: data.Decoder,
+    spec: data.DatasetSpec,
+    image_size: int | None,
+    rows: int,
+    sharding: Any = None,
+) -> Callable[[dict | None], dict[str, Any]]:
+    """A loader's evaluation batch (or None past the end of the shard) -> the batch `eval_step`
+    takes: padded to `rows` rows with a "mask" (host pixels with `pad_batch`, centre-crop
+    plans with `data.pad_plans`), then decoded by `decoder` (on each device of `sharding` for a
+    GPU decoder)."""
+    like = batch_template(spec, image_size)
+    pad = data.pad_plans if decoder.eval_on_device else pad_batch
+    finish = decoder.input_to_device(lambda batch: batch, image_size or spec.image_size, sharding)
+    return lambda batch: finish(pad(batch, rows, like))
 
 
 def batch_template(spec: data.DatasetSpec, image_size: int | None) -> dict[str, np.ndarray]:
