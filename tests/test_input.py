@@ -401,6 +401,44 @@ class TestHybridDecoding:
             np.testing.assert_array_equal(np.asarray(out["image"]), expected["image"])
             np.testing.assert_array_equal(np.asarray(out["label"]), expected["label"])
 
+    def test_every_device_decodes_the_same_number_of_cpu_rows(self, photo_dir):
+        """8 rows over 4 devices, half on the CPU: each device's block of 2 rows starts with
+        one CPU row, and every row is the CPU decoder's."""
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        sharding = NamedSharding(Mesh(jax.devices()[:4], ("data",)), PartitionSpec("data"))
+        kw = dict(HYBRID_KWARGS, batch_size=8, data_dir=photo_dir)
+        pixel_rows: dict = {}
+
+        def make_decoder(size: int, device: jax.Device):
+            decode = _decode_plans_on_the_cpu(size, device)
+
+            def decode_rows(plans: dict) -> dict:
+                pixel_rows[device] = plans["pixel_rows"].tolist()
+                return decode(plans)
+
+            return decode_rows
+
+        decoder = data.HybridDecoder(cpu_share=0.5, plan_decoder=make_decoder)
+        hybrid = data.make_loader("imagenet2012", **kw, decoder=decoder, devices=4)
+        cpu = data.make_loader("imagenet2012", **kw)
+        decode = decoder.input_to_device(lambda batch: batch, 32, sharding)
+        for _ in range(4):  # Past the first epoch (3 batches).
+            batch, expected = next(hybrid), next(cpu)
+            np.testing.assert_array_equal(batch["pixel_rows"], [0, 2, 4, 6])
+            np.testing.assert_array_equal(batch["pixels"], expected["image"][::2])
+            out = decode(batch)
+            assert pixel_rows == {d: [0] for d in sharding.addressable_devices}
+            np.testing.assert_array_equal(np.asarray(out["image"]), expected["image"])
+
+    def test_cpu_rows_need_a_batch_that_splits_over_the_devices(self, photo_dir):
+        kw = dict(HYBRID_KWARGS, batch_size=8, data_dir=photo_dir)
+        decoder = data.HybridDecoder(cpu_share=0.5)
+        with pytest.raises(ValueError, match=r"^8 rows do not split evenly over 3 devices$"):
+            data.make_dataset("imagenet2012", **kw, decoder=decoder, devices=3)
+        with pytest.raises(ValueError, match=r"at least 2 rows per device in a batch, got 1$"):
+            data.make_dataset("imagenet2012", **kw, decoder=decoder, devices=8)
+
     def test_fit_with_gpu_and_hybrid_decoding_trains_on_the_cpu_decoders_batches(
         self, photo_dir, tmp_path, monkeypatch, capsys
     ):

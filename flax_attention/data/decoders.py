@@ -32,7 +32,7 @@ from flax_attention.data.per_device import DeviceDecoderFactory, PerDeviceDecode
 from flax_attention.data.plans import CenterCropPlan, CropPlan, collate_plans
 from flax_attention.data.preprocess import EvalPreprocess, TrainPreprocess
 from flax_attention.data.registry import get_spec
-from flax_attention.data.split_decode import SplitPlan, cpu_rows_of, with_index
+from flax_attention.data.split_decode import SplitPlan, with_index
 
 if TYPE_CHECKING:
     import grain
@@ -53,6 +53,7 @@ class Decoder(Protocol):
         preprocess: TrainPreprocess,
         batch_size: int,
         seed: int,
+        devices: int = 1,
     ) -> "grain.MapDataset": ...
 
     def batch(self, rows: "grain.MapDataset", batch_size: int) -> "grain.MapDataset": ...
@@ -96,8 +97,10 @@ class CpuDecoder:
         preprocess: TrainPreprocess,
         batch_size: int,
         seed: int,
+        devices: int = 1,
     ) -> "grain.MapDataset":
-        """Each record of the training stream decoded and augmented with ``preprocess``."""
+        """Each record of the training stream decoded and augmented with ``preprocess`` (on
+        any number of ``devices``)."""
         return stream.random_map(preprocess, seed=seed)
 
     def batch(self, rows: "grain.MapDataset", batch_size: int) -> "grain.MapDataset":
@@ -171,9 +174,11 @@ class GpuDecoder:
         preprocess: TrainPreprocess,
         batch_size: int,
         seed: int,
+        devices: int = 1,
     ) -> "grain.MapDataset":
         """Each record's crop plan (JPEG bytes, crop box, flip, label; no pixel decoded), or
-        its pixels for an image the GPU does not take (``plans.CropPlan``)."""
+        its pixels for an image the GPU does not take (``plans.CropPlan``), whatever the
+        number of ``devices``."""
         return stream.random_map(CropPlan(preprocess), seed=seed)
 
     def batch(self, rows: "grain.MapDataset", batch_size: int) -> "grain.MapDataset":
@@ -203,10 +208,11 @@ class GpuDecoder:
 
 @dataclasses.dataclass(frozen=True)
 class HybridDecoder(GpuDecoder):
-    """Decodes the first ``cpu_rows_of(batch_size, cpu_share)`` rows of every training batch as
-    ``CpuDecoder`` does (in the loader's worker processes) and the others as ``GpuDecoder``
-    does (see ``split_decode``); evaluates as ``GpuDecoder``. Same requirements and process
-    setup as ``GpuDecoder``."""
+    """Decodes ``cpu_share`` of the rows each device holds of every training batch as
+    ``CpuDecoder`` does (in the loader's worker processes; the first ``cpu_rows_of(rows,
+    cpu_share)`` of each device's ``rows``) and the others as ``GpuDecoder`` does (see
+    ``split_decode``); evaluates as ``GpuDecoder``. Same requirements and process setup as
+    ``GpuDecoder``."""
 
     cpu_share: float = 0.375
 
@@ -221,10 +227,14 @@ class HybridDecoder(GpuDecoder):
         preprocess: TrainPreprocess,
         batch_size: int,
         seed: int,
+        devices: int = 1,
     ) -> "grain.MapDataset":
         """Each record decoded with ``preprocess`` if its row in its process batch of
-        ``batch_size`` rows is a CPU row, its crop plan otherwise (``SplitPlan``)."""
-        split = SplitPlan(preprocess, batch_size, cpu_rows_of(batch_size, self.cpu_share))
+        ``batch_size`` rows is a CPU row, its crop plan otherwise (``SplitPlan``): the first
+        ``cpu_rows_of(batch_size / devices, cpu_share)`` rows of each of the ``devices``
+        devices' blocks of the batch; a ``ValueError`` when the rows do not split evenly over
+        the devices or a device would hold a single row."""
+        split = SplitPlan.spread(preprocess, batch_size, devices, self.cpu_share)
         return stream.map_with_index(with_index).random_map(split, seed=seed)
 
     def notes(self, num_workers: int) -> list[str]:

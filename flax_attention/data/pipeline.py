@@ -44,6 +44,7 @@ def make_dataset(
     shard_index: int | None = None,
     shard_count: int | None = None,
     decoder: Decoder = CPU_DECODER,
+    devices: int = 1,
 ) -> "grain.MapDataset":
     """Batched random-access dataset of {"image": uint8 (B, S, S, C) NHWC, "label": int32 (B,)}.
 
@@ -63,9 +64,12 @@ def make_dataset(
 
     ``decoder`` makes the training batches (``decoders``): ``CpuDecoder`` the pixels above,
     ``GpuDecoder`` the JPEG bytes and the drawn crops instead (training split of a JPEG
-    dataset), ``HybridDecoder`` pixels for the first rows of each batch and crops for the
-    others; the decoder's ``input_to_device`` finishes them on the device. In evaluation the
-    decoder's ``plan_eval`` makes the batches: pixels (``CpuDecoder``) or centre-crop plans.
+    dataset), ``HybridDecoder`` pixels for the first rows of each device's block of the batch
+    and crops for the others; the decoder's ``input_to_device`` finishes them on the device.
+    ``devices``: how many of this process's devices hold its training batch, each a contiguous
+    block of ``batch_size / devices`` rows (those of the sharding ``input_to_device`` decodes
+    for; 1 for a sharding of None). In evaluation the decoder's ``plan_eval`` makes the
+    batches: pixels (``CpuDecoder``) or centre-crop plans.
     """
     import grain
 
@@ -87,7 +91,7 @@ def make_dataset(
         augment_seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
         ds = ds.shuffle(seed=seed).repeat(num_epochs)
         transform = TrainPreprocess(spec.train_transform, size, spec.channels)
-        ds = decoder.plan(ds, transform, batch_size, augment_seed)
+        ds = decoder.plan(ds, transform, batch_size, augment_seed, devices)
         ds = _process_rows(ds, batch_size, shard_index, shard_count)
         return decoder.batch(ds, batch_size)
     transform = EvalPreprocess(spec.eval_transform, size, spec.channels)
@@ -139,6 +143,7 @@ def make_loader(
     num_workers: int = 0,
     num_threads: int = 4,
     decoder: Decoder = CPU_DECODER,
+    devices: int = 1,
     start: int = 0,
 ) -> "grain.DatasetIterator":
     """Iterator over the batches of ``make_dataset(...)`` (same arguments, same batches), from
@@ -168,6 +173,7 @@ def make_loader(
         shard_index=shard_index,
         shard_count=shard_count,
         decoder=decoder,
+        devices=devices,
     )
     if start:
         ds = ds[start:]

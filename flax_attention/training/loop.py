@@ -133,6 +133,10 @@ class _Run:
         # GPU decoding: each device decodes the rows it trains on; pmap's batches are split
         # over the devices after decoding (evaluation runs in the mesh form).
         self.decode_sharding = None if isinstance(self.form, PmapForm) else self.form.sharded
+        # The devices whose blocks of each local batch are decoded apart (hybrid: CPU rows in each).
+        self.decode_devices = (
+            len(self.decode_sharding.addressable_devices) if self.decode_sharding else 1
+        )
         self.local_eval_batch = _local_batch(cfg.eval_batch_size or cfg.batch_size, self.form)
         self.steps_per_epoch = max(train_size // cfg.batch_size, 1)
         self.cfg = cfg = cfg.in_steps(self.steps_per_epoch)  # the run's length and intervals
@@ -208,6 +212,7 @@ class _Run:
             seed=cfg.seed,
             num_workers=cfg.num_workers,
             decoder=self.decoder,
+            devices=self.decode_devices,
             start=self.batches_read,
         )
 
