@@ -431,6 +431,55 @@ class TestHybridDecoding:
             assert pixel_rows == {d: [0] for d in sharding.addressable_devices}
             np.testing.assert_array_equal(np.asarray(out["image"]), expected["image"])
 
+    def test_fit_on_several_devices_gives_each_device_its_share_of_cpu_rows(
+        self, photo_dir, tmp_path, monkeypatch
+    ):
+        """`fit --decoder hybrid --parallel jit` on the 8 devices, batch 16 (2 rows each), half
+        on the CPU: every device's training block holds one CPU row (the GPU decoder replaced
+        by its CPU stand-in)."""
+        from flax_attention.models import MODELS, BasicBlock, ModelSpec
+        from flax_attention.training import TrainConfig, fit
+
+        tiny = "tiny_resnet_for_input_tests"
+        monkeypatch.setitem(MODELS, tiny, ModelSpec(tiny, BasicBlock, (1,), "test", "official", {}))
+        training_blocks: dict = {}
+
+        class StandInGpuDecoder:
+            def __init__(self, size: int, device: jax.Device):
+                self.device = device
+                self.decode = _decode_plans_on_the_cpu(size, device)
+
+            def __call__(self, plans: dict) -> dict:
+                if len(plans["box"]) == 2:  # a training block (evaluation: 1 row per device)
+                    training_blocks[self.device] = plans["pixel_rows"].tolist()
+                return self.decode(plans)
+
+        monkeypatch.setattr(decoders, "gpu_decoding_available", lambda: True)
+        choose = data.choose_decoder
+        monkeypatch.setattr(
+            data,
+            "choose_decoder",
+            lambda *args, **kwargs: dataclasses.replace(
+                choose(*args, **kwargs), plan_decoder=StandInGpuDecoder
+            ),
+        )
+        config = TrainConfig(
+            model=tiny,
+            dataset="imagenet2012",
+            data_dir=str(photo_dir),
+            workdir=str(tmp_path),
+            steps=1,
+            batch_size=16,
+            image_size=32,
+            parallel="jit",
+            decoder="hybrid",
+            hybrid_cpu_share=0.5,
+            eval_batch_size=8,
+            progress=False,
+        )
+        fit(config)
+        assert training_blocks == {d: [0] for d in jax.local_devices()}
+
     def test_cpu_rows_need_a_batch_that_splits_over_the_devices(self, photo_dir):
         kw = dict(HYBRID_KWARGS, batch_size=8, data_dir=photo_dir)
         decoder = data.HybridDecoder(cpu_share=0.5)
