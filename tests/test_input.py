@@ -480,6 +480,31 @@ class TestHybridDecoding:
         fit(config)
         assert training_blocks == {d: [0] for d in jax.local_devices()}
 
+    def test_fit_refuses_a_hybrid_batch_of_one_row_per_device_before_writing(
+        self, photo_dir, tmp_path, monkeypatch
+    ):
+        """`fit --decoder hybrid` with one row per device (batch 8 on the 8 devices): a
+        `ConfigError` naming the batch before the workdir gets a run record or metrics."""
+        from flax_attention.training import TrainConfig, fit
+        from flax_attention.training.config import ConfigError
+
+        monkeypatch.setattr(decoders, "gpu_decoding_available", lambda: True)
+        config = TrainConfig(
+            model="resnet18",
+            dataset="imagenet2012",
+            data_dir=str(photo_dir),
+            workdir=str(tmp_path / "run"),
+            steps=1,
+            batch_size=8,
+            parallel="jit",
+            decoder="hybrid",
+            progress=False,
+        )
+        with pytest.raises(ConfigError, match=r"^batch_size 8 with --decoder hybrid: .* got 1$"):
+            fit(config)
+        written = [p.name for p in (tmp_path / "run").rglob("*") if p.is_file()]
+        assert not [name for name in written if not name.endswith(".lock")]
+
     def test_cpu_rows_need_a_batch_that_splits_over_the_devices(self, photo_dir):
         kw = dict(HYBRID_KWARGS, batch_size=8, data_dir=photo_dir)
         decoder = data.HybridDecoder(cpu_share=0.5)

@@ -32,7 +32,7 @@ from flax_attention.data.per_device import DeviceDecoderFactory, PerDeviceDecode
 from flax_attention.data.plans import CenterCropPlan, CropPlan, collate_plans
 from flax_attention.data.preprocess import EvalPreprocess, TrainPreprocess
 from flax_attention.data.registry import get_spec
-from flax_attention.data.split_decode import SplitPlan, with_index
+from flax_attention.data.split_decode import SplitPlan, block_rows_of, cpu_rows_of, with_index
 
 if TYPE_CHECKING:
     import grain
@@ -65,6 +65,8 @@ class Decoder(Protocol):
     def input_to_device(
         self, put_batch: PutBatch, image_size: int, sharding: Sharding | None = None
     ) -> PutBatch: ...
+
+    def check_batch(self, batch_size: int, devices: int) -> None: ...
 
     def notes(self, num_workers: int) -> list[str]: ...
 
@@ -120,6 +122,9 @@ class CpuDecoder:
     ) -> PutBatch:
         """The host batch copied to the device as it is: ``put_batch``."""
         return put_batch
+
+    def check_batch(self, batch_size: int, devices: int) -> None:
+        """Any process batch of ``batch_size`` rows over ``devices`` devices will do."""
 
     def notes(self, num_workers: int) -> list[str]:
         """Nothing to say about the run's loader."""
@@ -201,6 +206,9 @@ class GpuDecoder:
         decode = PerDeviceDecoder(self.plan_decoder, image_size, sharding, self.threads)
         return lambda batch: put_batch(decode(batch))
 
+    def check_batch(self, batch_size: int, devices: int) -> None:
+        """Any process batch of ``batch_size`` rows over ``devices`` devices will do."""
+
     def notes(self, num_workers: int) -> list[str]:
         """Nothing to say about the run's loader."""
         return []
@@ -236,6 +244,11 @@ class HybridDecoder(GpuDecoder):
         the devices or a device would hold a single row."""
         split = SplitPlan.spread(preprocess, batch_size, devices, self.cpu_share)
         return stream.map_with_index(with_index).random_map(split, seed=seed)
+
+    def check_batch(self, batch_size: int, devices: int) -> None:
+        """A ``ValueError`` when process batches of ``batch_size`` rows cannot be split over
+        ``devices`` devices with CPU and GPU rows on each (see ``plan``)."""
+        cpu_rows_of(block_rows_of(batch_size, devices), self.cpu_share)
 
     def notes(self, num_workers: int) -> list[str]:
         """Advice when the CPU rows would be decoded in the training process itself."""

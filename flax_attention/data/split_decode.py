@@ -43,6 +43,14 @@ def cpu_rows_of(rows: int, cpu_share: float) -> int:
     return min(rows - 1, max(1, round(cpu_share * rows)))
 
 
+def block_rows_of(batch_size: int, devices: int) -> int:
+    """Rows of each device's block of a process batch of ``batch_size`` rows held by
+    ``devices`` devices; a ``ValueError`` when the rows do not split evenly over them."""
+    if devices < 1 or batch_size % devices:
+        raise ValueError(f"{batch_size} rows do not split evenly over {devices} devices")
+    return batch_size // devices
+
+
 def with_index(index: int, record: dict) -> tuple[int, dict]:
     """grain ``map_with_index`` callable: the record with its index in the training stream."""
     return index, record
@@ -67,9 +75,7 @@ class SplitPlan:
         (contiguous blocks of ``batch_size / devices`` rows), ``cpu_rows_of(block, cpu_share)``
         CPU rows at the start of each block; a ``ValueError`` when the rows do not split
         evenly over the devices or a block is one row."""
-        if devices < 1 or batch_size % devices:
-            raise ValueError(f"{batch_size} rows do not split evenly over {devices} devices")
-        block_rows = batch_size // devices
+        block_rows = block_rows_of(batch_size, devices)
         return cls(preprocess, block_rows, cpu_rows_of(block_rows, cpu_share))
 
     def __call__(self, element: tuple[int, dict], rng: np.random.Generator) -> dict:

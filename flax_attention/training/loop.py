@@ -137,6 +137,12 @@ class _Run:
         self.decode_devices = (
             len(self.decode_sharding.addressable_devices) if self.decode_sharding else 1
         )
+        try:
+            self.decoder.check_batch(self.local_batch, self.decode_devices)
+        except ValueError as err:
+            raise ConfigError(
+                f"batch_size {cfg.batch_size} with --decoder {cfg.decoder}: {err}"
+            ) from None
         self.local_eval_batch = _local_batch(cfg.eval_batch_size or cfg.batch_size, self.form)
         self.steps_per_epoch = max(train_size // cfg.batch_size, 1)
         self.cfg = cfg = cfg.in_steps(self.steps_per_epoch)  # the run's length and intervals
