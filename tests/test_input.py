@@ -347,6 +347,22 @@ def _decode_plans_on_the_cpu(size: int, device: jax.Device | None = None):
     return decode_plans
 
 
+def _recording_stand_in(seen: dict, key: str):
+    """A ``PerDeviceDecoder`` factory of ``_decode_plans_on_the_cpu`` stand-ins that record,
+    per device, the list ``plans[key]`` of the last plan rows that device decoded."""
+
+    def make_decoder(size: int, device: jax.Device):
+        decode = _decode_plans_on_the_cpu(size, device)
+
+        def decode_rows(plans: dict) -> dict:
+            seen[device] = plans[key].tolist()
+            return decode(plans)
+
+        return decode_rows
+
+    return make_decoder
+
+
 def _final(result: dict) -> dict:
     """A run's final evaluation and step, without its paths."""
     return {k: v for k, v in result.items() if k not in ("model_dir", "plot")}
@@ -409,16 +425,7 @@ class TestHybridDecoding:
         sharding = NamedSharding(Mesh(jax.devices()[:4], ("data",)), PartitionSpec("data"))
         kw = dict(HYBRID_KWARGS, batch_size=8, data_dir=photo_dir)
         pixel_rows: dict = {}
-
-        def make_decoder(size: int, device: jax.Device):
-            decode = _decode_plans_on_the_cpu(size, device)
-
-            def decode_rows(plans: dict) -> dict:
-                pixel_rows[device] = plans["pixel_rows"].tolist()
-                return decode(plans)
-
-            return decode_rows
-
+        make_decoder = _recording_stand_in(pixel_rows, "pixel_rows")
         decoder = data.HybridDecoder(cpu_share=0.5, plan_decoder=make_decoder)
         hybrid = data.make_loader("imagenet2012", **kw, decoder=decoder, devices=4)
         cpu = data.make_loader("imagenet2012", **kw)
@@ -783,16 +790,7 @@ class TestPerDeviceDecoding:
         sharding = NamedSharding(mesh, PartitionSpec(("replica", "data")))
         batch = self._batch(photo_dir, 8)
         decoded_by: dict = {}
-
-        def make_decoder(size: int, device: jax.Device):
-            decode = _decode_plans_on_the_cpu(size, device)
-
-            def decode_rows(plans: dict) -> dict:
-                decoded_by[device] = plans["label"].tolist()
-                return decode(plans)
-
-            return decode_rows
-
+        make_decoder = _recording_stand_in(decoded_by, "label")
         out = data.PerDeviceDecoder(make_decoder, 32, sharding, threads=2)(batch)
         assert out["image"].sharding == sharding and out["image"].shape == (8, 32, 32, 3)
         np.testing.assert_array_equal(out["label"], batch["label"])
