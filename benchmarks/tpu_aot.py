@@ -72,7 +72,6 @@ CHIPS: dict[str, Chip] = {
     "v5p": Chip(95, 459e12, 2765e9, {"host": "v5p:2x2x1", "64": "v5p:4x4x4", "256": "v5p:4x8x8"}),
     "v6e": Chip(32, 918e12, 1640e9, {"host": "v6e:2x2", "64": "v6e:8x8", "256": "v6e:16x16"}),
 }
-MODELS = ("resnet18", "resnet50", "seresnet50", "cbam_resnet50", "bam_resnet50", "epsanet50_small")
 SLICES = ("host", "64", "256")
 BN_FORMS = ("exact", "grouped")
 
@@ -413,6 +412,36 @@ def tables(rows: list[dict[str, Any]]) -> str:
     return "\n".join(memory) + "\n\n" + "\n".join(collectives) + "\n"
 
 
+def readme_table(rows: list[dict[str, Any]], model: str = "resnet50") -> str:
+    """The README's TPU table: per generation, `model`'s exact-BatchNorm step on the host slice
+    (HBM per chip, largest batch, roofline estimate) and the collective bytes per step of its
+    largest compiled slice with exact and with grouped BatchNorm (blank where not compiled)."""
+    ok = [r for r in rows if r["ok"] and r["model"] == model]
+    lines = [
+        "| TPU | images per chip | HBM per chip, GiB (of) | largest batch per chip (ESTIMATE) | "
+        "img/s per chip (ESTIMATE) | chips | collectives per step, MB: exact / grouped BN |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for generation in CHIPS:
+        at_host = (r for r in ok if r["generation"] == generation and r["slice"] == "host")
+        host = next((r for r in at_host if r["bn"] == "exact"), None)
+        if host is None:
+            continue
+        pod = [r for r in ok if r["generation"] == generation and r["slice"] != "host"]
+        chips = max((r["chips"] for r in pod), default=None)
+        by_bn = {r["bn"]: r for r in pod if r["chips"] == chips}
+        mb = " / ".join(
+            f"{by_bn[bn]['collective_bytes']['total'] / 1e6:,.1f}" if bn in by_bn else "-"
+            for bn in BN_FORMS
+        )
+        lines.append(
+            f"| {generation} | {host['per_chip_batch']} | {host['hbm_gib']:.2f} "
+            f"({host['hbm_capacity_gib']}) | {host.get('max_batch', '-')} | "
+            f"{host['est_img_per_s_per_chip']:,.0f} | {chips or '-'} | {mb if chips else '-'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def chart(path: Path) -> Path | None:
     """HBM per chip against capacity and the estimated img/s per chip of the exact-BatchNorm
     rows of the smallest slice, per model and generation (PNG beside the JSON); None without
@@ -467,7 +496,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--suites", default=SUITE, help="tpu_aot (alone)")
-    p.add_argument("--models", type=split, default=MODELS, help="comma-separated model names")
+    p.add_argument(
+        "--models", type=split, default=None, help="comma-separated names (default: every model)"
+    )
     p.add_argument("--generations", type=split, default=tuple(CHIPS), help="of " + ",".join(CHIPS))
     p.add_argument("--slices", type=split, default=SLICES, help="of " + ",".join(SLICES))
     p.add_argument("--bn", type=split, default=BN_FORMS, help="BatchNorm: exact,grouped")
@@ -483,7 +514,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=TPU_AOT_RESULTS, help="results folder")
     args = p.parse_args(argv)
+    from flax_attention.models import list_models
+
+    args.models = args.models or tuple(list_models())
     for name, values, known in (
+        ("--models", args.models, list_models()),
         ("--suites", (args.suites,), (SUITE,)),
         ("--generations", args.generations, CHIPS),
         ("--slices", args.slices, SLICES),
@@ -512,7 +547,9 @@ def main(argv: list[str] | None = None) -> None:
     path = args.out / f"{SUITE}.json"
     if not args.charts_only:
         path = run(args)
-    print(tables(list(read_rows(path).values())), flush=True)
+    rows = list(read_rows(path).values())
+    print(tables(rows), flush=True)
+    print(readme_table(rows), flush=True)
     print(f"{SUITE}: {path}  chart: {chart(path)}", flush=True)
 
 

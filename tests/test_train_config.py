@@ -203,7 +203,7 @@ def test_flags_are_built_from_the_fields_and_choices_from_the_registries(tmp_pat
 
 def test_shipped_configs_are_valid(tmp_path):
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    assert names == ["cifar10", "default", "imagenet_resnet50"]
+    assert names == ["cifar10", "default", "imagenet_resnet50", "imagenet_tpu_pod"]
     for name in names:
         values = load_config_file(name)
         TrainConfig.from_dict({**values, "workdir": str(tmp_path)})

@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks import __main__ as bench_main
 from benchmarks import tpu_aot
+from flax_attention.models import list_models
 
 HLO = """
   %all-reduce.1 = (f32[512]{0:T(512)S(1)}, bf16[4,8]{1,0}) all-reduce(%a, %b), channel_id=1
@@ -138,12 +139,57 @@ def test_grouped_batchnorm_only_where_the_slice_has_more_chips_than_a_group(tmp_
 
 def test_the_benchmarks_command_hands_tpu_aot_its_own_flags(tmp_path, monkeypatch, capsys):
     """`python -m benchmarks --suites tpu_aot` runs this suite with its flags; an unknown
-    generation is a usage error."""
+    generation or model is a usage error."""
     seen = []
     monkeypatch.setattr(tpu_aot, "run", lambda args: seen.append(args) or tmp_path / "x.json")
     bench_main.main(["--suites", "tpu_aot", "--generations", "v6e", "--out", str(tmp_path)])
     assert seen[0].generations == ("v6e",)
-    with pytest.raises(SystemExit) as exit_info:
-        bench_main.main(["--suites", "tpu_aot", "--generations", "v9"])
-    assert exit_info.value.code == 2
-    assert "--generations: unknown v9" in capsys.readouterr().err
+    assert seen[0].models == tuple(list_models())  # every registered model by default
+    for flag, value in (("--generations", "v9"), ("--models", "resnet9")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench_main.main(["--suites", "tpu_aot", flag, value])
+        assert exit_info.value.code == 2
+        assert f"{flag}: unknown {value};" in capsys.readouterr().err
+
+
+def _row(generation: str, slice_: str, bn: str, **values):
+    counts = {"total": 0}
+    return {
+        "ok": True,
+        "model": "resnet50",
+        "generation": generation,
+        "slice": slice_,
+        "bn": bn,
+        "per_chip_batch": 128,
+        "hbm_gib": 4.5,
+        "hbm_capacity_gib": tpu_aot.CHIPS[generation].hbm_gib,
+        "est_img_per_s_per_chip": 1899.4,
+        "chips": {"host": 4, "64": 64, "256": 256}[slice_],
+        "collectives": counts,
+        "collective_bytes": {"total": 0},
+    } | values
+
+
+def test_readme_table_takes_the_host_row_and_the_largest_slice_of_each_generation():
+    rows = [
+        _row("v5e", "host", "exact", max_batch=256),
+        _row("v5e", "64", "exact", collective_bytes={"total": 116.0e6}),
+        _row("v5e", "256", "exact", collective_bytes={"total": 156.8e6}),
+        _row("v5e", "256", "grouped", collective_bytes={"total": 107.3e6}),
+        _row("v4", "host", "exact", hbm_gib=4.46, est_img_per_s_per_chip=2687.3),
+        _row("v6e", "256", "exact"),  # no host row: no line
+        _row("v5p", "host", "exact", model="seresnet50"),  # another model
+    ]
+    assert tpu_aot.readme_table(rows).splitlines()[2:] == [
+        "| v4 | 128 | 4.46 (32) | - | 2,687 | - | - |",
+        "| v5e | 128 | 4.50 (16) | 256 | 1,899 | 256 | 156.8 / 107.3 |",
+    ]
+
+
+def test_the_readme_quotes_the_committed_results():
+    """The README's TPU table is `readme_table` of the committed tpu_aot.json (printed by
+    `python -m benchmarks --suites tpu_aot --charts-only`)."""
+    from benchmarks.settings import ROOT, TPU_AOT_RESULTS
+
+    rows = list(tpu_aot.read_rows(TPU_AOT_RESULTS / "tpu_aot.json").values())
+    assert tpu_aot.readme_table(rows) in (ROOT / "README.md").read_text()
