@@ -1,8 +1,13 @@
 """A real multi-process training run, killed after a checkpoint, resumed, checked against one
-process: `python -m benchmarks.lab.multiprocess [--quick] [--processes K] --out result.json`.
+process: `python -m benchmarks.lab.multiprocess [--quick] [--processes K] [--decoder D]
+--out result.json`.
 
 Every run is the training program itself (`flax_attention.cli.train.main`, `--parallel jit`)
-in child processes on the embedded digits dataset (upscaled to `--image-size`). K processes
+in child processes. `--decoder cpu` (the default) trains on the embedded digits dataset
+(upscaled to `--image-size`); `gpu`, `auto` and `hybrid` on a small photo-like JPEG dataset in
+tfds `imagenet2012` layout (`flax_attention.data.photos`, with its odd images: CMYK, grayscale,
+PNG, one large JPEG; written once under the workdir), each process's devices decoding the rows
+they train on (`data.PerDeviceDecoder`, the global batch assembled across processes). K processes
 with `jax.distributed.initialize` (coordinator on 127.0.0.1, a free port) each see their own
 devices (GPU: `CUDA_VISIBLE_DEVICES=i`; `--quick`: CPU processes of 2 host devices each):
 1. a one-process reference run on all K x d devices (GPU: one process seeing the K GPUs);
@@ -17,12 +22,18 @@ models are bitwise equal, and the check is float32 tolerance (matmuls and convol
 images/s of each run (median of its logged intervals after the first), the checkpoint the run
 was killed after and the step it resumed from, bitwise equality, the largest parameter
 difference and the array furthest outside the tolerance, pass/fail.
-`--quick` (tests): a one-stage SE ResNet, 16x16 images, well under a minute on 2 CPU cores.
+`--quick` (tests): a one-stage SE ResNet, 16x16 images, small photos, well under a minute on 2
+CPU cores. There is no GPU decoder on the CPU: with `--quick` and a decoder other than cpu, each
+process replaces nvImageCodec's plan decoder by its host twin (`gpu_decode.CpuCanvasDecoder`:
+the same canvas and resize, on the device it is given) and takes every CPU device for a GPU, so
+the whole GPU decoding path (crop plans in the loader, per-device decoding, the global array from
+each process's device arrays, resume) runs; the JSON says so (`decoder_stand_in`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -44,11 +55,28 @@ from benchmarks.warm import stop_processes
 CPU_DEVICES_PER_PROCESS = 2
 RTOL, ATOL = 1e-4, 1e-5
 WORKER = "--worker"  # first argument of a child process
+DECODERS = ("cpu", "gpu", "auto", "hybrid")
+LR = 0.05  # peak learning rate
+# --quick on the photos: at 0.05 the tiny model's 1000-class head turns the cross-process
+# rounding of the first steps (1e-7) into parameter differences of 1e-2 within 8 steps; at 0.01
+# they stay rounding-sized.
+QUICK_PHOTOS_LR = 0.01
+PHOTOS = {"train": 64, "eval": 16}  # images of the photo-like dataset's splits
+# Photo sizes (heights, widths, long side of the large odd image): ImageNet's on a GPU, small
+# ones for --quick.
+PHOTO_SIZES = {False: ((333, 500), (375, 500), 4200), True: ((40, 64), (48, 80), 160)}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.lab.multiprocess", description=__doc__)
     p.add_argument("--processes", type=int, default=2, help="K training processes")
+    p.add_argument(
+        "--decoder",
+        default="cpu",
+        choices=DECODERS,
+        help="cpu: the digits dataset; others: photo-like JPEGs decoded as the training "
+        "program's --decoder (--quick: a CPU stand-in for the GPU decoder)",
+    )
     p.add_argument("--quick", action="store_true", help="CPU: tiny model and images")
     p.add_argument("--model", default="seresnet50")
     p.add_argument("--image-size", type=int, default=224)
@@ -63,23 +91,46 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.train_argv = train_argv  # more flags of the training program
     if args.quick:
         args.model, args.image_size, args.per_device_batch = QUICK_MODEL, 16, 4
-        args.steps, args.checkpoint_every = 24, 4
+        args.steps, args.checkpoint_every = 12, 4
     return args
 
 
 def worker(argv: list[str]) -> int:
     """One training process, argv = [pid (-1: the one-process reference), port, processes,
-    quick (0/1), *training program flags]: join the K-process job, run the program."""
+    quick (0/1), decoder stand-in (0/1), *training program flags]: join the K-process job, run
+    the program."""
     import jax
 
-    pid, port, processes, quick = map(int, argv[:4])
+    pid, port, processes, quick, stand_in = map(int, argv[:5])
     if pid >= 0:
         jax.distributed.initialize(f"127.0.0.1:{port}", processes, pid)
     if quick:
         register_quick_model()
+    if stand_in:
+        install_gpu_decoder_stand_in()
     from flax_attention.cli.train import main as train_main
 
-    return train_main(argv[4:])
+    return train_main(argv[5:])
+
+
+def install_gpu_decoder_stand_in() -> None:
+    """In this process, every local device counts as one that decodes JPEGs
+    (`gpu_decoding_available`) and the GPU decoders chosen decode with
+    `gpu_decode.CpuCanvasDecoder` (the GPU decoder's arithmetic on the host, its result put on
+    the device each is made for) instead of nvImageCodec."""
+    from flax_attention import data
+    from flax_attention.data import decoders, gpu_decode
+
+    choose = data.choose_decoder
+
+    def choose_with_stand_in(*args: Any, **kwargs: Any) -> data.Decoder:
+        decoder = choose(*args, **kwargs)
+        if isinstance(decoder, data.GpuDecoder):
+            return dataclasses.replace(decoder, plan_decoder=gpu_decode.CpuCanvasDecoder)
+        return decoder
+
+    decoders.gpu_decoding_available = lambda: True
+    data.choose_decoder = choose_with_stand_in
 
 
 def _free_port() -> int:
@@ -96,24 +147,34 @@ class Job:
         self.args, self.workdir = args, workdir
         k = args.processes
         devices = k * (CPU_DEVICES_PER_PROCESS if args.quick else 1)
-        train = ["--model", args.model, "--dataset", "digits", "--data-dir", str(args.data_dir)]
+        train = ["--model", args.model, "--dataset", args.dataset, "--data-dir", str(args.data_dir)]
         train += ["--image-size", str(args.image_size), "--steps", str(args.steps)]
-        train += ["--batch-size", str(args.per_device_batch * devices), "--lr", "0.05"]
+        train += ["--batch-size", str(args.per_device_batch * devices)]
+        train += ["--lr", str(QUICK_PHOTOS_LR if stand_in(args) else LR)]
         train += ["--checkpoint-every", str(args.checkpoint_every), "--log-every", "2"]
         train += ["--eval-every", "0", "--parallel", "jit", "--precision", args.precision]
-        train += ["--decoder", "cpu", "--no-progress", "--workdir", str(workdir)]
+        train += ["--decoder", args.decoder, "--no-progress", "--workdir", str(workdir)]
         port = _free_port()
         self.commands, self.envs = [], []
         for pid in range(k) if distributed else [-1]:
             cmd = [sys.executable, "-m", "benchmarks.lab.multiprocess", WORKER]
-            cmd += [str(pid), str(port), str(k), str(int(args.quick)), *train, *args.train_argv]
+            cmd += [str(pid), str(port), str(k), str(int(args.quick)), str(int(stand_in(args)))]
+            cmd += [*train, *args.train_argv]
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path]))
             env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"  # no TF32: a float32 comparison
             local = CPU_DEVICES_PER_PROCESS if args.quick else 1
             if args.quick:
                 env["JAX_PLATFORMS"] = "cpu"
                 count = local * (1 if distributed else k)
-                env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={count}"
+                # LLVM's optimisation passes off, as in the tests: compiling is most of a
+                # quick run. Every run of the check compiles with the same flags.
+                env["XLA_FLAGS"] = (
+                    f"--xla_force_host_platform_device_count={count}"
+                    " --xla_backend_optimization_level=0"
+                )
+                # Where a compilation cache is set (the tests'), the resumed run loads the
+                # killed run's programs, however short their compiles.
+                env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
             else:
                 ids = [pid] if distributed else range(k)
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, ids))
@@ -208,13 +269,49 @@ def model_arrays(workdir: Path) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree.leaves_with_path(tree)}
 
 
+def stand_in(args: argparse.Namespace) -> bool:
+    """Whether the runs decode with the CPU stand-in for the GPU decoder (`--quick`, a decoder
+    other than cpu)."""
+    return args.quick and args.decoder != "cpu"
+
+
+def prepare_dataset(args: argparse.Namespace) -> dict[str, Any]:
+    """The dataset of `args.decoder` written under the workdir (once); sets `args.dataset` and
+    `args.data_dir`; returns its description for the result."""
+    from flax_attention import data
+    from flax_attention.data import photos
+
+    args.data_dir = args.workdir / "tfds"
+    if args.decoder == "cpu":
+        args.dataset = "digits"
+        data.build_digits(args.data_dir)
+        return {"name": args.dataset}
+    args.dataset = photos.TFDS_NAME
+    heights, widths, large_side = PHOTO_SIZES[args.quick]
+    photos.write_photo_dataset(
+        args.data_dir,
+        num_train=PHOTOS["train"],
+        num_eval=PHOTOS["eval"],
+        heights=heights,
+        widths=widths,
+        odd_images=True,
+        large_side=large_side,
+    )
+    return {
+        "name": args.dataset,
+        "kind": "photo-like JPEGs (flax_attention.data.photos, odd images included)",
+        "train_images": PHOTOS["train"],
+        "eval_images": PHOTOS["eval"],
+        "heights": list(heights),
+        "widths": list(widths),
+        "large_side": large_side,
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Reference, killed and resumed runs under `args.workdir`; the result record."""
-    from flax_attention import data
-
     start = time.perf_counter()
-    args.data_dir = args.workdir / "tfds"
-    data.build_digits(args.data_dir)
+    dataset = prepare_dataset(args)
     ref_dir, multi_dir = args.workdir / "one_process", args.workdir / f"{args.processes}_processes"
     for path in (ref_dir, multi_dir):
         if path.exists():
@@ -244,6 +341,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "processes": args.processes,
         "devices_per_process": CPU_DEVICES_PER_PROCESS if args.quick else 1,
         "platform": "cpu" if args.quick else "gpu",
+        "decoder": args.decoder,
+        "decoder_stand_in": stand_in(args),
+        "dataset": dataset,
         "model": args.model,
         "image_size": args.image_size,
         "global_batch": args.per_device_batch * reference_device_count(args),

@@ -95,17 +95,21 @@ def test_profile_step_keeps_every_instruction_with_top_zero(tmp_path):
     assert sum(op["launches"] for op in row["top"]) == row["kernels_per_step"]
 
 
-def test_multiprocess_quick_run_resumes_after_kill_and_matches_one_process(tmp_path):
-    """Two CPU processes (2 devices each) train, are killed after a checkpoint, resume and
-    finish with the parameters of one process on 4 devices: each device trains on the same
-    rows in both runs, only the cross-process gradient sums round in another order."""
+def test_multiprocess_quick_run_with_gpu_decoding_resumes_after_kill_and_matches_one_process(
+    tmp_path,
+):
+    """Two CPU processes (2 devices each) decode photo-like JPEGs as `--decoder gpu` does (the
+    GPU decoder's CPU stand-in on each device), train, are killed after a checkpoint, resume and
+    finish with the parameters of one process on 4 devices: each device decodes and trains on
+    the same rows in both runs, only the cross-process gradient sums round in another order."""
     out = tmp_path / "result.json"
-    assert (
-        multiprocess.main(["--quick", "--workdir", str(tmp_path / "run"), "--out", str(out)]) == 0
-    )
+    argv = ["--quick", "--decoder", "gpu", "--workdir", str(tmp_path / "run"), "--out", str(out)]
+    assert multiprocess.main(argv) == 0
     result = json.loads(out.read_text())
     assert result["pass"] and result["processes"] == 2
-    assert 0 < result["resumed_from_step"] < result["steps"] == 24
+    assert result["decoder"] == "gpu" and result["decoder_stand_in"] is True
+    assert result["dataset"]["name"] == "imagenet2012"
+    assert 0 < result["resumed_from_step"] < result["steps"] == 12
     assert result["resumed_from_step"] >= result["killed_after_checkpoint"]
     assert result["max_abs_param_diff"] < 1e-5
     assert all(v > 0 for v in result["img_per_s"].values())
@@ -117,6 +121,8 @@ def test_multiprocess_job_stops_its_processes_and_closes_their_logs_on_error(tmp
     args = argparse.Namespace(
         processes=2,
         quick=True,
+        decoder="cpu",
+        dataset="digits",
         model=TINY,
         image_size=16,
         per_device_batch=4,
