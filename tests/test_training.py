@@ -537,6 +537,44 @@ def test_a_logged_step_is_read_after_the_next_step_is_dispatched(data_dir, tmp_p
     ]
 
 
+def test_nothing_compiles_between_the_first_step_and_the_last(data_dir, tmp_path, monkeypatch):
+    """Every program the loop runs between its first and its last step is compiled by the
+    first step: a compile mid-run stalls the device (the logged learning rate, computed with
+    eager jnp ops, compiled 8 programs at the first log)."""
+    import logging
+
+    from flax_attention.training import loop
+
+    compiled, stamps, prefetch, save = [], [], data.prefetch_to_device, loop._Run._save
+
+    class Compiles(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if message.startswith("Compiling ") and len(stamps) >= 2:
+                compiled.append(message.split(" with ")[0])
+
+    def counted_batches(*args, **kwargs):
+        for item in prefetch(*args, **kwargs):
+            stamps.append(None)  # the second batch: the first step is dispatched
+            yield item
+
+    def final_save(self, *args):
+        stamps.clear()  # the loop is over
+        save(self, *args)
+
+    handler = Compiles()
+    logging.getLogger("jax").addHandler(handler)
+    monkeypatch.setattr(data, "prefetch_to_device", counted_batches)
+    monkeypatch.setattr(loop._Run, "_save", final_save)
+    jax.clear_caches()  # programs an earlier test compiled would hide a compile here
+    try:
+        with jax.log_compiles():
+            fit(config(data_dir, tmp_path, steps=4, checkpoint_every=10))
+    finally:
+        logging.getLogger("jax").removeHandler(handler)
+    assert compiled == []
+
+
 def test_the_loop_runs_with_the_setup_objects_frozen(data_dir, tmp_path, monkeypatch):
     """Full garbage collections during training skip what was alive when the loop started
     and what the first step's trace and compile left alive (`gc.freeze` at both points);

@@ -167,6 +167,9 @@ class _Run:
         self.schedule = make_schedule(
             cfg.schedule, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=self.total_steps
         )
+        # The logged learning rate: one compiled program, compiled before the first step (called
+        # eagerly, the schedule's jnp ops would each compile at the first log, mid-run).
+        self.learning_rate = jax.jit(self.schedule)
         tx = make_optimizer(
             cfg.optimizer,
             self.schedule,
@@ -270,6 +273,7 @@ class _Run:
             threads=self.decoder.threads,
         )
         meter, pending, log_due = Meter(), None, None
+        jax.block_until_ready(self.learning_rate(step))  # compiled before the first step
         bar = tqdm(
             total=self.total_steps,
             initial=step,
@@ -367,7 +371,7 @@ class _Run:
         if meter.steps == 0:
             return
         record = {"step": step, "epoch": round(step / self.steps_per_epoch, 3), **meter.summary()}
-        record["lr"] = float(self.schedule(step - 1))
+        record["lr"] = float(self.learning_rate(step - 1))
         self.log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", top1=f"{record['top1']:.3f}")
 

@@ -1,0 +1,231 @@
+"""Where the input suite's slow steps come from: `python -m benchmarks.lab.stall_probe --out DIR`.
+
+Runs the input suite's dataset, synthetic step and GPU-decoding `train` row (`fit`, 3 decode
+threads), once as the suite does and once per variant (`--variants`: `nogc`, Python's garbage
+collector off for the run), and records beside each row's step timeline:
+- the training thread's Python stack, sampled every `--sample-ms` by a thread of its own
+  (`sys._current_frames`), and the longest gap between samples (a gap: no thread could take
+  the GIL, or the sampler was starved);
+- every XLA compilation (`jax.monitoring` duration events) and every garbage collection
+  (`gc.callbacks`) with its time.
+A slow step (more than `--slow` times the median interval) lists what those saw within it:
+the most frequent leaf frames of the training thread, the compilations and collections, the
+sample gap. JSON: `<out>/stall_probe.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import gc
+import itertools
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from benchmarks import input_pipeline as suite
+from benchmarks.results import Results
+from benchmarks.settings import Settings
+from flax_attention.data import photos
+
+
+class Sampler(threading.Thread):
+    """Samples `thread_id`'s stack (leaf-first, `depth` frames) every `interval` seconds."""
+
+    def __init__(self, thread_id: int, interval: float, depth: int = 8):
+        super().__init__(daemon=True)
+        self.thread_id, self.interval, self.depth = thread_id, interval, depth
+        self.samples: list[tuple[float, str]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            frame = sys._current_frames().get(self.thread_id)
+            if frame is None:
+                continue
+            stack = traceback.extract_stack(frame)[-self.depth :]
+            where = " < ".join(f"{Path(f.filename).name}:{f.name}" for f in reversed(stack))
+            self.samples.append((time.perf_counter(), where))
+
+
+@contextlib.contextmanager
+def probes(sample_ms: float):
+    """Yields (sampler, compiles, collections) while active; `compiles` and `collections` get
+    (perf_counter, what, seconds)."""
+    compiles: list[tuple[float, str, float]] = []
+    collections_: list[tuple[float, str, float]] = []
+    started: dict[int, float] = {}
+
+    def on_duration(event: str, duration: float, **_: Any) -> None:
+        if event.endswith("backend_compile_duration"):
+            compiles.append((time.perf_counter(), event, duration))
+
+    class CompileNames(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if message.startswith("Compiling "):
+                compiles.append((time.perf_counter(), message[:160], 0.0))
+
+    def on_gc(phase: str, info: dict) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            started[info["generation"]] = now
+        else:
+            begin = started.pop(info["generation"], now)
+            collections_.append((begin, f"gen{info['generation']}", now - begin))
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    names = CompileNames()
+    jax_logger = logging.getLogger("jax")
+    jax_logger.addHandler(names)
+    jax.config.update("jax_log_compiles", True)
+    gc.callbacks.append(on_gc)
+    sampler = Sampler(threading.get_ident(), sample_ms / 1e3)
+    sampler.start()
+    try:
+        yield sampler, compiles, collections_
+    finally:
+        sampler.stop.set()
+        sampler.join()
+        gc.callbacks.remove(on_gc)
+        jax.config.update("jax_log_compiles", False)
+        jax_logger.removeHandler(names)
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+
+
+def slow_steps(
+    timeline: list[tuple[float, float]],
+    sampler: Sampler,
+    compiles: list,
+    collections_: list,
+    slow: float,
+) -> list[dict[str, Any]]:
+    """The steps whose interval exceeds `slow` x the median, with what the probes saw in it."""
+    stamps = [t for _, t in timeline]
+    intervals = [b - a for a, b in itertools.pairwise(stamps)]
+    if not intervals:
+        return []
+    median = statistics.median(intervals)
+    out = []
+    for i, interval in enumerate(intervals, start=1):
+        if i < 3 or interval <= slow * median:  # the first steps hold the compilation
+            continue
+        begin, end = stamps[i - 1], stamps[i]
+        inside = [(t, w) for t, w in sampler.samples if begin <= t <= end]
+        times = [begin] + [t for t, _ in inside] + [end]
+        out.append(
+            {
+                "step": i,
+                "interval_ms": round(1e3 * interval, 1),
+                "wait_ms": round(1e3 * timeline[i][0], 2),
+                "samples": len(inside),
+                "largest_sample_gap_ms": round(
+                    1e3 * max(b - a for a, b in itertools.pairwise(times)), 1
+                ),
+                "stacks": collections.Counter(w for _, w in inside).most_common(4),
+                "compiles": [
+                    (round(1e3 * (t - begin), 1), e, round(1e3 * d, 1))
+                    for t, e, d in compiles
+                    if begin - d <= t <= end
+                ],
+                "collections": [
+                    (round(1e3 * (t - begin), 1), g, round(1e3 * d, 2))
+                    for t, g, d in collections_
+                    if begin <= t <= end
+                ],
+            }
+        )
+    return out
+
+
+def probed_train_row(
+    res: Results, data_dir: Path, synthetic: float, args: argparse.Namespace, variant: str
+) -> dict[str, Any]:
+    shape = suite.QUICK if args.quick else suite.FULL
+    timeline_holder: list = []
+    original = suite.step_timeline
+
+    @contextlib.contextmanager
+    def keep_timeline():
+        with original() as timeline:
+            timeline_holder.append(timeline)
+            yield timeline
+
+    suite.step_timeline = keep_timeline
+    was_enabled = gc.isenabled()
+    if variant == "nogc":
+        gc.collect()
+        gc.disable()
+    try:
+        with probes(args.sample_ms) as (sampler, compiles, collections_):
+            threads = 3 if args.decoder == "gpu" else None
+            suite.train_row(res, data_dir, shape, res.settings, args.decoder, synthetic, threads)
+    finally:
+        suite.step_timeline = original
+        if was_enabled:
+            gc.enable()
+    row = res.rows[-1]
+    timeline = timeline_holder[0]
+    slow = slow_steps(timeline, sampler, compiles, collections_, args.slow)
+    all_gaps = [b[0] - a[0] for a, b in itertools.pairwise(sampler.samples)]
+    return {
+        "variant": variant,
+        **{k: row.get(k) for k in ("img_per_s", "time_weighted_of_synthetic")},
+        "slowest_window_of_synthetic": row.get("slowest_window_of_synthetic"),
+        "samples": len(sampler.samples),
+        "sample_gaps_over_50ms": sum(g > 0.05 for g in all_gaps),
+        "compiles_after_step_2": [
+            (round(t - timeline[2][1], 3), e, round(d, 3))
+            for t, e, d in compiles
+            if len(timeline) > 2 and t > timeline[2][1]
+        ][:40],
+        "collections_over_10ms": [(g, round(1e3 * d, 1)) for _, g, d in collections_ if d > 0.01],
+        "slow_steps": slow,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.lab.stall_probe", description=__doc__)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--variants", default="base,nogc")
+    p.add_argument("--sample-ms", type=float, default=5.0)
+    p.add_argument("--slow", type=float, default=2.5, help="slow: interval > this x median")
+    p.add_argument("--decoder", default="gpu", choices=("gpu", "cpu"))
+    p.add_argument("--quick", action="store_true", help="CPU smoke: the suite's quick shape")
+    args = p.parse_args(argv)
+    shape = suite.QUICK if args.quick else suite.FULL
+    res = Results("stall_probe_rows", Settings.make(args.quick, args.out))
+    report: dict[str, Any] = {"device": str(jax.devices()[0].device_kind), "variants": []}
+    quick_model = suite.quick_model_registered() if args.quick else contextlib.nullcontext()
+    with quick_model, tempfile.TemporaryDirectory() as scratch:
+        data_dir = Path(scratch)
+        photos.write_photo_dataset(
+            data_dir,
+            num_train=shape.num_train,
+            num_eval=max(shape.batch, 16),
+            heights=shape.heights,
+            widths=shape.widths,
+            odd_images=True,
+            large_side=shape.large_side,
+        )
+        synthetic = suite.synthetic_step_row(res, shape, res.settings)
+        report["synthetic_img_per_s"] = round(synthetic)
+        for variant in args.variants.split(","):
+            report["variants"].append(probed_train_row(res, data_dir, synthetic, args, variant))
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "stall_probe.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1)[:6000])
+
+
+if __name__ == "__main__":
+    main()
