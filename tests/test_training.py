@@ -610,6 +610,52 @@ def test_the_loop_runs_with_the_setup_objects_frozen(data_dir, tmp_path, monkeyp
         gc.unfreeze()
 
 
+def test_no_full_garbage_collection_comes_by_itself_during_the_steps(
+    data_dir, tmp_path, monkeypatch
+):
+    """From the first step's metrics to the final evaluation the collector starts no full
+    collection by itself, however many long-lived objects the steps make (each one held the
+    interpreter while the device ran dry); the loop collects in full itself after each
+    checkpoint, and the collector's thresholds are as before once it returns."""
+    import gc
+
+    from flax_attention.training import loop
+
+    full, explicit, kept, steps = [], [], [], []
+    check, evaluate, collect = loop._Run._check, loop._Run._evaluate, gc.collect
+
+    def on_collection(phase: str, info: dict) -> None:
+        if phase == "start" and info["generation"] == 2 and steps:
+            full.append(None)
+
+    def long_lived_objects(self, pending, meter):
+        steps.append(None)
+        kept.append([[] for _ in range(50_000)])  # promoted by the young collections
+        check(self, pending, meter)
+
+    def counted_collect(*args):
+        if steps:
+            explicit.append(None)
+        return collect(*args)
+
+    def final_evaluation(self, *args):
+        steps.clear()
+        return evaluate(self, *args)
+
+    monkeypatch.setattr(loop._Run, "_check", long_lived_objects)
+    monkeypatch.setattr(loop._Run, "_evaluate", final_evaluation)
+    monkeypatch.setattr(gc, "collect", counted_collect)
+    thresholds = gc.get_threshold()
+    gc.callbacks.append(on_collection)
+    try:
+        fit(config(data_dir, tmp_path, steps=8, checkpoint_every=4, log_every=4))
+    finally:
+        gc.callbacks.remove(on_collection)
+    assert gc.get_threshold() == thresholds
+    assert len(explicit) == 2  # after the checkpoints of steps 4 and 8
+    assert len(full) == len(explicit)  # none by itself
+
+
 def test_partial_last_metrics_line_is_dropped(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')

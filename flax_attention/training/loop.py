@@ -284,7 +284,7 @@ class _Run:
         with (
             StopOnInterrupt() as interrupt,
             _closing(batches, loader, self.checkpoints),
-            _setup_objects_frozen() as freeze_new_objects,
+            _collector_off_the_steps() as freeze_new_objects,
         ):
             first_step = step
             while step < self.total_steps and not interrupt.requested:
@@ -311,6 +311,8 @@ class _Run:
                     self._evaluate(step, dev_state)
                 if saving:
                     self._save(step, dev_state, data_state)
+                if evaluating or saving:
+                    gc.collect()  # in full, where the device waits anyway
             self._settle(pending, log_due, meter, bar)
             bar.close()
             self._save(step, dev_state, data_state)
@@ -439,19 +441,25 @@ def _closing(batches: Generator, loader: Any, checkpoints: TrainCheckpointer) ->
             close()
 
 
-@contextlib.contextmanager
-def _setup_objects_frozen() -> Iterator[Callable[[], None]]:
-    """Inside: Python's garbage collector skips every object alive on entry (`gc.freeze`), and
-    those alive when the callable it yields is called (after the first step: its trace and
-    compile leave about 80,000 objects alive for a ResNet-50).
+NO_AUTOMATIC_FULL_COLLECTION = 2**31 - 1  # gc's third threshold, out of reach
 
-    They are the model, optimizer, compiled steps, loaders and libraries: about 320,000 objects
-    for a ResNet-18, and each full collection during training walked all of them again (165 ms
-    on a CPU core) while the accelerator ran out of queued work. Frozen, a full collection only
-    walks what the loop allocated since. Objects are still freed when their last reference goes;
-    only reference cycles among frozen objects wait until the exit. Left alone when the caller
-    has frozen objects itself."""
-    if gc.get_freeze_count():
+
+@contextlib.contextmanager
+def _collector_off_the_steps() -> Iterator[Callable[[], None]]:
+    """Inside: Python's garbage collector runs no full collection by itself (its third threshold
+    is out of reach; young collections go on), and skips every object alive on entry
+    (`gc.freeze`) and those alive when the callable it yields is called (after the first step:
+    its trace and compile leave about 80,000 objects alive for a ResNet-50). The loop collects
+    in full itself where the device waits anyway (after a checkpoint or an evaluation); the
+    exit restores the thresholds and unfreezes.
+
+    A full collection holds the interpreter for as long as it walks every object it tracks
+    (the model, optimizer, compiled steps, loaders, decoders and libraries: hundreds of
+    thousands), while the accelerator runs out of queued work: automatic ones came every few
+    dozen steps. Objects are still freed when their last reference goes and young reference
+    cycles by the young collections; only cycles that grew old wait for the next full one.
+    Left alone when the caller has frozen objects or switched the collector off itself."""
+    if gc.get_freeze_count() or not gc.isenabled():
         yield lambda: None
         return
 
@@ -459,11 +467,14 @@ def _setup_objects_frozen() -> Iterator[Callable[[], None]]:
         gc.collect()
         gc.freeze()
 
+    thresholds = gc.get_threshold()
+    gc.set_threshold(*thresholds[:2], NO_AUTOMATIC_FULL_COLLECTION)
     freeze()
     try:
         yield freeze
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
 
 
 def _with_positions(loader: Any, start: int) -> Iterator[tuple[dict, dict]]:
