@@ -610,50 +610,51 @@ def test_the_loop_runs_with_the_setup_objects_frozen(data_dir, tmp_path, monkeyp
         gc.unfreeze()
 
 
-def test_no_full_garbage_collection_comes_by_itself_during_the_steps(
-    data_dir, tmp_path, monkeypatch
-):
-    """From the first step's metrics to the final evaluation the collector starts no full
-    collection by itself, however many long-lived objects the steps make (each one held the
-    interpreter while the device ran dry); the loop collects in full itself after each
-    checkpoint, and the collector's thresholds are as before once it returns."""
+def test_the_collector_starts_nothing_by_itself_during_the_steps(data_dir, tmp_path, monkeypatch):
+    """From the first step's metrics to the end of the loop no garbage collection starts by
+    itself, however many long-lived objects the steps make (a full one held the interpreter
+    while the device ran dry); the loop collects the young generations after each log record
+    and in full after each checkpoint, and the collector is on again once it returns."""
+    import contextlib
     import gc
 
     from flax_attention.training import loop
 
-    full, explicit, kept, steps = [], [], [], []
-    check, evaluate, collect = loop._Run._check, loop._Run._evaluate, gc.collect
+    started, explicit, kept, steps = [], [], [], []
+    check, collector, collect = loop._Run._check, loop._collector_off_the_steps, gc.collect
 
     def on_collection(phase: str, info: dict) -> None:
-        if phase == "start" and info["generation"] == 2 and steps:
-            full.append(None)
+        if phase == "start" and steps:
+            started.append(info["generation"])
 
     def long_lived_objects(self, pending, meter):
         steps.append(None)
-        kept.append([[] for _ in range(50_000)])  # promoted by the young collections
+        kept.append([[] for _ in range(50_000)])  # would start collections by the dozen
         check(self, pending, meter)
 
-    def counted_collect(*args):
+    def counted_collect(generation: int = 2):
         if steps:
-            explicit.append(None)
-        return collect(*args)
+            explicit.append(generation)
+        return collect(generation)
 
-    def final_evaluation(self, *args):
-        steps.clear()
-        return evaluate(self, *args)
+    @contextlib.contextmanager
+    def until_the_loop_ends():
+        with collector() as freeze:
+            yield freeze
+            steps.clear()
 
     monkeypatch.setattr(loop._Run, "_check", long_lived_objects)
-    monkeypatch.setattr(loop._Run, "_evaluate", final_evaluation)
+    monkeypatch.setattr(loop, "_collector_off_the_steps", until_the_loop_ends)
     monkeypatch.setattr(gc, "collect", counted_collect)
-    thresholds = gc.get_threshold()
     gc.callbacks.append(on_collection)
     try:
-        fit(config(data_dir, tmp_path, steps=8, checkpoint_every=4, log_every=4))
+        fit(config(data_dir, tmp_path, steps=8, checkpoint_every=4, log_every=2))
     finally:
         gc.callbacks.remove(on_collection)
-    assert gc.get_threshold() == thresholds
-    assert len(explicit) == 2  # after the checkpoints of steps 4 and 8
-    assert len(full) == len(explicit)  # none by itself
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    # Logs after steps 2, 4, 6, 8 (young), checkpoints after steps 4 and 8 (full).
+    assert sorted(explicit) == [1, 1, 1, 1, 2, 2]
+    assert sorted(started) == sorted(explicit)  # none by itself
 
 
 def test_partial_last_metrics_line_is_dropped(tmp_path, capsys):

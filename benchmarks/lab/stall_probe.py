@@ -64,6 +64,7 @@ def probes(sample_ms: float):
     (perf_counter, what, seconds)."""
     compiles: list[tuple[float, str, float]] = []
     collections_: list[tuple[float, str, float]] = []
+    triggers: list[tuple[float, str, str]] = []
     started: dict[int, float] = {}
 
     def on_duration(event: str, duration: float, **_: Any) -> None:
@@ -80,6 +81,10 @@ def probes(sample_ms: float):
         now = time.perf_counter()
         if phase == "start":
             started[info["generation"]] = now
+            if info["generation"] == 2:  # who started a full collection, and from where
+                stack = traceback.extract_stack()[-14:-1]
+                where = " < ".join(f"{Path(f.filename).name}:{f.name}" for f in reversed(stack))
+                triggers.append((now, threading.current_thread().name, where))
         else:
             begin = started.pop(info["generation"], now)
             collections_.append((begin, f"gen{info['generation']}", now - begin))
@@ -93,7 +98,7 @@ def probes(sample_ms: float):
     sampler = Sampler(threading.get_ident(), sample_ms / 1e3)
     sampler.start()
     try:
-        yield sampler, compiles, collections_
+        yield sampler, compiles, collections_, triggers
     finally:
         sampler.stop.set()
         sampler.join()
@@ -167,7 +172,7 @@ def probed_train_row(
         gc.collect()
         gc.disable()
     try:
-        with probes(args.sample_ms) as (sampler, compiles, collections_):
+        with probes(args.sample_ms) as (sampler, compiles, collections_, triggers):
             threads = 3 if args.decoder == "gpu" else None
             suite.train_row(res, data_dir, shape, res.settings, args.decoder, synthetic, threads)
     finally:
@@ -189,6 +194,9 @@ def probed_train_row(
             for t, e, d in compiles
             if len(timeline) > 2 and t > timeline[2][1]
         ][:40],
+        "full_collection_triggers": collections.Counter(
+            (thread, where) for _, thread, where in triggers
+        ).most_common(8),
         "collections_over_10ms": [(g, round(1e3 * d, 1)) for _, g, d in collections_ if d > 0.01],
         "slow_steps": slow,
     }

@@ -376,6 +376,7 @@ class _Run:
         record["lr"] = float(self.learning_rate(step - 1))
         self.log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", top1=f"{record['top1']:.3f}")
+        gc.collect(1)  # the young generations, while the device runs the queued step
 
     def _evaluate(self, step: int, dev_state: TrainState) -> dict[str, float]:
         """Loss, top-1 and top-5 over the whole evaluation split, logged to metrics.jsonl."""
@@ -441,24 +442,21 @@ def _closing(batches: Generator, loader: Any, checkpoints: TrainCheckpointer) ->
             close()
 
 
-NO_AUTOMATIC_FULL_COLLECTION = 2**31 - 1  # gc's third threshold, out of reach
-
-
 @contextlib.contextmanager
 def _collector_off_the_steps() -> Iterator[Callable[[], None]]:
-    """Inside: Python's garbage collector runs no full collection by itself (its third threshold
-    is out of reach; young collections go on), and skips every object alive on entry
-    (`gc.freeze`) and those alive when the callable it yields is called (after the first step:
-    its trace and compile leave about 80,000 objects alive for a ResNet-50). The loop collects
-    in full itself where the device waits anyway (after a checkpoint or an evaluation); the
-    exit restores the thresholds and unfreezes.
+    """Inside: Python's garbage collector never starts by itself (`gc.disable`) and skips every
+    object alive on entry (`gc.freeze`) and those alive when the callable it yields is called
+    (after the first step: its trace and compile leave about 80,000 objects alive for a
+    ResNet-50). The loop collects itself where the device has queued work or waits anyway:
+    the young generations after each training log record, in full after a checkpoint or an
+    evaluation. The exit unfreezes and enables the collector again.
 
     A full collection holds the interpreter for as long as it walks every object it tracks
     (the model, optimizer, compiled steps, loaders, decoders and libraries: hundreds of
-    thousands), while the accelerator runs out of queued work: automatic ones came every few
-    dozen steps. Objects are still freed when their last reference goes and young reference
-    cycles by the young collections; only cycles that grew old wait for the next full one.
-    Left alone when the caller has frozen objects or switched the collector off itself."""
+    thousands), while the accelerator runs out of queued work; started by the collector it
+    came every few dozen steps, at any step. Objects are still freed when their last reference
+    goes; only reference cycles wait for the loop's next collection. Left alone when the
+    caller has frozen objects or switched the collector off itself."""
     if gc.get_freeze_count() or not gc.isenabled():
         yield lambda: None
         return
@@ -467,14 +465,13 @@ def _collector_off_the_steps() -> Iterator[Callable[[], None]]:
         gc.collect()
         gc.freeze()
 
-    thresholds = gc.get_threshold()
-    gc.set_threshold(*thresholds[:2], NO_AUTOMATIC_FULL_COLLECTION)
     freeze()
+    gc.disable()
     try:
         yield freeze
     finally:
+        gc.enable()
         gc.unfreeze()
-        gc.set_threshold(*thresholds)
 
 
 def _with_positions(loader: Any, start: int) -> Iterator[tuple[dict, dict]]:
