@@ -264,3 +264,28 @@ def test_scaling_ablations_add_their_rows_and_profile_the_largest_count(tmp_path
     assert profiles["jit"]["n_devices"] == 2 and profiles["jit"]["top_collectives"]
     assert "collective" in profiles["jit"]["categories_all_devices"]
     assert json.loads(res.path.read_text())["profiles"] == res.meta["profiles"]
+
+
+def test_stall_probe_lists_what_happened_inside_each_slow_step():
+    """A step over `slow` x the median interval gets the training thread's stacks sampled in
+    it, the collections and compiles that ran then, and the longest gap between samples."""
+    import gc
+
+    from benchmarks.lab import stall_probe
+
+    timeline = [(0.0, 0.0), (0.0, 1.0), (0.0, 1.1), (0.0, 1.2), (0.0, 1.3), (0.01, 1.8), (0.0, 1.9)]
+    with stall_probe.probes(sample_ms=1.0) as (sampler, compiles, collections, triggers):
+        gc.collect()
+    assert any(g == "gen2" for _, g, _ in collections)
+    assert triggers and triggers[0][1] == "MainThread"
+    sampler.samples = [(1.35, "loop.py:train"), (1.36, "loop.py:train"), (1.75, "gc")]
+    collections = [(1.4, "gen2", 0.3), (0.5, "gen2", 0.2)]
+    compiles = [(1.5, "Compiling jit(add)", 0.0)]
+    slow = stall_probe.slow_steps(timeline, sampler, compiles, collections, slow=2.5)
+    assert [s["step"] for s in slow] == [5]  # 500 ms against a 100 ms median
+    step = slow[0]
+    assert step["interval_ms"] == 500.0 and step["wait_ms"] == 10.0 and step["samples"] == 3
+    assert step["stacks"][0] == ("loop.py:train", 2)
+    assert step["largest_sample_gap_ms"] == 390.0
+    assert step["collections"] == [(100.0, "gen2", 300.0)]
+    assert step["compiles"] == [(200.0, "Compiling jit(add)", 0.0)]
