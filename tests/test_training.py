@@ -613,8 +613,9 @@ def test_the_loop_runs_with_the_setup_objects_frozen(data_dir, tmp_path, monkeyp
 def test_the_collector_starts_nothing_by_itself_during_the_steps(data_dir, tmp_path, monkeypatch):
     """From the first step's metrics to the end of the loop no garbage collection starts by
     itself, however many long-lived objects the steps make (a full one held the interpreter
-    while the device ran dry); the loop collects the young generations after each log record
-    and in full after each checkpoint, and the collector is on again once it returns."""
+    while the device ran dry) and whoever switches the collector on; the loop collects the
+    young generations after each log record and in full after each checkpoint, and the
+    collector's thresholds are as before once it returns."""
     import contextlib
     import gc
 
@@ -629,6 +630,7 @@ def test_the_collector_starts_nothing_by_itself_during_the_steps(data_dir, tmp_p
 
     def long_lived_objects(self, pending, meter):
         steps.append(None)
+        gc.enable()  # as CuPy's allocator does from the decoding threads, after a gc.disable
         kept.append([[] for _ in range(50_000)])  # would start collections by the dozen
         check(self, pending, meter)
 
@@ -646,12 +648,13 @@ def test_the_collector_starts_nothing_by_itself_during_the_steps(data_dir, tmp_p
     monkeypatch.setattr(loop._Run, "_check", long_lived_objects)
     monkeypatch.setattr(loop, "_collector_off_the_steps", until_the_loop_ends)
     monkeypatch.setattr(gc, "collect", counted_collect)
+    thresholds = gc.get_threshold()
     gc.callbacks.append(on_collection)
     try:
         fit(config(data_dir, tmp_path, steps=8, checkpoint_every=4, log_every=2))
     finally:
         gc.callbacks.remove(on_collection)
-    assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert gc.get_threshold() == thresholds and gc.get_freeze_count() == 0
     # Logs after steps 2, 4, 6, 8 (young), checkpoints after steps 4 and 8 (full).
     assert sorted(explicit) == [1, 1, 1, 1, 2, 2]
     assert sorted(started) == sorted(explicit)  # none by itself

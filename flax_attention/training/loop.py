@@ -444,34 +444,37 @@ def _closing(batches: Generator, loader: Any, checkpoints: TrainCheckpointer) ->
 
 @contextlib.contextmanager
 def _collector_off_the_steps() -> Iterator[Callable[[], None]]:
-    """Inside: Python's garbage collector never starts by itself (`gc.disable`) and skips every
-    object alive on entry (`gc.freeze`) and those alive when the callable it yields is called
-    (after the first step: its trace and compile leave about 80,000 objects alive for a
-    ResNet-50). The loop collects itself where the device has queued work or waits anyway:
-    the young generations after each training log record, in full after a checkpoint or an
-    evaluation. The exit unfreezes and enables the collector again.
+    """Inside: no garbage collection starts by itself (the collector's first threshold is 0;
+    `gc.disable` would not hold: CuPy's allocator, in the GPU decoding threads, switches the
+    collector off and back on around its own locks), and full collections skip every object
+    alive on entry (`gc.freeze`) and those alive when the callable it yields is called (after
+    the first step: its trace and compile leave about 80,000 objects alive for a ResNet-50).
+    The loop collects itself where the device has queued work or waits anyway: the young
+    generations after each training log record, everything after a checkpoint or an
+    evaluation. The exit restores the thresholds and unfreezes.
 
     A full collection holds the interpreter for as long as it walks every object it tracks
     (the model, optimizer, compiled steps, loaders, decoders and libraries: hundreds of
     thousands), while the accelerator runs out of queued work; started by the collector it
     came every few dozen steps, at any step. Objects are still freed when their last reference
-    goes; only reference cycles wait for the loop's next collection. Left alone when the
-    caller has frozen objects or switched the collector off itself."""
-    if gc.get_freeze_count() or not gc.isenabled():
-        yield lambda: None
-        return
+    goes; only reference cycles wait for the loop's next collection. Objects a caller froze
+    itself stay frozen, and the loop freezes nothing more then."""
+    thresholds = gc.get_threshold()
+    freezing = not gc.get_freeze_count()
 
     def freeze() -> None:
-        gc.collect()
-        gc.freeze()
+        if freezing:
+            gc.collect()
+            gc.freeze()
 
     freeze()
-    gc.disable()
+    gc.set_threshold(0, *thresholds[1:])
     try:
         yield freeze
     finally:
-        gc.enable()
-        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+        if freezing:
+            gc.unfreeze()
 
 
 def _with_positions(loader: Any, start: int) -> Iterator[tuple[dict, dict]]:
