@@ -428,15 +428,7 @@ def run(settings: Settings, data_dir: Path | None = None) -> Results:
     with quick_model, tempfile.TemporaryDirectory() as scratch:
         data_dir = data_dir or Path(scratch)
         start = time.perf_counter()
-        path = photos.write_photo_dataset(
-            data_dir,
-            num_train=shape.num_train,
-            num_eval=max(shape.batch, 16),
-            heights=shape.heights,
-            widths=shape.widths,
-            odd_images=True,
-            large_side=shape.large_side,
-        )
+        path = write_dataset(data_dir, shape)
         res.meta["dataset"] = {
             "write_s": round(time.perf_counter() - start, 1),
             "mean_jpeg_kb": round(_mean_jpeg_kb(data_dir), 1),
@@ -457,6 +449,20 @@ def run(settings: Settings, data_dir: Path | None = None) -> Results:
                     res, data_dir, shape, settings, "hybrid", synthetic, HYBRID_THREADS, share
                 )
     return res
+
+
+def write_dataset(data_dir: Path, shape: Shape) -> Path:
+    """The suite's photo-like JPEG dataset for `shape`, odd images included, under
+    `data_dir`; returns its folder."""
+    return photos.write_photo_dataset(
+        data_dir,
+        num_train=shape.num_train,
+        num_eval=max(shape.batch, 16),
+        heights=shape.heights,
+        widths=shape.widths,
+        odd_images=True,
+        large_side=shape.large_side,
+    )
 
 
 def _mean_jpeg_kb(data_dir: Path) -> float:

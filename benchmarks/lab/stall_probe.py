@@ -36,7 +36,6 @@ import jax
 from benchmarks import input_pipeline as suite
 from benchmarks.results import Results
 from benchmarks.settings import Settings
-from flax_attention.data import photos
 
 
 class Sampler(threading.Thread):
@@ -217,15 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     quick_model = suite.quick_model_registered() if args.quick else contextlib.nullcontext()
     with quick_model, tempfile.TemporaryDirectory() as scratch:
         data_dir = Path(scratch)
-        photos.write_photo_dataset(
-            data_dir,
-            num_train=shape.num_train,
-            num_eval=max(shape.batch, 16),
-            heights=shape.heights,
-            widths=shape.widths,
-            odd_images=True,
-            large_side=shape.large_side,
-        )
+        suite.write_dataset(data_dir, shape)
         synthetic = suite.synthetic_step_row(res, shape, res.settings)
         report["synthetic_img_per_s"] = round(synthetic)
         for variant in args.variants.split(","):
