@@ -347,6 +347,29 @@ def _decode_plans_on_the_cpu(size: int, device: jax.Device | None = None):
     return decode_plans
 
 
+def _register_tiny_resnet(monkeypatch) -> str:
+    """A one-stage plain ResNet registered for the test; returns its name."""
+    from flax_attention.models import MODELS, BasicBlock, ModelSpec
+
+    tiny = "tiny_resnet_for_input_tests"
+    monkeypatch.setitem(MODELS, tiny, ModelSpec(tiny, BasicBlock, (1,), "test", "official", {}))
+    return tiny
+
+
+def _decode_with_stand_in(monkeypatch, plan_decoder) -> None:
+    """For the test, GPU decoding counts as available and every GPU decoder `fit` chooses
+    decodes with `plan_decoder(size, device)` (a CPU stand-in) instead of nvImageCodec."""
+    monkeypatch.setattr(decoders, "gpu_decoding_available", lambda: True)
+    choose = data.choose_decoder
+    monkeypatch.setattr(
+        data,
+        "choose_decoder",
+        lambda *args, **kwargs: dataclasses.replace(
+            choose(*args, **kwargs), plan_decoder=plan_decoder
+        ),
+    )
+
+
 def _recording_stand_in(seen: dict, key: str):
     """A ``PerDeviceDecoder`` factory of ``_decode_plans_on_the_cpu`` stand-ins that record,
     per device, the list ``plans[key]`` of the last plan rows that device decoded."""
@@ -444,11 +467,9 @@ class TestHybridDecoding:
         """`fit --decoder hybrid --parallel jit` on the 8 devices, batch 16 (2 rows each), half
         on the CPU: every device's training block holds one CPU row (the GPU decoder replaced
         by its CPU stand-in)."""
-        from flax_attention.models import MODELS, BasicBlock, ModelSpec
         from flax_attention.training import TrainConfig, fit
 
-        tiny = "tiny_resnet_for_input_tests"
-        monkeypatch.setitem(MODELS, tiny, ModelSpec(tiny, BasicBlock, (1,), "test", "official", {}))
+        tiny = _register_tiny_resnet(monkeypatch)
         training_blocks: dict = {}
 
         class StandInGpuDecoder:
@@ -461,15 +482,7 @@ class TestHybridDecoding:
                     training_blocks[self.device] = plans["pixel_rows"].tolist()
                 return self.decode(plans)
 
-        monkeypatch.setattr(decoders, "gpu_decoding_available", lambda: True)
-        choose = data.choose_decoder
-        monkeypatch.setattr(
-            data,
-            "choose_decoder",
-            lambda *args, **kwargs: dataclasses.replace(
-                choose(*args, **kwargs), plan_decoder=StandInGpuDecoder
-            ),
-        )
+        _decode_with_stand_in(monkeypatch, StandInGpuDecoder)
         config = TrainConfig(
             model=tiny,
             dataset="imagenet2012",
@@ -527,11 +540,9 @@ class TestHybridDecoding:
         its CPU stand-in (the real one is compared on the GPU): the decoded plan rows (and the
         CPU workers' rows) make the cpu decoder's batches, so the runs end with the same
         metrics."""
-        from flax_attention.models import MODELS, BasicBlock, ModelSpec
         from flax_attention.training import TrainConfig, fit
 
-        tiny = "tiny_resnet_for_input_tests"
-        monkeypatch.setitem(MODELS, tiny, ModelSpec(tiny, BasicBlock, (1,), "test", "official", {}))
+        tiny = _register_tiny_resnet(monkeypatch)
         plan_rows = []
 
         class StandInGpuDecoder:
@@ -565,15 +576,7 @@ class TestHybridDecoding:
         monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
         cpu = run("cpu", tmp_path / "cpu")
         assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
-        monkeypatch.setattr(decoders, "gpu_decoding_available", lambda: True)
-        choose = data.choose_decoder
-        monkeypatch.setattr(
-            data,
-            "choose_decoder",
-            lambda *args, **kwargs: dataclasses.replace(
-                choose(*args, **kwargs), plan_decoder=StandInGpuDecoder
-            ),
-        )
+        _decode_with_stand_in(monkeypatch, StandInGpuDecoder)
         hybrid = run("hybrid", tmp_path / "hybrid")
         # Training: 8 rows, 2 on the CPU, 6 plans; evaluation: the 6 images, all plans.
         assert plan_rows and set(plan_rows) == {6}

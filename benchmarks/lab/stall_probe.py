@@ -34,6 +34,7 @@ from typing import Any
 import jax
 
 from benchmarks import input_pipeline as suite
+from benchmarks.quick_model import quick_model_registered
 from benchmarks.results import Results
 from benchmarks.settings import Settings
 
@@ -53,14 +54,19 @@ class Sampler(threading.Thread):
             if frame is None:
                 continue
             stack = traceback.extract_stack(frame)[-self.depth :]
-            where = " < ".join(f"{Path(f.filename).name}:{f.name}" for f in reversed(stack))
-            self.samples.append((time.perf_counter(), where))
+            self.samples.append((time.perf_counter(), leaf_first(stack)))
+
+
+def leaf_first(stack: traceback.StackSummary) -> str:
+    """`stack` as "file:function < caller < ...", innermost frame first."""
+    return " < ".join(f"{Path(f.filename).name}:{f.name}" for f in reversed(stack))
 
 
 @contextlib.contextmanager
 def probes(sample_ms: float):
-    """Yields (sampler, compiles, collections) while active; `compiles` and `collections` get
-    (perf_counter, what, seconds)."""
+    """Yields (sampler, compiles, collections, triggers) while active: `compiles` and
+    `collections` get (perf_counter, what, seconds), `triggers` (perf_counter, thread, stack)
+    for each full collection's start."""
     compiles: list[tuple[float, str, float]] = []
     collections_: list[tuple[float, str, float]] = []
     triggers: list[tuple[float, str, str]] = []
@@ -82,8 +88,7 @@ def probes(sample_ms: float):
             started[info["generation"]] = now
             if info["generation"] == 2:  # who started a full collection, and from where
                 stack = traceback.extract_stack()[-14:-1]
-                where = " < ".join(f"{Path(f.filename).name}:{f.name}" for f in reversed(stack))
-                triggers.append((now, threading.current_thread().name, where))
+                triggers.append((now, threading.current_thread().name, leaf_first(stack)))
         else:
             begin = started.pop(info["generation"], now)
             collections_.append((begin, f"gen{info['generation']}", now - begin))
@@ -184,8 +189,10 @@ def probed_train_row(
     all_gaps = [b[0] - a[0] for a, b in itertools.pairwise(sampler.samples)]
     return {
         "variant": variant,
-        **{k: row.get(k) for k in ("img_per_s", "time_weighted_of_synthetic")},
-        "slowest_window_of_synthetic": row.get("slowest_window_of_synthetic"),
+        **{
+            k: row.get(k)
+            for k in ("img_per_s", "time_weighted_of_synthetic", "slowest_window_of_synthetic")
+        },
         "samples": len(sampler.samples),
         "sample_gaps_over_50ms": sum(g > 0.05 for g in all_gaps),
         "compiles_after_step_2": [
@@ -213,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     shape = suite.QUICK if args.quick else suite.FULL
     res = Results("stall_probe_rows", Settings.make(args.quick, args.out))
     report: dict[str, Any] = {"device": str(jax.devices()[0].device_kind), "variants": []}
-    quick_model = suite.quick_model_registered() if args.quick else contextlib.nullcontext()
+    quick_model = quick_model_registered() if args.quick else contextlib.nullcontext()
     with quick_model, tempfile.TemporaryDirectory() as scratch:
         data_dir = Path(scratch)
         suite.write_dataset(data_dir, shape)
