@@ -36,6 +36,7 @@ from flax_attention.training import (
     fit,
     make_optimizer,
     make_parallel,
+    make_schedule,
     merge_model,
     train_step,
 )
@@ -537,15 +538,23 @@ def test_a_logged_step_is_read_after_the_next_step_is_dispatched(data_dir, tmp_p
     ]
 
 
-def test_nothing_compiles_between_the_first_step_and_the_last(data_dir, tmp_path, monkeypatch):
-    """Every program the loop runs between its first and its last step is compiled by the
-    first step: a compile mid-run stalls the device (the logged learning rate, computed with
-    eager jnp ops, compiled 8 programs at the first log)."""
+def test_between_the_first_step_and_the_last_the_loop_neither_compiles_nor_syncs_to_log(
+    data_dir, tmp_path, monkeypatch
+):
+    """Between its first and its last step the loop compiles nothing and its log records read
+    no array from the device: either would leave the device idle mid-run. (The logged learning
+    rate was computed at log time, eagerly, which compiled 8 programs at the first log; then by
+    one jitted program, whose result waited for every step queued on the device.) The logged
+    rates are the schedule's."""
     import logging
+
+    from jax._src.array import ArrayImpl
 
     from flax_attention.training import loop
 
     compiled, stamps, prefetch, save = [], [], data.prefetch_to_device, loop._Run._save
+    read_while_logging, logging_now, log_train = [], [], loop._Run._log_train
+    array_value = ArrayImpl._value
 
     class Compiles(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
@@ -562,17 +571,37 @@ def test_nothing_compiles_between_the_first_step_and_the_last(data_dir, tmp_path
         stamps.clear()  # the loop is over
         save(self, *args)
 
+    def watched_value(array):
+        if logging_now:
+            read_while_logging.append(array.shape)
+        return array_value.fget(array)
+
+    def watched_log(self, *args):
+        logging_now.append(None)
+        try:
+            log_train(self, *args)
+        finally:
+            logging_now.clear()
+
     handler = Compiles()
     logging.getLogger("jax").addHandler(handler)
     monkeypatch.setattr(data, "prefetch_to_device", counted_batches)
     monkeypatch.setattr(loop._Run, "_save", final_save)
+    monkeypatch.setattr(loop._Run, "_log_train", watched_log)
+    monkeypatch.setattr(ArrayImpl, "_value", property(watched_value))
     jax.clear_caches()  # programs an earlier test compiled would hide a compile here
+    cfg = config(data_dir, tmp_path, steps=4, checkpoint_every=10)
     try:
         with jax.log_compiles():
-            fit(config(data_dir, tmp_path, steps=4, checkpoint_every=10))
+            fit(cfg)
     finally:
         logging.getLogger("jax").removeHandler(handler)
     assert compiled == []
+    assert read_while_logging == []
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    schedule = make_schedule("cosine", lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=4)
+    rates = [(r["step"], r["lr"]) for r in logged if "lr" in r]
+    assert rates == [(s, pytest.approx(float(schedule(s - 1)), rel=1e-6)) for s in range(1, 5)]
 
 
 def test_the_loop_runs_with_the_setup_objects_frozen(data_dir, tmp_path, monkeypatch):

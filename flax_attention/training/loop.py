@@ -15,6 +15,7 @@ import gc
 import inspect
 import itertools
 import math
+from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from functools import partial
 from pathlib import Path
@@ -45,6 +46,7 @@ from flax_attention.training.warm_start import load_pretrained
 from flax_attention.training.workdir_lock import hold_workdir
 
 DEFAULT_WEIGHTS = "default"  # --pretrained default: the model's default Hub weights
+QUEUED_STEPS = 2  # steps on the device beyond the one whose metrics the loop reads
 
 
 class TrainingDivergedError(RuntimeError):
@@ -167,9 +169,10 @@ class _Run:
         self.schedule = make_schedule(
             cfg.schedule, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=self.total_steps
         )
-        # The logged learning rate: one compiled program, compiled before the first step (called
-        # eagerly, the schedule's jnp ops would each compile at the first log, mid-run).
-        self.learning_rate = jax.jit(self.schedule)
+        # The logged learning rate of every step, computed once on the host: reading it from a
+        # program run at log time would wait for the steps queued on the device (and an eager
+        # schedule compiles its jnp ops at the first log, mid-run).
+        self.learning_rates = _on_host(jax.vmap(self.schedule), np.arange(self.total_steps))
         tx = make_optimizer(
             cfg.optimizer,
             self.schedule,
@@ -272,8 +275,7 @@ class _Run:
             size=max(2, self.decoder.threads),
             threads=self.decoder.threads,
         )
-        meter, pending, log_due = Meter(), None, None
-        jax.block_until_ready(self.learning_rate(step))  # compiled before the first step
+        meter, in_flight = Meter(), deque()
         bar = tqdm(
             total=self.total_steps,
             initial=step,
@@ -293,27 +295,27 @@ class _Run:
                 step += 1
                 if step == first_step + 1:  # what tracing and compiling the step left alive
                     freeze_new_objects()
-                # The previous step's metrics, and the log record due after it: the device is
-                # already busy with this step, so reading them never leaves it idle.
-                self._settle(pending, log_due, meter, bar)
-                pending, log_due = (step, metrics), None
                 bar.update(1)
-                if step % cfg.log_every == 0 or step == self.total_steps:
-                    log_due = step
+                # The metrics of the step `QUEUED_STEPS` back, and its log record if one is due:
+                # reading them waits for that step only, the device is busy with the later ones.
+                in_flight.append((step, metrics))
+                if len(in_flight) > QUEUED_STEPS:
+                    self._settle(in_flight.popleft(), meter, bar)
                 evaluating = (
                     bool(cfg.eval_every) and step % cfg.eval_every == 0 and step < self.total_steps
                 )
                 saving = step % cfg.checkpoint_every == 0
                 if evaluating or saving:
-                    self._settle(pending, log_due, meter, bar)
-                    pending, log_due = None, None
+                    while in_flight:
+                        self._settle(in_flight.popleft(), meter, bar)
                 if evaluating:
                     self._evaluate(step, dev_state)
                 if saving:
                     self._save(step, dev_state, data_state)
                 if evaluating or saving:
                     gc.collect()  # in full, where the device waits anyway
-            self._settle(pending, log_due, meter, bar)
+            while in_flight:
+                self._settle(in_flight.popleft(), meter, bar)
             bar.close()
             self._save(step, dev_state, data_state)
             self.checkpoints.wait()
@@ -327,20 +329,17 @@ class _Run:
         self.checkpoints.close()
         return result
 
-    def _settle(
-        self, pending: tuple[int, dict] | None, log_due: int | None, meter: Meter, bar: tqdm
-    ) -> None:
-        """Check `pending`'s metrics (waiting for its step), then write the training log record
-        due after step `log_due`, if any."""
-        self._check(pending, meter)
-        if log_due is not None:
-            self._log_train(log_due, meter, bar)
+    def _settle(self, done: tuple[int, dict], meter: Meter, bar: tqdm) -> None:
+        """Check the metrics of step `done` (waiting for it), then write the training log
+        record due after it, if any."""
+        self._check(done, meter)
+        step = done[0]
+        if step % self.cfg.log_every == 0 or step == self.total_steps:
+            self._log_train(step, meter, bar)
 
-    def _check(self, pending: tuple[int, dict] | None, meter: Meter) -> None:
+    def _check(self, done: tuple[int, dict], meter: Meter) -> None:
         """Fetch one step's metrics; stop on a NaN/inf loss."""
-        if pending is None:
-            return
-        step, metrics = pending
+        step, metrics = done
         values = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in metrics.items()}
         if not math.isfinite(values["loss"]):
             self.checkpoints.wait()
@@ -373,7 +372,7 @@ class _Run:
         if meter.steps == 0:
             return
         record = {"step": step, "epoch": round(step / self.steps_per_epoch, 3), **meter.summary()}
-        record["lr"] = float(self.learning_rate(step - 1))
+        record["lr"] = float(self.learning_rates[step - 1])
         self.log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", top1=f"{record['top1']:.3f}")
         gc.collect(1)  # the young generations, while the device runs the queued step
@@ -475,6 +474,12 @@ def _collector_off_the_steps() -> Iterator[Callable[[], None]]:
         gc.set_threshold(*thresholds)
         if freezing:
             gc.unfreeze()
+
+
+def _on_host(fn: Callable[..., jax.Array], *args: Any) -> np.ndarray:
+    """`fn(*args)` computed by one compiled program on this host's CPU, as a numpy array."""
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        return np.asarray(jax.jit(fn)(*args))
 
 
 def _with_positions(loader: Any, start: int) -> Iterator[tuple[dict, dict]]:
