@@ -196,12 +196,11 @@ def _mean(x: jax.Array, mask: jax.Array, count: jax.Array) -> jax.Array:
     return first + _masked_sum(x - first, mask) / count
 
 
-def _read_parts(part_ref, row: int, num_parts: int) -> tuple[jax.Array, jax.Array]:
-    """Row `row` of the (rows, num_parts) partials, padded to a power of two, and its mask."""
-    width = pl.next_power_of_2(num_parts)
-    index = jnp.arange(width, dtype=jnp.int32)
-    live = index < num_parts
-    return jnp.where(live, part_ref[row, jnp.minimum(index, num_parts - 1)], 0.0), live
+def _read_parts(part_ref, row: int, num_parts: int) -> jax.Array:
+    """Row `row` of the (rows, num_parts) partials, zero-padded to a power of two."""
+    index = jnp.arange(pl.next_power_of_2(num_parts), dtype=jnp.int32)
+    values = part_ref[row, jnp.minimum(index, num_parts - 1)]
+    return jnp.where(index < num_parts, values, 0.0)
 
 
 def _gate_of(y, mean, rstd, scale, bias) -> tuple[jax.Array, jax.Array]:
@@ -243,7 +242,7 @@ def _normalize_kernel(
     y_ref, part_ref, affine_ref, gate_ref, stats_ref, *, total, parts, block, eps
 ):
     """The gate of this program's pixels from all partials; program 0 also writes (mean, var)."""
-    rows = (_read_parts(part_ref, row, parts)[0] for row in range(3))
+    rows = (_read_parts(part_ref, row, parts) for row in range(3))
     count, mean, m2 = _chan(*rows, shift=part_ref[1, 0])
     var = m2 / count
     g, _ = _lanes(total, block)
@@ -328,8 +327,8 @@ def _input_grads_kernel(
     total, pad = n * h * w, size // 2
     scale, bias, mean, rstd = coef_ref[0], coef_ref[1], coef_ref[2], coef_ref[3]
     d_mean, d_var, count = coef_ref[4], coef_ref[5], coef_ref[6]
-    sum_dz = jnp.sum(_read_parts(part_ref, 0, parts)[0])
-    sum_dz_xhat = jnp.sum(_read_parts(part_ref, 1, parts)[0])
+    sum_dz = jnp.sum(_read_parts(part_ref, 0, parts))
+    sum_dz_xhat = jnp.sum(_read_parts(part_ref, 1, parts))
     # dy = a * dz + b * (y - mean) + c: BatchNorm's backward (layers.batch_norm) with
     # sum(dz * (y - mean)) = sum_dz_xhat / rstd.
     a = scale * rstd
