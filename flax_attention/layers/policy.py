@@ -8,7 +8,9 @@ pass). Models take `formulations`, a mapping from operation to such a value.
 
 Operations, their formulations, and the library's default (what XLA's or the layer's plain
 form computes, used wherever nothing was measured):
-- "cbam": CBAM's spatial-gate conv (layers.tap_convs: conv, shifts, im2col), by H * W; "conv";
+- "cbam": CBAM's spatial-gate conv (layers.tap_convs: conv, shifts, im2col), or "fused": the
+  conv, BatchNorm and sigmoid as Pallas kernels in training mode (kernels.spatial_gate), by
+  H * W; "conv";
 - "bam": BAM's spatial-branch convs (the same formulations), by H * W; "conv";
 - "psa": PSA's grouped branch convs (layers.branch_convs: grouped, dense, merged), by the
   multiply-adds per output pixel of the dense kernel(s); "grouped";
@@ -30,7 +32,7 @@ import jax
 
 FORMULATIONS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
-        "cbam": ("conv", "shifts", "im2col"),
+        "cbam": ("conv", "shifts", "im2col", "fused"),
         "bam": ("conv", "shifts", "im2col"),
         "psa": ("grouped", "dense", "merged"),
         "stem": ("direct", "space_to_depth"),
