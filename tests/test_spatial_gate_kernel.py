@@ -11,7 +11,6 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from flax_attention import CBAM
 from flax_attention.kernels import PALLAS_KERNELS
 from flax_attention.kernels.spatial_gate import spatial_gate, spatial_gate_reference
 from flax_attention.layers.cbam import SpatialGate
@@ -46,13 +45,11 @@ def _assert_close(got, want, tol=TOL):
         np.testing.assert_allclose(g, w, atol=tol * (1 + float(jnp.abs(w).max())), rtol=0)
 
 
-@pytest.mark.parametrize(
-    "n, h, w, size, block",
-    [(3, 7, 7, 7, 32), (2, 5, 6, 3, 16)],  # a partial last program; programs splitting samples
-)
-def test_kernel_matches_its_reference(n, h, w, size, block):
-    args = _inputs(n, h, w, size)
-    fused = jax.jit(lambda *a: spatial_gate(*a, block=block))
+def test_kernel_matches_its_reference():
+    """k = 7 taps reaching past a 5 x 6 map on every side; 16-pixel programs, so programs split
+    samples and the last one is partial."""
+    args = _inputs(2, 5, 6, 7)
+    fused = jax.jit(lambda *a: spatial_gate(*a, block=16))
     got = _value_and_grads(fused, *args)
     _assert_close(got, _value_and_grads(spatial_gate_reference, *args))
 
@@ -123,19 +120,6 @@ def test_axis_name_matches_the_whole_batch_on_one_device():
     _assert_close(
         (gate, mean, var, d_pooled, *d_params), (want_gate, want_mean, want_var, *want_grads)
     )
-
-
-def test_cbam_module_fused_equals_conv():
-    """CBAM with formulation "fused" against "conv" in training: output, running statistics and
-    gradients (the spatial gate as ResNet blocks call it, after the channel gate)."""
-    x = jax.random.normal(jax.random.key(6), (2, 5, 6, 16))
-    dy = jax.random.normal(jax.random.key(7), x.shape)
-    results = []
-    for form in ("fused", "conv"):
-        cbam = CBAM(16, 4, formulation=form, rngs=nnx.Rngs(0))
-        cbam.spatial_gate.bn.scale[...] = jnp.array([0.8])
-        results.append(_gate_state_and_grads(cbam, x, dy))
-    _assert_close(results[0], results[1])
 
 
 def test_the_kernels_lower_through_triton_for_cuda():
