@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_attention.kernels.spatial_gate import spatial_gate
-from flax_attention.layers.batch_norm import BatchNorm, global_count
+from flax_attention.layers.batch_norm import BatchNorm
 from flax_attention.layers.common import (
     Dtype,
     check_choice,
@@ -164,9 +163,6 @@ class SpatialGate(nnx.Module):
     `formulation` ("auto", "conv", "shifts", "im2col" or a `policy.Rule`; layers.tap_convs)
     says how the kxk conv is computed; the parameters and the sums are the same. "auto": the
     formulation measured fastest on this device at this H x W (layers.policy, op "cbam").
-    "fused": in training mode the conv, the BatchNorm on batch statistics and the sigmoid run
-    as Pallas kernels (kernels.spatial_gate), in float32 from the float32 pools; in eval mode
-    the library conv ("conv") runs instead.
     """
 
     def __init__(
@@ -196,25 +192,10 @@ class SpatialGate(nnx.Module):
         """The spatial attention (N, H, W, 1) in float32 from the pools over C named in
         `descriptor`, each (N, H, W) float32: `sigmoid(bn(conv([pooled[a], pooled[b]])))`.
         """
-        s = jnp.stack([pooled[p] for p in self.descriptor], axis=-1)
+        s = jnp.stack([pooled[p] for p in self.descriptor], axis=-1).astype(self.dtype)
         form = resolve("cbam", self.formulation, s.shape[1] * s.shape[2])
-        if form == "fused" and not self.bn.use_running_average:
-            return self._fused_excite(s.astype(jnp.float32))
-        form = "conv" if form == "fused" else form
-        y = apply_conv(self.conv, s.astype(self.dtype), form)
+        y = apply_conv(self.conv, s, form)
         return jax.nn.sigmoid(self.bn(y).astype(jnp.float32))
-
-    def _fused_excite(self, s: jax.Array) -> jax.Array:
-        """Training mode's gate (N, H, W, 1) float32 from the stacked pools s (N, H, W, 2)
-        float32 through kernels.spatial_gate, updating the BatchNorm's running statistics as
-        `self.bn` does."""
-        bn = self.bn
-        gate, mean, var = spatial_gate(
-            s, self.conv.kernel[...], bn.scale[...], bn.bias[...], bn.epsilon, bn.axis_name
-        )
-        gate = gate[..., None]
-        bn.update_running_statistics(mean, var, global_count(gate, bn.axis_name))
-        return gate
 
     def gate(self, x: jax.Array) -> jax.Array:
         """The spatial attention (N, H, W, 1) in float32 for an NHWC input."""

@@ -8,9 +8,7 @@ pass). Models take `formulations`, a mapping from operation to such a value.
 
 Operations, their formulations, and the library's default (what XLA's or the layer's plain
 form computes, used wherever nothing was measured):
-- "cbam": CBAM's spatial-gate conv (layers.tap_convs: conv, shifts, im2col), or "fused": the
-  conv, BatchNorm and sigmoid as Pallas kernels in training mode (kernels.spatial_gate), by
-  H * W; "conv";
+- "cbam": CBAM's spatial-gate conv (layers.tap_convs: conv, shifts, im2col), by H * W; "conv";
 - "bam": BAM's spatial-branch convs (the same formulations), by H * W; "conv";
 - "psa": PSA's grouped branch convs (layers.branch_convs: grouped, dense, merged), by the
   multiply-adds per output pixel of the dense kernel(s); "grouped";
@@ -32,7 +30,7 @@ import jax
 
 FORMULATIONS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
-        "cbam": ("conv", "shifts", "im2col", "fused"),
+        "cbam": ("conv", "shifts", "im2col"),
         "bam": ("conv", "shifts", "im2col"),
         "psa": ("grouped", "dense", "merged"),
         "stem": ("direct", "space_to_depth"),
@@ -114,6 +112,8 @@ TABLES: Mapping[str, Table] = MappingProxyType(
                 ),
                 "bam": Nearest(((3136, "conv"), (784, "im2col"), (196, "im2col"), (49, "im2col"))),
                 "psa": _PSA_PLAN,
+                # resnet50's training step: 3.5-4.9% faster with the space-to-depth stem.
+                "stem": Always("space_to_depth"),
             }
         ),
         # Its modules suite timed the gates' library conv alone: no spatial-conv choice. The

@@ -32,7 +32,7 @@ from jax.lax import Precision
 from flax_attention.layers import policy
 from flax_attention.layers.common import check_choice
 
-FORMULATIONS = policy.FORMULATIONS["bam"]  # the conv formulations (CBAM's also has "fused")
+FORMULATIONS = policy.FORMULATIONS["cbam"]  # the same for BAM
 UNROLL_CHANNELS = 4  # up to this many channels in and out, `shifts` multiplies elementwise
 
 
