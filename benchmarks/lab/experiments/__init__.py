@@ -6,4 +6,6 @@ library through its public arguments; the suites users run are in the folder abo
 
 - `psa_convs`: PSA's branch convolutions in each formulation (`branch_convs.FORMULATIONS`),
   the measurements behind the PSA rows of `layers.policy`.
+- `xla_flags`: the train suite's step under other XLA GPU flags (CUDA graphs, cuBLAS GEMMs),
+  a process per variant; none measured faster (docs/measurements.md, 2026-12-06).
 """
