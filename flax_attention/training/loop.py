@@ -306,16 +306,14 @@ class _Run:
                 )
                 saving = step % cfg.checkpoint_every == 0
                 if evaluating or saving:
-                    while in_flight:
-                        self._settle(in_flight.popleft(), meter, bar)
+                    self._settle_all(in_flight, meter, bar)
                 if evaluating:
                     self._evaluate(step, dev_state)
                 if saving:
                     self._save(step, dev_state, data_state)
                 if evaluating or saving:
                     gc.collect()  # in full, where the device waits anyway
-            while in_flight:
-                self._settle(in_flight.popleft(), meter, bar)
+            self._settle_all(in_flight, meter, bar)
             bar.close()
             self._save(step, dev_state, data_state)
             self.checkpoints.wait()
@@ -336,6 +334,11 @@ class _Run:
         step = done[0]
         if step % self.cfg.log_every == 0 or step == self.total_steps:
             self._log_train(step, meter, bar)
+
+    def _settle_all(self, in_flight: deque[tuple[int, dict]], meter: Meter, bar: tqdm) -> None:
+        """Settle every step in `in_flight`, oldest first, leaving it empty."""
+        while in_flight:
+            self._settle(in_flight.popleft(), meter, bar)
 
     def _check(self, done: tuple[int, dict], meter: Meter) -> None:
         """Fetch one step's metrics; stop on a NaN/inf loss."""
