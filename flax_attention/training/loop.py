@@ -378,7 +378,7 @@ class _Run:
         record["lr"] = float(self.learning_rates[step - 1])
         self.log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", top1=f"{record['top1']:.3f}")
-        gc.collect(1)  # the young generations, while the device runs the queued step
+        gc.collect(1)  # the young generations, while the device runs the queued steps
 
     def _evaluate(self, step: int, dev_state: TrainState) -> dict[str, float]:
         """Loss, top-1 and top-5 over the whole evaluation split, logged to metrics.jsonl."""
