@@ -1,8 +1,9 @@
 """BatchNorm with PyTorch's training semantics and a fused backward (NHWC, features last).
 
 Training-mode normalisation is one `jax.custom_vjp` function, `batch_norm_train`. Its forward
-computes the batch mean and the biased variance mean((x - mean)^2) in float32 (two passes, as
-exact as PyTorch's) and keeps only x in its own dtype, the mean and 1/std for the backward.
+computes the batch mean and the biased variance in float32 from one pass over x (`moments`: sums
+of x - s and (x - s)^2 with s the first sample's per-channel mean, so no E[x^2] - E[x]^2
+cancellation) and keeps only x in its own dtype, the mean and 1/std for the backward.
 The backward is the textbook one: one fused reduction of sum(dy) and sum(dy * (x - mean)),
 then one elementwise pass `dx = a * dy + b * (x - mean) + c` with per-channel a, b, c.
 Across replicas (`axis_name`) each BatchNorm issues one collective in the forward (an
@@ -47,17 +48,36 @@ def batch_norm_train(
     return _forward(x, scale, bias, eps, axis_name, dtype)[0]
 
 
+def shifted(x32: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x32 (N, ..., C) minus a per-channel shift, and the shift (C,): the mean of its first
+    sample (x32[0] over all but the channel axis, a 1/N share of the data).
+
+    Moments of x - shift are those of x moved by the shift; with the shift near the mean,
+    their sums keep float32's precision (the mean's square is not subtracted from a far
+    larger mean square, as in E[x^2] - E[x]^2)."""
+    first = x32[0].reshape(-1, x32.shape[-1])
+    shift = jax.lax.stop_gradient(first.mean(0))
+    return x32 - shift, shift
+
+
+def moments(x32: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Mean and biased variance of x32 over `axes`, from one pass (one reduction of the sums
+    of x - s and (x - s)^2 with `shifted`'s per-channel s)."""
+    d, shift = shifted(x32)
+    mean_d, mean_sq = d.mean(axes), jnp.square(d).mean(axes)
+    return mean_d + shift, jnp.maximum(mean_sq - jnp.square(mean_d), 0.0)
+
+
 def batch_statistics(x32: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
-    """Mean and biased variance of x32 (..., C) per channel, as mean((x - mean)^2).
+    """Mean and biased variance of x32 (..., C) per channel (`moments`, one pass).
 
     With `axis_name`, the statistics of every replica's x32 together (each replica holds the
     same number of rows) from one all_gather of the replicas' (mean_i, var_i), (R, 2, C):
     mean = mean_i(mean_i), var = mean_i(var_i) + mean_i((mean_i - mean)^2) (Chan et al.'s
     pairwise combination for equal counts; no E[x^2] - E[x]^2 cancellation).
     """
-    axes = tuple(range(x32.ndim - 1))
-    mean = x32.mean(axes)
-    return combine_replicas(mean, jnp.square(x32 - mean).mean(axes), axis_name)
+    mean, var = moments(x32, tuple(range(x32.ndim - 1)))
+    return combine_replicas(mean, var, axis_name)
 
 
 def combine_replicas(
@@ -107,8 +127,8 @@ class BatchNorm(nnx.BatchNorm):
 
     The `momentum` argument is PyTorch's (weight of the new batch, 0.1 by default); the
     `momentum` attribute keeps Flax's meaning, the weight of the old running value, so it holds
-    1 - the argument. In training mode the input is normalised with the biased batch variance,
-    computed as mean((x - mean)^2) in float32, and the running variance is updated with the
+    1 - the argument. In training mode the input is normalised with the biased batch variance
+    (float32, `moments`), and the running variance is updated with the
     unbiased one (times n/(n-1)), as PyTorch does.
     Statistics are averaged over `axis_name` (pmap/shard_map) when it is given. Features last.
     """

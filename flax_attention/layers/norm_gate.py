@@ -10,14 +10,14 @@ NHWC x (N, H, W, C), batch statistics in float32, `a = scale / sqrt(var + eps)`:
 The gate's descriptors need no pass of their own: `mean_HW(y) = a * (mean_HW(x) - mean) + bias`,
 and the per-sample means `mean_HW(x)` are the partial sums the batch mean is reduced from; y is
 monotone in x, so `max_HW(y)` is y at x's maximum over H*W (its minimum where a < 0), which the
-same pass finds. So the forward reads x twice for the statistics and once for `out` (BatchNorm
-then SE reads it the same three times, then writes y, reads it to pool and again to multiply).
+same pass finds. So the forward reads x once for the statistics and once for `out` (BatchNorm
+then SE reads it the same two times, then writes y, reads it to pool and again to multiply).
 The backward reduces `S1 = sum_HW(dout)` and `S2 = sum_HW(dout * (x - mean))` per sample in one
 pass over (dout, x); the gate's cotangent is `sum_HW(dout * y) = a * S2 + bias * S1`, and y's
 cotangent (`dout * g + d_mean_HW / (H * W)`, plus `d_max_HW / ties` where x is at its extreme)
 has per-channel sums that follow from S1 and S2 too, so one more elementwise pass writes dx
 (BatchNorm then SE: a pass for the gate's cotangent, then BatchNorm's own two). The values are
-the composition's; in a compute dtype narrower than float32, y is not rounded before it is
+the composition's (the statistics from one pass over x, as `BatchNorm`'s); in a compute dtype narrower than float32, y is not rounded before it is
 pooled and multiplied (so max-pool ties are those of x, not of the rounded y).
 """
 
@@ -27,10 +27,27 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_attention.layers.batch_norm import F32, BatchNorm, combine_replicas, global_count
+from flax_attention.layers.batch_norm import (
+    F32,
+    BatchNorm,
+    combine_replicas,
+    global_count,
+    shifted,
+)
 from flax_attention.layers.common import check_nhwc
 
 FUSED_POOLS = ("avg", "max")
+
+
+def per_sample_moments(x32: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """NHWC x32 -> (its mean over H*W per sample (N, C), and its mean and biased variance
+    over N, H, W (C,)), from one pass: per-sample sums of x - s and (x - s)^2 (`shifted`),
+    the same shape as the pass's extremes so that one reduction computes them all."""
+    d, shift = shifted(x32)
+    mean_d, mean_sq = d.mean((1, 2)), jnp.square(d).mean((1, 2))  # (N, C)
+    local_d = mean_d.mean(0)
+    local_var = jnp.maximum(mean_sq.mean(0) - jnp.square(local_d), 0.0)
+    return mean_d + shift, local_d + shift, local_var
 
 
 def batch_norm_channel_gate(norm: BatchNorm, gate: nnx.Module, x: jax.Array) -> jax.Array:
@@ -55,9 +72,7 @@ def batch_norm_channel_gate(norm: BatchNorm, gate: nnx.Module, x: jax.Array) -> 
 
     def fwd(x, scale, bias, state):
         x32 = x.astype(F32)
-        per_sample = x32.mean((1, 2))  # (N, C), in the pass with the extremes below
-        local_mean = per_sample.mean(0)
-        local_var = jnp.square(x32 - local_mean).mean((0, 1, 2))
+        per_sample, local_mean, local_var = per_sample_moments(x32)
         mean, var = combine_replicas(local_mean, local_var, axis_name)
         rstd = jax.lax.rsqrt(var + eps)
         a, b = scale.astype(F32) * rstd, bias.astype(F32)
