@@ -750,6 +750,29 @@ class TestOddImagesAndBoundedCanvas:
         assert decode_groups([4, 4, 4, 9, 1, 1], 8) == [[0, 1], [2], [3], [4, 5]]
         assert decode_groups([], 8) == []
 
+    def test_a_host_row_replaces_its_whole_canvas_row_in_one_copy(self):
+        """``_set_canvas_row`` on a stand-in for a CuPy canvas whose only write is ``set`` (a
+        whole, same-shape, same-dtype host copy): the image top-left, zeros elsewhere."""
+        from flax_attention.data.gpu_decode import _set_canvas_row
+
+        class DeviceRows:
+            def __init__(self, array):
+                self.array, self.shape = array, array.shape
+
+            def __getitem__(self, row):
+                return DeviceRows(self.array[row])
+
+            def set(self, host):
+                assert host.shape == self.shape and host.dtype == self.array.dtype
+                self.array[...] = host
+
+        canvas = np.full((3, 8, 8, 3), 7, np.uint8)
+        image = np.random.default_rng(0).integers(0, 256, (5, 6, 3), np.uint8)
+        _set_canvas_row(DeviceRows(canvas), 1, image)
+        np.testing.assert_array_equal(canvas[1, :5, :6], image)
+        assert not canvas[1, 5:].any() and not canvas[1, :, 6:].any()
+        assert (canvas[[0, 2]] == 7).all()
+
     def test_eval_plans_are_centre_crops_padded_with_zero_rows(self, odd_photo_dir):
         kw = {"train": False, "batch_size": 5, "image_size": 32, "data_dir": odd_photo_dir}
         cpu = data.make_dataset("imagenet2012", **kw)[0]

@@ -20,11 +20,12 @@ A batch goes through three stages:
 
 Memory is bounded whatever the image sizes: per decoding thread and device, the canvas (B x
 side x side x 3 bytes) and one decode group; CuPy's pool is capped at ``CUPY_POOL_LIMIT`` per
-device and, unless the user sets it, XLA's preallocated share of each GPU
-(``XLA_PYTHON_CLIENT_MEM_FRACTION``) leaves ``GPU_RESERVE_BYTES`` outside XLA
-(``reserve_gpu_memory``). The box average before the resize differs from the CPU decoder's
-area resize by a rounding step; both are antialiasing filters (docs/input.md gives the
-measured difference).
+device, CUDA's stream-ordered pool (where nvImageCodec allocates the decoded crops) keeps at
+most ``DECODED_POOL_KEEP`` of freed memory for the next batch, and, unless the user sets it,
+XLA's preallocated share of each GPU (``XLA_PYTHON_CLIENT_MEM_FRACTION``) leaves
+``GPU_RESERVE_BYTES`` outside XLA (``reserve_gpu_memory``). The box average before the resize
+differs from the CPU decoder's area resize by a rounding step; both are antialiasing filters
+(docs/input.md gives the measured difference).
 
 Decoding shares the GPU with the training step: nvJPEG's hardware decoder follows each image
 with a small conversion kernel on a stream of its own. With CUDA's default of 8 hardware work
@@ -60,6 +61,10 @@ from flax_attention.data.preprocess import crop
 CANVAS_SCALE = 2  # canvas side / output side: crops larger than this are box-averaged first
 DECODE_GROUP_BYTES = 256 << 20  # decoded crop pixels held at once, per thread and device
 CUPY_POOL_LIMIT = 1 << 30  # CuPy's memory pool, per device (canvases of the decoding threads)
+# Freed memory CUDA's stream-ordered pool keeps per device for nvImageCodec's decoded crops
+# (CUDA's default, 0, unmaps it at every synchronisation and maps it again for the next batch).
+DECODED_POOL_KEEP = 1 << 30
+_RELEASE_THRESHOLD = 4  # cudaMemPoolAttrReleaseThreshold
 GPU_RESERVE_BYTES = 4 << 30  # GPU memory left outside XLA: decoder, CUDA and codec state
 XLA_DEFAULT_FRACTION = 0.75  # JAX's own default share of GPU memory
 
@@ -309,6 +314,9 @@ class GpuJpegDecoder:
         self._per_thread = threading.local()  # A decoder and a CUDA stream for each thread.
         with cupy.cuda.Device(self._ordinal):
             cupy.get_default_memory_pool().set_limit(size=CUPY_POOL_LIMIT)
+            runtime = cupy.cuda.runtime
+            pool = runtime.deviceGetDefaultMemPool(self._ordinal)
+            runtime.memPoolSetAttribute(pool, _RELEASE_THRESHOLD, DECODED_POOL_KEEP)
             self._kernel = cupy.RawKernel(_REDUCE_CROPS, "reduce_crops")
 
     def _thread_state(self) -> tuple[Any, Any]:
@@ -333,10 +341,8 @@ class GpuJpegDecoder:
                     for group in decode_groups(crop_bytes, DECODE_GROUP_BYTES):
                         rows = layout.jpeg_rows[group]
                         self._decode_rows(batch, layout, rows, canvas, decoder, stream)
-                    rows = batch["pixel_rows"]
-                    if len(rows):
-                        canvas[rows] = 0
-                        canvas[rows, : self.size, : self.size] = cupy.asarray(batch["pixels"])
+                    for row, pixels in zip(batch["pixel_rows"], batch["pixels"], strict=True):
+                        _set_canvas_row(canvas, int(row), pixels)
                     stream.synchronize()
                 finally:
                     DECODER_MEMORY.release(self._ordinal, nbytes)
@@ -394,12 +400,23 @@ class GpuJpegDecoder:
             for i in np.flatnonzero(sources == 0):
                 b = int(rows[i])
                 payload = batch["jpeg"][batch["offsets"][b] : batch["offsets"][b + 1]].tobytes()
-                reduced = host_reduced_crop(payload, batch["box"][b], layout.factors[b])
-                canvas[b, : reduced.shape[0], : reduced.shape[1]] = cupy.asarray(reduced)
+                _set_canvas_row(
+                    canvas, b, host_reduced_crop(payload, batch["box"][b], layout.factors[b])
+                )
             stream.synchronize()
         finally:
             DECODER_MEMORY.release(self._ordinal, held)
         del decoded
+
+
+def _set_canvas_row(canvas: Any, row: int, image: np.ndarray) -> None:
+    """Canvas row ``row`` (CuPy, (side, side, 3)) set to uint8 ``image`` (h, w, 3) in its
+    top-left, zeros elsewhere: one host-to-device copy on the current stream (indexed CuPy
+    assignments would compile a kernel on first use, for hundreds of milliseconds)."""
+    side = canvas.shape[1]
+    host = np.zeros((side, side, 3), np.uint8)
+    host[: image.shape[0], : image.shape[1]] = image
+    canvas[row].set(host)
 
 
 # Canvas pixel (rows[i], y, x): the mean of crop i's factors_y x factors_x block at (y, x)
