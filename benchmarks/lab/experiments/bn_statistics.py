@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,13 +33,13 @@ from benchmarks.caches import (
     enable_caches,
     seed_autotune,
 )
-from benchmarks.device import device_slug, versions
+from benchmarks.device import device_slug
+from benchmarks.lab.experiments import write_record
 from benchmarks.settings import Settings
 from benchmarks.timing import jax_sync, time_fn
 from flax_attention.layers import batch_norm, norm_gate
 
 MODELS = ("resnet50", "seresnet50")
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def two_pass_statistics(x32: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
@@ -103,16 +102,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({**row, "img_per_s": img_per_s, **t.as_dict()})
                 print(json.dumps(rows[-1]), flush=True)
         del steps
-    out = args.out or RESULTS / device_slug(args.quick)
-    out.mkdir(parents=True, exist_ok=True)
-    record = {
-        "experiment": "bn_statistics",
-        "device": jax.devices()[0].device_kind,
-        "versions": versions(),
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "rows": rows,
-    }
-    (out / "bn_statistics.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_record("bn_statistics", rows, args.out, args.quick)
 
 
 if __name__ == "__main__":

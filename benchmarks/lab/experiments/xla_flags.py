@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.device import device_slug, versions
+from benchmarks.device import device_slug
+from benchmarks.lab.experiments import write_record
 from benchmarks.settings import ROOT, Settings
 
 VARIANTS = {
@@ -36,7 +37,6 @@ VARIANTS = {
     "cublas_gemms": "--xla_gpu_enable_triton_gemm=false",
 }
 MODELS = ("resnet50",)
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def child(models: list[str], quick: bool, cache: Path) -> list[dict]:
@@ -101,18 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     rows += [{**base, **row} for row in result]
                 print(json.dumps(rows[-1]), flush=True)
-    import jax
-
-    out = args.out or RESULTS / device_slug(args.quick)
-    out.mkdir(parents=True, exist_ok=True)
-    record = {
-        "experiment": "xla_flags",
-        "device": jax.devices()[0].device_kind,
-        "versions": versions(),
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "rows": rows,
-    }
-    (out / "xla_flags.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_record("xla_flags", rows, args.out, args.quick)
 
 
 if __name__ == "__main__":
