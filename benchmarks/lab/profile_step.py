@@ -10,7 +10,9 @@ occupy, so that memory-bound categories can be read against the copy bandwidth.
 `python -m benchmarks.lab.profile_step [--models resnet50,...] [--steps 5] [--top 25]
 [--quick] [--save-hlo] [--out DIR]` writes `<out>/profile_step.json` (per model: categories and
 the `--top` costliest instructions, every one with `--top 0`); `<out>` is
-benchmarks/results/<device> unless given.
+benchmarks/results/<device> unless given. It adds `--xla_gpu_enable_command_buffer=` to
+`XLA_FLAGS` (unless they set that flag) before JAX starts its backends, so that the trace
+shows each kernel rather than the CUDA graphs XLA would launch them in.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -56,6 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, help="folder for profile_step.json")
     p.add_argument("--save-hlo", action="store_true", help="also write <out>/<model>.hlo.txt.gz")
     args = p.parse_args(argv)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_gpu_enable_command_buffer" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_enable_command_buffer=".strip()
     if args.top < 0:
         p.error(f"--top must be >= 0 (0 keeps every instruction), got {args.top}")
     args.out = args.out or RESULTS / device_slug(args.quick)

@@ -81,11 +81,13 @@ def test_profile_gates_quick_run_lists_every_kernel(tmp_path):
     assert any("conv_general_dilated" in op["source"] for op in convs)
 
 
-def test_profile_step_keeps_every_instruction_with_top_zero(tmp_path):
+def test_profile_step_keeps_every_instruction_with_top_zero(tmp_path, monkeypatch):
     """`python -m benchmarks.lab.profile_step --quick --top 0` on CPU: the resnet18 step's every
-    instruction, their launches adding up to the step's kernels (the default keeps 25)."""
+    instruction, their launches adding up to the step's kernels (the default keeps 25); it turns
+    XLA's CUDA graphs off in XLA_FLAGS, keeping the flags it found."""
     from benchmarks.lab import profile_step
 
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     profile_step.main(
         ["--quick", "--models", "resnet18", "--steps", "1", "--top", "0", "--out", str(tmp_path)]
     )
@@ -93,6 +95,9 @@ def test_profile_step_keeps_every_instruction_with_top_zero(tmp_path):
     assert "error" not in row, row.get("error")
     assert len(row["top"]) > 25
     assert sum(op["launches"] for op in row["top"]) == row["kernels_per_step"]
+    assert os.environ["XLA_FLAGS"] == (
+        "--xla_force_host_platform_device_count=8 --xla_gpu_enable_command_buffer="
+    )
 
 
 def test_multiprocess_quick_run_with_gpu_decoding_resumes_after_kill_and_matches_one_process(
