@@ -128,8 +128,8 @@ class BatchNorm(nnx.BatchNorm):
     The `momentum` argument is PyTorch's (weight of the new batch, 0.1 by default); the
     `momentum` attribute keeps Flax's meaning, the weight of the old running value, so it holds
     1 - the argument. In training mode the input is normalised with the biased batch variance
-    (float32, `moments`), and the running variance is updated with the
-    unbiased one (times n/(n-1)), as PyTorch does.
+    (float32, `moments`), and the running variance is updated with the unbiased one (times
+    n/(n-1)), as PyTorch does.
     Statistics are averaged over `axis_name` (pmap/shard_map) when it is given. Features last.
     """
 

@@ -17,8 +17,9 @@ pass over (dout, x); the gate's cotangent is `sum_HW(dout * y) = a * S2 + bias *
 cotangent (`dout * g + d_mean_HW / (H * W)`, plus `d_max_HW / ties` where x is at its extreme)
 has per-channel sums that follow from S1 and S2 too, so one more elementwise pass writes dx
 (BatchNorm then SE: a pass for the gate's cotangent, then BatchNorm's own two). The values are
-the composition's (the statistics from one pass over x, as `BatchNorm`'s); in a compute dtype narrower than float32, y is not rounded before it is
-pooled and multiplied (so max-pool ties are those of x, not of the rounded y).
+the composition's (the statistics from one pass over x, as `BatchNorm`'s); in a compute dtype
+narrower than float32, y is not rounded before it is pooled and multiplied (so max-pool ties
+are those of x, not of the rounded y).
 """
 
 from __future__ import annotations
