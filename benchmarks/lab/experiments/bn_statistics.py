@@ -38,6 +38,7 @@ from benchmarks.lab.experiments import write_record
 from benchmarks.settings import Settings
 from benchmarks.timing import jax_sync, time_fn
 from flax_attention.layers import batch_norm, norm_gate
+from flax_attention.models import MODELS as MODELS_REGISTRY
 
 MODELS = ("resnet50", "seresnet50")
 
@@ -81,6 +82,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    models = args.models.split(",")
+    unknown = sorted(set(models) - set(MODELS_REGISTRY))
+    if unknown:
+        parser.error(f"unknown models {unknown}; `flax-attention list` names the registered ones")
+    if args.rounds < 1 or args.samples < 1:
+        parser.error(f"--rounds and --samples must be >= 1, got {args.rounds}, {args.samples}")
     cache = Path(tempfile.mkdtemp())
     enable_caches(cache)
     seed_autotune(autotune_store_path(AUTOTUNE_STORE, device_slug()), autotune_cache_dir(cache))
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     batch = train.QUICK_BATCH if args.quick else train.BATCH
     image = train.QUICK_IMAGE if args.quick else train.IMAGE
     rows = []
-    for model in args.models.split(","):
+    for model in models:
         steps = {}
         for name, variant in VARIANTS.items():
             with variant():
