@@ -13,7 +13,7 @@ has among them: CMYK and grayscale JPEGs, a PNG named .JPEG, one 4200 x 3150 px 
   carries to the device.
 - `gpu-decode` row (CUDA only): `GpuJpegDecoder` on batches of 256 on the first GPU, decoded
   images per second, the host CPU it takes and its peak GPU memory; its difference from the CPU
-  decoder's crops and from its host reference (`CpuCanvasDecoder`).
+  decoder's crops and from its host reference (`CpuReferenceDecoder`).
 - `train` rows: `flax-attention train`'s loop (`fit`) on that dataset with each decoder (GPU
   decoding with 1 and with 3 `decode_threads`, batches decoded at once; `hybrid` with 3 decode
   threads and each `hybrid_cpu_share` of every batch decoded by CPU workers), on every local GPU
@@ -181,7 +181,7 @@ def gpu_decode_rows(res: Results, data_dir: Path, shape: Shape, settings: Settin
     cpu_crops = data.make_dataset(DATASET, **common, image_size=shape.image_size)[0]["image"]
     batches = [plans[i] for i in range(4)]
     decode = data.GpuJpegDecoder(shape.image_size)
-    jax.block_until_ready(decode(batches[0]))  # Compiles the resize: one canvas shape.
+    jax.block_until_ready(decode(batches[0]))  # The first batch makes the thread's decoder.
     DECODER_MEMORY.reset()
     repeats = 3 if settings.quick else 12
     cpu_start, start = time.process_time(), time.perf_counter()
@@ -190,7 +190,7 @@ def gpu_decode_rows(res: Results, data_dir: Path, shape: Shape, settings: Settin
     wall, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     images = repeats * shape.batch
     gpu = np.asarray(decode(batches[0])["image"]).astype(int)
-    reference = np.asarray(data.CpuCanvasDecoder(shape.image_size)(batches[0])["image"])
+    reference = np.asarray(data.CpuReferenceDecoder(shape.image_size)(batches[0])["image"])
     diff, to_reference = np.abs(gpu - cpu_crops), np.abs(gpu - reference)
     res.add(
         {

@@ -151,7 +151,7 @@ def _printed_numbers(text: str) -> tuple[float, float, float]:
 
 def test_eval_on_the_gpu_decoder_gives_the_cpu_decoders_numbers(tmp_path, monkeypatch, capsys):
     """`eval --decoder gpu` decodes centre-crop plans on the device (the GPU decoder's
-    arithmetic on the host, ``CpuCanvasDecoder``, where there is no GPU): the numbers of
+    arithmetic on the host, ``CpuReferenceDecoder``, where there is no GPU): the numbers of
     `--decoder cpu` within the documented tolerance, on CMYK, PNG and large images too."""
     from flax_attention.data import decoders, photos
 
@@ -189,7 +189,7 @@ def test_eval_on_the_gpu_decoder_gives_the_cpu_decoders_numbers(tmp_path, monkey
     mirror = []  # Set: a control, the same images mirrored.
 
     def stand_in(size, device):
-        decode = data.CpuCanvasDecoder(size, device)
+        decode = data.CpuReferenceDecoder(size, device)
 
         def decode_plans(plans):
             decoded.append(len(plans["box"]))

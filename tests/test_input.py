@@ -214,25 +214,51 @@ class TestDevice:
 class TestGpuDecodingHostSide:
     """What the GPU decoder path does on the host and in JAX, checked on any backend."""
 
-    def test_resize_crops_is_pillows_antialiased_bilinear(self):
-        from flax_attention.data.gpu_decode import resize_crops
+    def test_resample_crop_is_pillows_antialiased_bilinear(self):
+        from flax_attention.data.gpu_decode import resample_crop
 
         rng = np.random.default_rng(0)
         image = photos.photo(rng, 300, 400)
-        boxes = [preprocess.random_resized_crop_box(300, 400, rng) for _ in range(6)]
-        canvas = np.zeros((6, 320, 448, 3), np.uint8)  # Zero padding must not leak in.
-        for i, box in enumerate(boxes):
-            canvas[i, : box[2], : box[3]] = preprocess.crop(image, box)
-        flips = np.array([False, True, False, True, False, False])
-        heights, widths = np.array([b[2] for b in boxes]), np.array([b[3] for b in boxes])
-        out = np.asarray(resize_crops(canvas, heights, widths, flips, 112))
-        assert out.shape == (6, 112, 112, 3) and out.dtype == np.uint8
-        for i, box in enumerate(boxes):
-            expected = _pil_resized_crop(image, box, 112)
-            expected = expected[:, ::-1] if flips[i] else expected
-            diff = np.abs(out[i].astype(int) - expected)
+        for flip in (False, True, False, True):
+            box = preprocess.random_resized_crop_box(300, 400, rng)
+            out = resample_crop(preprocess.crop(image, box), 224, flip)
+            assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+            expected = _pil_resized_crop(image, box, 224)
+            expected = expected[:, ::-1] if flip else expected
+            diff = np.abs(out.astype(int) - expected)
             # Pillow rounds to uint8 between its two passes and uses fixed-point weights.
             assert diff.mean() < 0.25 and diff.max() <= 6, (box, diff.mean(), diff.max())
+
+    def test_resample_crop_copies_an_output_sized_row_exactly(self):
+        from flax_attention.data.gpu_decode import resample_crop
+
+        pixels = np.random.default_rng(0).integers(0, 256, (24, 24, 3), np.uint8)
+        np.testing.assert_array_equal(resample_crop(pixels, 24), pixels)
+        np.testing.assert_array_equal(resample_crop(pixels, 24, flip=True), pixels[:, ::-1])
+
+    def test_resample_taps_cover_every_weight_up_to_the_largest_reduced_crop(self):
+        """Within ``MAX_SCALE``, the ``TAPS`` window holds every source sample the triangle
+        filter weighs (the weights, computed densely, sum to 1 inside the window)."""
+        from flax_attention.data.gpu_decode import MAX_SCALE, resample_taps
+
+        size = 16
+        for length in range(1, MAX_SCALE * size + 1):
+            indices, weights = resample_taps(length, size)
+            scale = length / size
+            support = max(scale, 1.0)
+            centre = (np.arange(size) + 0.5) * scale
+            source = np.arange(length) + 0.5
+            dense = np.maximum(0, 1 - np.abs(source[None] - centre[:, None]) / support)
+            dense /= dense.sum(axis=1, keepdims=True)
+            gathered = np.zeros_like(dense)
+            np.add.at(gathered, (np.arange(size)[:, None], indices), weights)
+            np.testing.assert_allclose(gathered, dense, atol=1e-6, err_msg=f"length {length}")
+
+    def test_resample_crop_refuses_a_crop_past_the_reduced_side(self):
+        from flax_attention.data.gpu_decode import resample_crop
+
+        with pytest.raises(ValueError, match="box-average"):
+            resample_crop(np.zeros((65, 10, 3), np.uint8), 32)
 
     def test_crop_plan_draws_what_the_cpu_path_draws(self):
         from flax_attention.data.plans import CropPlan
@@ -644,7 +670,7 @@ def test_gpu_decoder_matches_the_cpu_decoder_and_its_host_reference(odd_photo_di
     plans = next(data.make_loader("imagenet2012", **kwargs, decoder=data.GpuDecoder()))
     gpu = np.asarray(data.GpuJpegDecoder(64)(plans)["image"])
     _assert_close_to_the_cpu_decoder(gpu, cpu["image"])
-    reference = np.asarray(data.CpuCanvasDecoder(64)(plans)["image"])
+    reference = np.asarray(data.CpuReferenceDecoder(64)(plans)["image"])
     assert np.abs(gpu.astype(int) - reference).mean() < 1.0  # Only the JPEG decoders differ.
 
 
@@ -712,29 +738,29 @@ class TestOddImagesAndBoundedCanvas:
         assert all(plans["offsets"][r] == plans["offsets"][r + 1] for r in plans["pixel_rows"])
 
     def test_gpu_path_on_odd_images_matches_the_cpu_decoder(self, odd_photo_dir):
-        """The GPU decoder's arithmetic (``CpuCanvasDecoder``: bounded canvas, box average,
-        resize) on CMYK, grayscale, PNG and large images: host-decoded rows exact, the others
-        within the documented tolerance; the large crop is reduced to fit the canvas."""
-        from flax_attention.data.gpu_decode import canvas_layout
+        """The GPU decoder's arithmetic (``CpuReferenceDecoder``: box average, resample) on
+        CMYK, grayscale, PNG and large images: host-decoded rows exact, the others within the
+        documented tolerance; the large crop is box-averaged to the reduced side."""
+        from flax_attention.data.gpu_decode import crop_layout
 
         kw = dict(ODD_KWARGS, data_dir=odd_photo_dir)
         cpu = next(data.make_loader("imagenet2012", **kw))
         plans = next(data.make_loader("imagenet2012", **kw, decoder=data.GpuDecoder()))
-        out = np.asarray(data.CpuCanvasDecoder(32)(plans)["image"])
+        out = np.asarray(data.CpuReferenceDecoder(32)(plans)["image"])
         np.testing.assert_array_equal(out[plans["pixel_rows"]], plans["pixels"])
         _assert_close_to_the_cpu_decoder(out, cpu["image"])
-        layout = canvas_layout(plans, 32)
+        layout = crop_layout(plans, 32)
         large = int(np.flatnonzero(plans["label"] == photos.ODD_KINDS.index("large"))[0])
         assert (layout.factors[large] > 1).any()
         assert layout.heights.max() <= 64 and layout.widths.max() <= 64
 
-    def test_canvas_is_fixed_and_bounded_whatever_the_crop(self):
-        from flax_attention.data.gpu_decode import canvas_layout, reduce_crop
+    def test_reduced_crops_are_bounded_whatever_the_crop(self):
+        from flax_attention.data.gpu_decode import crop_layout, reduce_crop, reduced_side
 
         boxes = np.array([[0, 0, 4000, 3000], [5, 7, 64, 64], [0, 0, 129, 65], [0, 0, 1, 1]])
         batch = {"box": boxes.astype(np.int32), "pixel_rows": np.array([3], np.int32)}
-        layout = canvas_layout(batch, 32)
-        assert layout.side == 64
+        layout = crop_layout(batch, 32)
+        assert reduced_side(32) == 64
         np.testing.assert_array_equal(layout.factors, [[63, 47], [1, 1], [3, 2], [1, 1]])
         np.testing.assert_array_equal(layout.heights, [63, 64, 43, 1])
         np.testing.assert_array_equal(layout.widths, [63, 64, 32, 1])
@@ -750,29 +776,6 @@ class TestOddImagesAndBoundedCanvas:
         assert decode_groups([4, 4, 4, 9, 1, 1], 8) == [[0, 1], [2], [3], [4, 5]]
         assert decode_groups([], 8) == []
 
-    def test_a_host_row_replaces_its_whole_canvas_row_in_one_copy(self):
-        """``_set_canvas_row`` on a stand-in for a CuPy canvas whose only write is ``set`` (a
-        whole, same-shape, same-dtype host copy): the image top-left, zeros elsewhere."""
-        from flax_attention.data.gpu_decode import _set_canvas_row
-
-        class DeviceRows:
-            def __init__(self, array):
-                self.array, self.shape = array, array.shape
-
-            def __getitem__(self, row):
-                return DeviceRows(self.array[row])
-
-            def set(self, host):
-                assert host.shape == self.shape and host.dtype == self.array.dtype
-                self.array[...] = host
-
-        canvas = np.full((3, 8, 8, 3), 7, np.uint8)
-        image = np.random.default_rng(0).integers(0, 256, (5, 6, 3), np.uint8)
-        _set_canvas_row(DeviceRows(canvas), 1, image)
-        np.testing.assert_array_equal(canvas[1, :5, :6], image)
-        assert not canvas[1, 5:].any() and not canvas[1, :, 6:].any()
-        assert (canvas[[0, 2]] == 7).all()
-
     def test_eval_plans_are_centre_crops_padded_with_zero_rows(self, odd_photo_dir):
         kw = {"train": False, "batch_size": 5, "image_size": 32, "data_dir": odd_photo_dir}
         cpu = data.make_dataset("imagenet2012", **kw)[0]
@@ -782,12 +785,12 @@ class TestOddImagesAndBoundedCanvas:
         padded = data.pad_plans(plans, 8, like)
         np.testing.assert_array_equal(padded["mask"], [1] * 5 + [0] * 3)
         np.testing.assert_array_equal(padded["pixel_rows"], [5, 6, 7])
-        out = np.asarray(data.CpuCanvasDecoder(32)(padded)["image"])
+        out = np.asarray(data.CpuReferenceDecoder(32)(padded)["image"])
         assert not out[5:].any()
         _assert_close_to_the_cpu_decoder(out[:5], cpu["image"], EVAL_TOLERANCE)
         empty = data.pad_plans(None, 3, like)
         np.testing.assert_array_equal(empty["mask"], [0, 0, 0])
-        assert not np.asarray(data.CpuCanvasDecoder(32)(empty)["image"]).any()
+        assert not np.asarray(data.CpuReferenceDecoder(32)(empty)["image"]).any()
 
     def test_centre_crop_box_is_the_window_center_crop_resizes(self):
         for height, width in [(375, 500), (500, 333), (90, 70), (100, 1000), (3000, 4000)]:

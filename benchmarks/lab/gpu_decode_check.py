@@ -6,7 +6,7 @@ Writes the input suite's photo dataset (with its CMYK, grayscale, PNG-named-JPEG
 images), decodes training batches (random crops) and evaluation batches (centre crops) with
 the GPU decoder on every local GPU and with the CPU decoder, and prints per check the mean,
 99th percentile and max absolute pixel difference against the CPU decoder and against the GPU
-decoder's host reference (``CpuCanvasDecoder``: the same canvas arithmetic, libjpeg-turbo
+decoder's host reference (``CpuReferenceDecoder``: the same arithmetic, libjpeg-turbo
 instead of nvJPEG), the rows each GPU decoded, and the decoders' peak GPU memory per device.
 Exit status 1 when a difference is past the documented tolerance (docs/input.md) or a device's
 rows did not stay on it.
@@ -50,7 +50,7 @@ def check(data_dir: Path, size: int, batch: int) -> bool:
     common = {"batch_size": rows, "image_size": size, "data_dir": data_dir}
     gpu = data.GpuDecoder()
     decode = data.PerDeviceDecoder(data.GpuJpegDecoder, size, sharding)
-    reference = data.CpuCanvasDecoder(size)
+    reference = data.CpuReferenceDecoder(size)
     good = True
     for kind, tolerance in (("train", TRAIN_TOLERANCE), ("eval", EVAL_TOLERANCE)):
         train = kind == "train"

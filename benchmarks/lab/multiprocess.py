@@ -24,8 +24,8 @@ was killed after and the step it resumed from, bitwise equality, the largest par
 difference and the array furthest outside the tolerance, pass/fail.
 `--quick` (tests): a one-stage SE ResNet, 16x16 images, small photos, well under a minute on 2
 CPU cores. There is no GPU decoder on the CPU: with `--quick` and a decoder other than cpu, each
-process replaces nvImageCodec's plan decoder by its host twin (`gpu_decode.CpuCanvasDecoder`:
-the same canvas and resize, on the device it is given) and takes every CPU device for a GPU, so
+process replaces nvImageCodec's plan decoder by its host twin (`gpu_decode.CpuReferenceDecoder`:
+the same box average and resample, on the device it is given) and takes every CPU device for a GPU, so
 the whole GPU decoding path (crop plans in the loader, per-device decoding, the global array from
 each process's device arrays, resume) runs; the JSON says so (`decoder_stand_in`).
 """
@@ -116,7 +116,7 @@ def worker(argv: list[str]) -> int:
 def install_gpu_decoder_stand_in() -> None:
     """In this process, every local device counts as one that decodes JPEGs
     (`gpu_decoding_available`) and the GPU decoders chosen decode with
-    `gpu_decode.CpuCanvasDecoder` (the GPU decoder's arithmetic on the host, its result put on
+    `gpu_decode.CpuReferenceDecoder` (the GPU decoder's arithmetic on the host, its result put on
     the device each is made for) instead of nvImageCodec."""
     from flax_attention import data
     from flax_attention.data import decoders, gpu_decode
@@ -126,7 +126,7 @@ def install_gpu_decoder_stand_in() -> None:
     def choose_with_stand_in(*args: Any, **kwargs: Any) -> data.Decoder:
         decoder = choose(*args, **kwargs)
         if isinstance(decoder, data.GpuDecoder):
-            return dataclasses.replace(decoder, plan_decoder=gpu_decode.CpuCanvasDecoder)
+            return dataclasses.replace(decoder, plan_decoder=gpu_decode.CpuReferenceDecoder)
         return decoder
 
     decoders.gpu_decoding_available = lambda: True

@@ -16,7 +16,7 @@ from flax_attention.data.decoders import (
 from flax_attention.data.device import normalize_images, prefetch_to_device
 from flax_attention.data.embedded import build_digits
 from flax_attention.data.gpu_decode import (
-    CpuCanvasDecoder,
+    CpuReferenceDecoder,
     GpuJpegDecoder,
     gpu_decoding_available,
     reserve_gpu_memory,
@@ -33,8 +33,8 @@ from flax_attention.data.synthetic import synthetic_batches
 __all__ = [
     "DATASETS",
     "DECODERS",
-    "CpuCanvasDecoder",
     "CpuDecoder",
+    "CpuReferenceDecoder",
     "DatasetNotFoundError",
     "DatasetSpec",
     "Decoder",

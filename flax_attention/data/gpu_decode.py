@@ -10,20 +10,21 @@ A batch goes through three stages:
    offsets, plus boxes, flips, labels and the host-decoded rows' pixels.
 3. GPU (``GpuJpegDecoder``, one per device, ``per_device.PerDeviceDecoder`` gives each its rows):
    nvImageCodec decodes the crop boxes (the region of interest: only the crop's pixels are
-   produced) in groups of at most ``DECODE_GROUP_BYTES`` of decoded pixels; one CUDA kernel
-   (through CuPy) box-averages each crop by whole factors (``reduction_factors``) into a fixed
-   (B, side, side, 3) uint8 canvas, ``side = CANVAS_SCALE * size``, and the host-decoded rows
-   are copied into their canvas rows; JAX takes the canvas over through DLPack without a copy
-   and ``resize_crops`` (one jitted program: the canvas shape never changes) resamples every
-   crop to (size, size) with an antialiased bilinear filter (Pillow's and torchvision's
-   ``antialias=True``), mirrors and rounds back to uint8. Normalisation stays in the step.
+   produced) in groups of at most ``DECODE_GROUP_BYTES`` of decoded pixels, and one CUDA kernel
+   (through CuPy) per group writes each crop's (size, size) output row: the crop read as its
+   box average by whole factors (``reduction_factors``: at most ``MAX_SCALE * size`` a side),
+   resampled with an antialiased bilinear filter (Pillow's and torchvision's
+   ``antialias=True``), mirrored, rounded to uint8. The host-decoded rows are copied in by the
+   same kernel (scale 1: an exact copy). JAX takes the uint8 (B, size, size, 3) batch over
+   through DLPack without a copy. Normalisation stays in the step. All of it runs on the
+   decoding thread's own CUDA stream, beside the training step rather than in its queue.
 
-Memory is bounded whatever the image sizes: per decoding thread and device, the canvas (B x
-side x side x 3 bytes) and one decode group; CuPy's pool is capped at ``CUPY_POOL_LIMIT`` per
-device, CUDA's stream-ordered pool (where nvImageCodec allocates the decoded crops) keeps at
-most ``DECODED_POOL_KEEP`` of freed memory for the next batch, and, unless the user sets it,
+Memory is bounded whatever the image sizes: per decoding thread and device, the output batch
+(B x size x size x 3 bytes) and one decode group; CuPy's pool is capped at ``CUPY_POOL_LIMIT``
+per device, CUDA's stream-ordered pool (where nvImageCodec allocates the decoded crops) keeps
+at most ``DECODED_POOL_KEEP`` of freed memory for the next batch, and, unless the user sets it,
 XLA's preallocated share of each GPU (``XLA_PYTHON_CLIENT_MEM_FRACTION``) leaves
-``GPU_RESERVE_BYTES`` outside XLA (``reserve_gpu_memory``). The box average before the resize
+``GPU_RESERVE_BYTES`` outside XLA (``reserve_gpu_memory``). The box average before the resample
 differs from the CPU decoder's area resize by a rounding step; both are antialiasing filters
 (docs/input.md gives the measured difference).
 
@@ -34,13 +35,12 @@ training step's queued kernels: on one H200 a batch then took 157 ms to decode i
 ``share_gpu_with_training`` raises the queue count before the GPU is first used.
 
 GPU decoding needs ``nvidia-nvimgcodec-cu13`` (with ``nvidia-nvjpeg``) and ``cupy-cuda13x``:
-``pip install 'flax-attention[gpu-decode]'``. ``CpuCanvasDecoder`` computes the same canvas
-and resize on the host (libjpeg-turbo, numpy): the reference the GPU decoder is checked against,
-and its stand-in where there is no GPU.
+``pip install 'flax-attention[gpu-decode]'``. ``CpuReferenceDecoder`` computes the same box
+average and resample on the host (libjpeg-turbo, numpy, the same float32 arithmetic): the
+reference the GPU decoder is checked against, and its stand-in where there is no GPU.
 """
 
 import dataclasses
-import functools
 import importlib.util
 import math
 import os
@@ -58,9 +58,10 @@ import numpy as np
 from flax_attention.data.decode import decode_image
 from flax_attention.data.preprocess import crop
 
-CANVAS_SCALE = 2  # canvas side / output side: crops larger than this are box-averaged first
+MAX_SCALE = 2  # crops longer than this times the output side are box-averaged first
+TAPS = 6  # source samples an output sample draws on (at most 4 weigh anything at MAX_SCALE)
 DECODE_GROUP_BYTES = 256 << 20  # decoded crop pixels held at once, per thread and device
-CUPY_POOL_LIMIT = 1 << 30  # CuPy's memory pool, per device (canvases of the decoding threads)
+CUPY_POOL_LIMIT = 1 << 30  # CuPy's memory pool, per device (the decoding threads' outputs)
 # Freed memory CUDA's stream-ordered pool keeps per device for nvImageCodec's decoded crops
 # (CUDA's default, 0, unmaps it at every synchronisation and maps it again for the next batch).
 DECODED_POOL_KEEP = 1 << 30
@@ -129,22 +130,21 @@ def reserve_gpu_memory() -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class CanvasLayout:
-    """Where the rows of a plan batch of B rows lie on a (B, side, side, 3) canvas: row b holds
-    its crop box-averaged by ``factors[b]`` (int32 (B, 2), per axis) in its top-left
-    ``heights[b]`` x ``widths[b]``; ``jpeg_rows`` are decoded from their bytes, the others
-    (``pixel_rows``) copied from the batch's host pixels (factors 1, size S x S)."""
+class CropLayout:
+    """How the rows of a plan batch of B rows are resampled to (size, size): row b's crop is
+    first box-averaged by ``factors[b]`` (int32 (B, 2), per axis) to ``heights[b]`` x
+    ``widths[b]``, at most ``reduced_side(size)`` a side; ``jpeg_rows`` are decoded from their
+    bytes, the others (``pixel_rows``) are the batch's host pixels (factors 1, size x size)."""
 
-    side: int
     factors: np.ndarray
     heights: np.ndarray
     widths: np.ndarray
     jpeg_rows: np.ndarray
 
 
-def canvas_side(size: int) -> int:
-    """The canvas side for an output side ``size``: ``CANVAS_SCALE * size``."""
-    return CANVAS_SCALE * size
+def reduced_side(size: int) -> int:
+    """The longest side a crop keeps before the resample to ``size``: ``MAX_SCALE * size``."""
+    return MAX_SCALE * size
 
 
 def reduction_factors(lengths: np.ndarray, side: int) -> np.ndarray:
@@ -152,14 +152,13 @@ def reduction_factors(lengths: np.ndarray, side: int) -> np.ndarray:
     return np.maximum(-(-np.asarray(lengths) // side), 1).astype(np.int32)
 
 
-def canvas_layout(batch: dict[str, np.ndarray], size: int) -> CanvasLayout:
-    """The canvas layout of a plan batch (``plans.collate_plans``) for output side ``size``."""
-    side = canvas_side(size)
+def crop_layout(batch: dict[str, np.ndarray], size: int) -> CropLayout:
+    """The crop layout of a plan batch (``plans.collate_plans``) for output side ``size``."""
     lengths = batch["box"][:, 2:].astype(np.int64)
-    factors = reduction_factors(lengths, side)
+    factors = reduction_factors(lengths, reduced_side(size))
     reduced = (lengths // factors).astype(np.int32)
     jpeg_rows = np.setdiff1d(np.arange(len(lengths)), batch["pixel_rows"])
-    return CanvasLayout(side, factors, reduced[:, 0], reduced[:, 1], jpeg_rows)
+    return CropLayout(factors, reduced[:, 0], reduced[:, 1], jpeg_rows)
 
 
 def reduce_crop(image: np.ndarray, factors: Sequence[int]) -> np.ndarray:
@@ -179,6 +178,52 @@ def host_reduced_crop(payload: bytes, box: Sequence[int], factors: Sequence[int]
     return reduce_crop(image, factors)
 
 
+def resample_taps(length: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The antialiased bilinear filter that resamples ``length`` samples to ``size``: source
+    indices int64 (size, TAPS) and float32 weights (size, TAPS), output sample t drawing on
+    ``sum_k weights[t, k] * line[indices[t, k]]``. The triangle filter widened by the
+    downscale factor (Pillow's and torchvision's ``antialias=True``), pixel centres aligned,
+    each row normalised to sum 1. Float32 operations in the order the GPU kernel does them,
+    so both compute the same weights bit for bit; ``length <= MAX_SCALE * size``."""
+    f32 = np.float32
+    scale = f32(length) / f32(size)
+    support = max(scale, f32(1))
+    centre = (np.arange(size, dtype=f32) + f32(0.5)) * scale
+    first = np.maximum(np.floor(centre - support - f32(0.5)).astype(np.int64), 0)
+    indices = first[:, None] + np.arange(TAPS)
+    distance = np.abs((indices.astype(f32) + f32(0.5)) - centre[:, None]) / support
+    weights = np.where(indices < length, np.maximum(f32(0), f32(1) - distance), f32(0))
+    total = weights[:, 0]
+    for k in range(1, TAPS):
+        total = total + weights[:, k]
+    return np.minimum(indices, length - 1), (weights / total[:, None]).astype(f32)
+
+
+def resample_crop(reduced: np.ndarray, size: int, flip: bool = False) -> np.ndarray:
+    """uint8 (h, w, C) -> uint8 (size, size, C): the crop resampled by ``resample_taps`` on
+    both axes, mirrored left-right when ``flip``, rounded half to even: the GPU kernel's
+    arithmetic on the host (the same float32 products and sums, in the same order). A crop
+    longer than ``reduced_side(size)`` is refused: box-average it first (``reduce_crop``)."""
+    if max(reduced.shape[:2]) > reduced_side(size):
+        raise ValueError(
+            f"a {reduced.shape[0]}x{reduced.shape[1]} crop is past the reduced side "
+            f"{reduced_side(size)} of output size {size}: box-average it first"
+        )
+    rows, row_weights = resample_taps(reduced.shape[0], size)
+    cols, col_weights = resample_taps(reduced.shape[1], size)
+    if flip:
+        cols, col_weights = cols[::-1], col_weights[::-1]
+    pixels = reduced.astype(np.float32)
+    out = np.zeros((size, size, reduced.shape[2]), np.float32)
+    for a in range(TAPS):
+        line = pixels[rows[:, a]]  # (size, w, C)
+        across = np.zeros_like(out)
+        for b in range(TAPS):
+            across = across + col_weights[None, :, b, None] * line[:, cols[:, b]]
+        out = out + row_weights[:, a, None, None] * across
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def decode_groups(sizes: Sequence[int], budget: int) -> list[list[int]]:
     """Consecutive runs of indices of ``sizes`` whose sums stay within ``budget`` (an item
     larger than it alone)."""
@@ -194,7 +239,7 @@ def decode_groups(sizes: Sequence[int], budget: int) -> list[list[int]]:
 
 
 class DecoderMemory:
-    """GPU memory the decoders hold (canvases and decoded crops), per device id: bytes in use
+    """GPU memory the decoders hold (output batches and decoded crops), per device id: bytes in use
     now and the peak since ``reset``. Thread-safe."""
 
     def __init__(self) -> None:
@@ -224,69 +269,30 @@ class DecoderMemory:
 DECODER_MEMORY = DecoderMemory()
 
 
-def _antialiased_bilinear_weights(lengths: jax.Array, size: int, canvas: int) -> jax.Array:
-    """(B, size, canvas) float32 rows that resample the first ``lengths[b]`` samples of a
-    canvas line to ``size`` samples: the triangle filter widened by the downscale factor
-    (antialiasing), pixel centres aligned, each row normalised to sum 1."""
-    scale = lengths.astype(jnp.float32)[:, None, None] / size  # (B, 1, 1)
-    support = jnp.maximum(scale, 1.0)
-    centre = (jnp.arange(size, dtype=jnp.float32)[None, :, None] + 0.5) * scale
-    source = jnp.arange(canvas, dtype=jnp.float32)[None, None, :] + 0.5
-    weights = jnp.maximum(0.0, 1.0 - jnp.abs(source - centre) / support)
-    weights = jnp.where(source < lengths[:, None, None], weights, 0.0)
-    return weights / jnp.sum(weights, axis=-1, keepdims=True)
-
-
-@functools.partial(jax.jit, static_argnames="size")
-def resize_crops(
-    canvas: jax.Array, heights: jax.Array, widths: jax.Array, flips: jax.Array, size: int
-) -> jax.Array:
-    """Resample each crop of a zero-padded batch to uint8 (B, size, size, C).
-
-    canvas: uint8 (B, H, W, C), crop b in ``canvas[b, :heights[b], :widths[b]]``; flips: bool
-    (B,), mirror left-right. Antialiased bilinear, as Pillow's ``BILINEAR`` resize.
-    """
-    _, height, width, _ = canvas.shape
-    rows = _antialiased_bilinear_weights(heights, size, height)  # (B, size, H)
-    cols = _antialiased_bilinear_weights(widths, size, width)  # (B, size, W)
-    cols = jnp.where(flips[:, None, None], cols[:, ::-1], cols)
-    pixels = canvas.astype(jnp.float32)
-    out = jnp.einsum("bsh,bhwc->bswc", rows, pixels)
-    out = jnp.einsum("btw,bswc->bstc", cols, out)
-    return jnp.clip(jnp.round(out), 0, 255).astype(jnp.uint8)
-
-
-def finish_canvas(
-    canvas: jax.Array, layout: CanvasLayout, flips: np.ndarray, size: int, device: jax.Device
-) -> jax.Array:
-    """The canvas's crops resized to uint8 (B, size, size, 3) on ``device``."""
-    put = functools.partial(jax.device_put, device=device)
-    return resize_crops(
-        canvas, put(layout.heights), put(layout.widths), put(np.asarray(flips)), size
-    )
-
-
-class CpuCanvasDecoder:
+class CpuReferenceDecoder:
     """``GpuJpegDecoder``'s arithmetic on the host: plan batch -> {"image": uint8 (B, size,
-    size, 3) on ``device``} with the same canvas (crops decoded by libjpeg-turbo and
-    box-averaged by ``reduce_crop``) and the same jitted resize. The reference for the GPU
-    decoder, and its stand-in without a GPU. Thread-safe."""
+    size, 3) on ``device``}, each crop decoded by libjpeg-turbo, box-averaged by
+    ``reduce_crop`` and resampled by ``resample_crop``. The reference for the GPU decoder, and
+    its stand-in without a GPU. Thread-safe."""
 
     def __init__(self, size: int, device: jax.Device | None = None):
         self.size = size
         self.device = device or jax.local_devices()[0]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        layout = canvas_layout(batch, self.size)
-        canvas = np.zeros((len(batch["box"]), layout.side, layout.side, 3), np.uint8)
+        layout = crop_layout(batch, self.size)
+        out = np.zeros((len(batch["box"]), self.size, self.size, 3), np.uint8)
         for b in layout.jpeg_rows:
             payload = batch["jpeg"][batch["offsets"][b] : batch["offsets"][b + 1]].tobytes()
             reduced = host_reduced_crop(payload, batch["box"][b], layout.factors[b])
-            canvas[b, : reduced.shape[0], : reduced.shape[1]] = reduced
+            out[b] = resample_crop(reduced, self.size, bool(batch["flip"][b]))
         for row, pixels in zip(batch["pixel_rows"], batch["pixels"], strict=True):
-            canvas[row, : self.size, : self.size] = pixels
-        pixels = jax.device_put(canvas, self.device)
-        return {"image": finish_canvas(pixels, layout, batch["flip"], self.size, self.device)}
+            out[row] = pixels
+        return {"image": jax.device_put(out, self.device)}
+
+
+# The per-row arguments of the resampling kernel, one int64 row each (_ROW_FIELDS columns).
+_ROW_FIELDS = ("row", "source", "pitch", "height", "width", "factor_y", "factor_x", "flip")
 
 
 class GpuJpegDecoder:
@@ -317,7 +323,11 @@ class GpuJpegDecoder:
             runtime = cupy.cuda.runtime
             pool = runtime.deviceGetDefaultMemPool(self._ordinal)
             runtime.memPoolSetAttribute(pool, _RELEASE_THRESHOLD, DECODED_POOL_KEEP)
-            self._kernel = cupy.RawKernel(_REDUCE_CROPS, "reduce_crops")
+            # No fused multiply-adds: the products and sums of ``resample_crop``, bit for bit.
+            self._kernel = cupy.RawKernel(
+                _RESAMPLE_CROPS, "resample_crops", options=("--fmad=false",)
+            )
+            self._kernel.compile()  # Here, not at the first batch.
 
     def _thread_state(self) -> tuple[Any, Any]:
         state = self._per_thread
@@ -328,39 +338,65 @@ class GpuJpegDecoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         cupy = self._cupy
-        layout = canvas_layout(batch, self.size)
-        shape = (len(batch["box"]), layout.side, layout.side, 3)
+        layout = crop_layout(batch, self.size)
+        shape = (len(batch["box"]), self.size, self.size, 3)
         nbytes = math.prod(shape)
         with cupy.cuda.Device(self._ordinal):
             decoder, stream = self._thread_state()
             with stream:
                 DECODER_MEMORY.hold(self._ordinal, nbytes)
                 try:
-                    canvas = cupy.empty(shape, cupy.uint8)
+                    out = cupy.empty(shape, cupy.uint8)
                     crop_bytes = [int(np.prod(batch["box"][b, 2:])) * 3 for b in layout.jpeg_rows]
                     for group in decode_groups(crop_bytes, DECODE_GROUP_BYTES):
                         rows = layout.jpeg_rows[group]
-                        self._decode_rows(batch, layout, rows, canvas, decoder, stream)
-                    for row, pixels in zip(batch["pixel_rows"], batch["pixels"], strict=True):
-                        _set_canvas_row(canvas, int(row), pixels)
-                    stream.synchronize()
+                        self._decode_rows(batch, layout, rows, out, decoder, stream)
+                    self._copy_pixel_rows(batch, out, stream)
                 finally:
                     DECODER_MEMORY.release(self._ordinal, nbytes)
-                pixels = jnp.from_dlpack(canvas, device=self.device)
-        return {"image": finish_canvas(pixels, layout, batch["flip"], self.size, self.device)}
+                images = jnp.from_dlpack(out, device=self.device)
+        return {"image": images}
+
+    def _resample(self, fields: np.ndarray, out: Any) -> None:
+        """One kernel launch on the current stream: for each row of ``fields`` (int64 (R,
+        len(_ROW_FIELDS))), ``out[row]`` <- its source crop box-averaged and resampled."""
+        if not len(fields):
+            return
+        block = (32, 8, 1)
+        grid = (-(-self.size // block[0]), -(-self.size // block[1]), len(fields))
+        args = (self._cupy.asarray(fields), np.int32(len(_ROW_FIELDS)), out, np.int32(self.size))
+        self._kernel(grid, block, args)
+
+    def _copy_pixel_rows(self, batch: dict[str, np.ndarray], out: Any, stream: Any) -> None:
+        """The batch's host pixel rows (already size x size, unflipped) into ``out``: one
+        host-to-device copy, then the kernel (an exact copy at scale 1)."""
+        rows = batch["pixel_rows"]
+        if not len(rows):
+            return
+        pixels = self._cupy.asarray(batch["pixels"])
+        fields = np.zeros((len(rows), len(_ROW_FIELDS)), np.int64)
+        row_bytes = self.size * self.size * 3
+        fields[:, 0] = rows
+        fields[:, 1] = pixels.data.ptr + np.arange(len(rows), dtype=np.int64) * row_bytes
+        fields[:, 2] = self.size * 3
+        fields[:, 3:5] = self.size
+        fields[:, 5:7] = 1
+        fields[:, 7] = batch["flip"][rows]
+        self._resample(fields, out)
+        stream.synchronize()  # Before the staged pixels are freed.
 
     def _decode_rows(
         self,
         batch: dict[str, np.ndarray],
-        layout: CanvasLayout,
+        layout: CropLayout,
         rows: np.ndarray,
-        canvas: Any,
+        out: Any,
         decoder: Any,
         stream: Any,
     ) -> None:
-        """Rows ``rows`` decoded (their crop regions), box-averaged into ``canvas`` by one
-        kernel launch; returns once the decoded crops may be freed."""
-        codec, cupy = self._nvimgcodec, self._cupy
+        """Rows ``rows`` decoded (their crop regions) and resampled into ``out`` by one kernel
+        launch; returns once the decoded crops may be freed."""
+        codec = self._nvimgcodec
         streams = []
         for b in rows:
             top, left, height, width = (int(v) for v in batch["box"][b])
@@ -368,93 +404,104 @@ class GpuJpegDecoder:
             region = codec.Region(top, left, top + height, left + width)
             streams.append(codec.CodeStream(payload).get_sub_code_stream(region=region))
         decoded = decoder.decode(streams, params=self._params, cuda_stream=stream.ptr)
-        sources = np.zeros(len(rows), np.uint64)
-        pitches = np.zeros(len(rows), np.int64)
-        held = 0
+        fields = np.zeros((len(rows), len(_ROW_FIELDS)), np.int64)
+        fields[:, 0] = rows
+        fields[:, 3] = layout.heights[rows]
+        fields[:, 4] = layout.widths[rows]
+        fields[:, 5:7] = layout.factors[rows]
+        fields[:, 7] = batch["flip"][rows]
+        held, on_host = 0, []
         for i, image in enumerate(decoded):
             interface = None if image is None else image.__cuda_array_interface__
             if interface is None or interface["shape"][2:] != (3,):
-                continue  # Decoded on the host below.
-            row_bytes = interface["shape"][1] * 3
-            pitches[i] = interface["strides"][0] if interface["strides"] else row_bytes
-            sources[i] = interface["data"][0]
-            held += int(pitches[i]) * interface["shape"][0]
-        DECODER_MEMORY.hold(self._ordinal, held)
-        try:
-            side = layout.side
-            block = (32, 8, 1)
-            grid = (-(-side // block[0]), -(-side // block[1]), len(rows))
-            factors = layout.factors[rows]
-            args = (
-                cupy.asarray(rows.astype(np.int32)),
-                cupy.asarray(sources),
-                cupy.asarray(pitches),
-                cupy.asarray(layout.heights[rows]),
-                cupy.asarray(layout.widths[rows]),
-                cupy.asarray(np.ascontiguousarray(factors[:, 0])),
-                cupy.asarray(np.ascontiguousarray(factors[:, 1])),
-                canvas,
-                np.int32(side),
-            )
-            self._kernel(grid, block, args)
-            for i in np.flatnonzero(sources == 0):
+                # Decoded and box-averaged on the host, then resampled like the others.
                 b = int(rows[i])
                 payload = batch["jpeg"][batch["offsets"][b] : batch["offsets"][b + 1]].tobytes()
-                _set_canvas_row(
-                    canvas, b, host_reduced_crop(payload, batch["box"][b], layout.factors[b])
+                reduced = self._cupy.asarray(
+                    host_reduced_crop(payload, batch["box"][b], layout.factors[b])
                 )
+                on_host.append(reduced)
+                fields[i, 1:3] = reduced.data.ptr, reduced.shape[1] * 3
+                fields[i, 5:7] = 1
+                continue
+            row_bytes = interface["shape"][1] * 3
+            fields[i, 1] = interface["data"][0]
+            fields[i, 2] = interface["strides"][0] if interface["strides"] else row_bytes
+            held += int(fields[i, 2]) * interface["shape"][0]
+        DECODER_MEMORY.hold(self._ordinal, held)
+        try:
+            self._resample(fields, out)
             stream.synchronize()
         finally:
             DECODER_MEMORY.release(self._ordinal, held)
-        del decoded
+        del decoded, on_host
 
 
-def _set_canvas_row(canvas: Any, row: int, image: np.ndarray) -> None:
-    """Canvas row ``row`` (CuPy, (side, side, 3)) set to uint8 ``image`` (h, w, 3) in its
-    top-left, zeros elsewhere: one host-to-device copy on the current stream (indexed CuPy
-    assignments would compile a kernel on first use, for hundreds of milliseconds)."""
-    side = canvas.shape[1]
-    host = np.zeros((side, side, 3), np.uint8)
-    host[: image.shape[0], : image.shape[1]] = image
-    canvas[row].set(host)
+# Output pixel (rows[i], t, s) of size x size: crop i (``fields`` row i, _ROW_FIELDS) read as
+# its box average by factor_y x factor_x (rounded half up, as ``reduce_crop``), resampled by
+# the taps of ``resample_taps`` on both axes (mirrored when flip) and rounded half to even, as
+# ``resample_crop``: the same float32 operations in the same order (compiled without fused
+# multiply-adds), zero-weight taps skipped (adding zero changes no sum).
+_RESAMPLE_CROPS = r"""
+#define TAPS 6
 
-
-# Canvas pixel (rows[i], y, x): the mean of crop i's factors_y x factors_x block at (y, x)
-# inside its heights[i] x widths[i] (already divided by the factors), 0 outside or for a crop
-# with no source (decoded on the host instead).
-_REDUCE_CROPS = r"""
-extern "C" __global__ void reduce_crops(
-    const int* rows, const unsigned long long* sources, const long long* pitches,
-    const int* heights, const int* widths, const int* factors_y, const int* factors_x,
-    unsigned char* canvas, int side) {
-  const int i = blockIdx.z;
-  const int y = blockIdx.y * blockDim.y + threadIdx.y;
-  const int x = blockIdx.x * blockDim.x + threadIdx.x;
-  if (y >= side || x >= side) return;
-  unsigned char* out = canvas + ((static_cast<long long>(rows[i]) * side + y) * side + x) * 3;
-  if (sources[i] == 0 || y >= heights[i] || x >= widths[i]) {
-    out[0] = 0;
-    out[1] = 0;
-    out[2] = 0;
-    return;
+__device__ void taps(int length, int size, int t, int* first, float* weights) {
+  const float scale = static_cast<float>(length) / static_cast<float>(size);
+  const float support = fmaxf(scale, 1.0f);
+  const float centre = (static_cast<float>(t) + 0.5f) * scale;
+  *first = max(static_cast<int>(floorf(centre - support - 0.5f)), 0);
+  float total = 0.0f;
+  for (int k = 0; k < TAPS; ++k) {
+    const int j = *first + k;
+    const float distance = fabsf((static_cast<float>(j) + 0.5f) - centre) / support;
+    weights[k] = j < length ? fmaxf(0.0f, 1.0f - distance) : 0.0f;
+    total = total + weights[k];
   }
-  const int fy = factors_y[i];
-  const int fx = factors_x[i];
-  const unsigned char* in = reinterpret_cast<const unsigned char*>(sources[i]) +
-                            static_cast<long long>(y) * fy * pitches[i] +
-                            static_cast<long long>(x) * fx * 3;
-  unsigned int sum0 = 0, sum1 = 0, sum2 = 0;
-  for (int dy = 0; dy < fy; ++dy) {
-    const unsigned char* line = in + static_cast<long long>(dy) * pitches[i];
-    for (int dx = 0; dx < fx; ++dx) {
-      sum0 += line[dx * 3];
-      sum1 += line[dx * 3 + 1];
-      sum2 += line[dx * 3 + 2];
-    }
-  }
+  for (int k = 0; k < TAPS; ++k) weights[k] = weights[k] / total;
+}
+
+extern "C" __global__ void resample_crops(
+    const long long* fields, int field_count, unsigned char* out, int size) {
+  const long long* f = fields + static_cast<long long>(blockIdx.z) * field_count;
+  const int s = blockIdx.x * blockDim.x + threadIdx.x;
+  const int t = blockIdx.y * blockDim.y + threadIdx.y;
+  if (s >= size || t >= size) return;
+  const unsigned char* source = reinterpret_cast<const unsigned char*>(f[1]);
+  const long long pitch = f[2];
+  const int height = static_cast<int>(f[3]), width = static_cast<int>(f[4]);
+  const int fy = static_cast<int>(f[5]), fx = static_cast<int>(f[6]);
+  int first_y, first_x;
+  float wy[TAPS], wx[TAPS];
+  taps(height, size, t, &first_y, wy);
+  taps(width, size, f[7] ? size - 1 - s : s, &first_x, wx);
   const unsigned int count = static_cast<unsigned int>(fy * fx);
-  out[0] = static_cast<unsigned char>((sum0 + count / 2) / count);
-  out[1] = static_cast<unsigned char>((sum1 + count / 2) / count);
-  out[2] = static_cast<unsigned char>((sum2 + count / 2) / count);
+  float acc[3] = {0.0f, 0.0f, 0.0f};
+  for (int a = 0; a < TAPS; ++a) {
+    if (wy[a] == 0.0f) continue;
+    const unsigned char* line = source + static_cast<long long>(first_y + a) * fy * pitch;
+    float across[3] = {0.0f, 0.0f, 0.0f};
+    for (int b = 0; b < TAPS; ++b) {
+      if (wx[b] == 0.0f) continue;
+      const unsigned char* block = line + static_cast<long long>(first_x + b) * fx * 3;
+      unsigned int sum[3] = {0, 0, 0};
+      for (int dy = 0; dy < fy; ++dy) {
+        const unsigned char* p = block + static_cast<long long>(dy) * pitch;
+        for (int dx = 0; dx < fx; ++dx) {
+          sum[0] += p[dx * 3];
+          sum[1] += p[dx * 3 + 1];
+          sum[2] += p[dx * 3 + 2];
+        }
+      }
+      for (int c = 0; c < 3; ++c) {
+        const float value = static_cast<float>((sum[c] + count / 2) / count);
+        across[c] = across[c] + wx[b] * value;
+      }
+    }
+    for (int c = 0; c < 3; ++c) acc[c] = acc[c] + wy[a] * across[c];
+  }
+  unsigned char* pixel = out + ((static_cast<long long>(f[0]) * size + t) * size + s) * 3;
+  for (int c = 0; c < 3; ++c) {
+    pixel[c] = static_cast<unsigned char>(fminf(fmaxf(rintf(acc[c]), 0.0f), 255.0f));
+  }
 }
 """

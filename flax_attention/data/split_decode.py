@@ -14,7 +14,7 @@ beside the step), and CPU decoding alone needs more cores than a GPU host has.
    ``cpu`` or ``gpu`` decoder would give for that record.
 2. Host, per batch (``plans.collate_plans``): the CPU rows are pixel rows of the plan batch.
 3. GPU (``per_device.PerDeviceDecoder``): each device decodes its plan rows and copies its pixel
-   rows into its canvas; a pixel row comes out exactly as the CPU decoded it. Every device gets
+   rows into its output batch; a pixel row comes out exactly as the CPU decoded it. Every device gets
    the same number of CPU rows, so the devices' decoding work is even.
 
 Which rows the CPU decodes depends only on the row's position in the process batch, the batch
