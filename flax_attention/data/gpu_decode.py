@@ -66,6 +66,13 @@ CUPY_POOL_LIMIT = 1 << 30  # CuPy's memory pool, per device (the decoding thread
 # (CUDA's default, 0, unmaps it at every synchronisation and maps it again for the next batch).
 DECODED_POOL_KEEP = 1 << 30
 _RELEASE_THRESHOLD = 4  # cudaMemPoolAttrReleaseThreshold
+# nvJPEG sizes its device and pinned host buffers to the largest batch it has met, and frees
+# and allocates them again for a larger one (a free synchronises the whole GPU); padding each
+# allocation, as DALI does, lets the next larger batches fit.
+NVJPEG_PADDING_BYTES = 64 << 20
+DECODER_OPTIONS = (
+    f":device_memory_padding={NVJPEG_PADDING_BYTES} :host_memory_padding={NVJPEG_PADDING_BYTES}"
+)
 GPU_RESERVE_BYTES = 4 << 30  # GPU memory left outside XLA: decoder, CUDA and codec state
 XLA_DEFAULT_FRACTION = 0.75  # JAX's own default share of GPU memory
 
@@ -332,7 +339,9 @@ class GpuJpegDecoder:
     def _thread_state(self) -> tuple[Any, Any]:
         state = self._per_thread
         if not hasattr(state, "decoder"):
-            state.decoder = self._nvimgcodec.Decoder(device_id=self._ordinal)
+            state.decoder = self._nvimgcodec.Decoder(
+                device_id=self._ordinal, options=DECODER_OPTIONS
+            )
             state.stream = self._cupy.cuda.Stream(non_blocking=True)
         return state.decoder, state.stream
 
@@ -362,7 +371,7 @@ class GpuJpegDecoder:
         len(_ROW_FIELDS))), ``out[row]`` <- its source crop box-averaged and resampled."""
         if not len(fields):
             return
-        block = (32, 8, 1)
+        block = (32, 8, 1)  # BLOCK_X, BLOCK_Y of the kernel
         grid = (-(-self.size // block[0]), -(-self.size // block[1]), len(fields))
         args = (self._cupy.asarray(fields), np.int32(len(_ROW_FIELDS)), out, np.int32(self.size))
         self._kernel(grid, block, args)
@@ -444,6 +453,8 @@ class GpuJpegDecoder:
 # multiply-adds), zero-weight taps skipped (adding zero changes no sum).
 _RESAMPLE_CROPS = r"""
 #define TAPS 6
+#define BLOCK_X 32
+#define BLOCK_Y 8
 
 __device__ void taps(int length, int size, int t, int* first, float* weights) {
   const float scale = static_cast<float>(length) / static_cast<float>(size);
@@ -462,27 +473,38 @@ __device__ void taps(int length, int size, int t, int* first, float* weights) {
 
 extern "C" __global__ void resample_crops(
     const long long* fields, int field_count, unsigned char* out, int size) {
+  // Each block computes its BLOCK_X columns' and BLOCK_Y rows' taps once, in shared memory.
+  __shared__ int first_x[BLOCK_X], first_y[BLOCK_Y];
+  __shared__ float wx[BLOCK_X][TAPS], wy[BLOCK_Y][TAPS];
   const long long* f = fields + static_cast<long long>(blockIdx.z) * field_count;
-  const int s = blockIdx.x * blockDim.x + threadIdx.x;
-  const int t = blockIdx.y * blockDim.y + threadIdx.y;
+  const int height = static_cast<int>(f[3]), width = static_cast<int>(f[4]);
+  const int s = blockIdx.x * BLOCK_X + threadIdx.x;
+  const int t = blockIdx.y * BLOCK_Y + threadIdx.y;
+  if (threadIdx.y == 0 && s < size) {
+    taps(width, size, f[7] ? size - 1 - s : s, &first_x[threadIdx.x], wx[threadIdx.x]);
+  }
+  if (threadIdx.y == 1 && threadIdx.x < BLOCK_Y) {
+    const int row = blockIdx.y * BLOCK_Y + threadIdx.x;
+    if (row < size) taps(height, size, row, &first_y[threadIdx.x], wy[threadIdx.x]);
+  }
+  __syncthreads();
   if (s >= size || t >= size) return;
   const unsigned char* source = reinterpret_cast<const unsigned char*>(f[1]);
   const long long pitch = f[2];
-  const int height = static_cast<int>(f[3]), width = static_cast<int>(f[4]);
   const int fy = static_cast<int>(f[5]), fx = static_cast<int>(f[6]);
-  int first_y, first_x;
-  float wy[TAPS], wx[TAPS];
-  taps(height, size, t, &first_y, wy);
-  taps(width, size, f[7] ? size - 1 - s : s, &first_x, wx);
   const unsigned int count = static_cast<unsigned int>(fy * fx);
+  const float* row_weights = wy[threadIdx.y];
+  const float* col_weights = wx[threadIdx.x];
   float acc[3] = {0.0f, 0.0f, 0.0f};
   for (int a = 0; a < TAPS; ++a) {
-    if (wy[a] == 0.0f) continue;
-    const unsigned char* line = source + static_cast<long long>(first_y + a) * fy * pitch;
+    if (row_weights[a] == 0.0f) continue;
+    const unsigned char* line =
+        source + static_cast<long long>(first_y[threadIdx.y] + a) * fy * pitch;
     float across[3] = {0.0f, 0.0f, 0.0f};
     for (int b = 0; b < TAPS; ++b) {
-      if (wx[b] == 0.0f) continue;
-      const unsigned char* block = line + static_cast<long long>(first_x + b) * fx * 3;
+      if (col_weights[b] == 0.0f) continue;
+      const unsigned char* block =
+          line + static_cast<long long>(first_x[threadIdx.x] + b) * fx * 3;
       unsigned int sum[3] = {0, 0, 0};
       for (int dy = 0; dy < fy; ++dy) {
         const unsigned char* p = block + static_cast<long long>(dy) * pitch;
@@ -493,11 +515,11 @@ extern "C" __global__ void resample_crops(
         }
       }
       for (int c = 0; c < 3; ++c) {
-        const float value = static_cast<float>((sum[c] + count / 2) / count);
-        across[c] = across[c] + wx[b] * value;
+        const unsigned int mean = count == 1 ? sum[c] : (sum[c] + count / 2) / count;
+        across[c] = across[c] + col_weights[b] * static_cast<float>(mean);
       }
     }
-    for (int c = 0; c < 3; ++c) acc[c] = acc[c] + wy[a] * across[c];
+    for (int c = 0; c < 3; ++c) acc[c] = acc[c] + row_weights[a] * across[c];
   }
   unsigned char* pixel = out + ((static_cast<long long>(f[0]) * size + t) * size + s) * 3;
   for (int c = 0; c < 3; ++c) {
