@@ -48,3 +48,22 @@ def data_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tfds")
     data.build_digits(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def odd_photo_dir(tmp_path_factory):
+    """Photos with the odd kinds first (CMYK, grayscale, PNG bytes, a large one) then
+    ordinary ones; small sizes so the CPU path stays fast."""
+    path = tmp_path_factory.mktemp("odd_photos")
+    from flax_attention.data import photos
+
+    photos.write_photo_dataset(
+        path,
+        num_train=12,
+        num_eval=5,
+        heights=(60, 90),
+        widths=(70, 100),
+        odd_images=True,
+        large_side=700,
+    )
+    return path

@@ -687,27 +687,10 @@ def test_hybrid_decoding_matches_the_cpu_decoder(photo_dir):
     _assert_close_to_the_cpu_decoder(images[3:], cpu["image"][3:])
 
 
-@pytest.fixture(scope="module")
-def odd_photo_dir(tmp_path_factory):
-    """Photos with the odd kinds first (CMYK, grayscale, PNG bytes, a large one) then
-    ordinary ones; small sizes so the CPU path stays fast."""
-    path = tmp_path_factory.mktemp("odd_photos")
-    photos.write_photo_dataset(
-        path,
-        num_train=12,
-        num_eval=5,
-        heights=(60, 90),
-        widths=(70, 100),
-        odd_images=True,
-        large_side=700,
-    )
-    return path
-
-
 ODD_KWARGS = {"train": True, "batch_size": 12, "image_size": 32, "num_epochs": 1}
 
 
-class TestOddImagesAndBoundedCanvas:
+class TestOddImagesAndBoundedCrops:
     def test_odd_records_are_the_kinds_real_imagenet_has(self, odd_photo_dir):
         import simplejpeg
 
