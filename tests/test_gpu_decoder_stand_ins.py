@@ -44,8 +44,7 @@ class DeviceArray:
     def __init__(self, memory: Memory, array: np.ndarray):
         self.array = np.ascontiguousarray(array)
         self.shape = self.array.shape
-        self.data = types.SimpleNamespace(ptr=memory.put(self.array))
-        memory.buffers[self.data.ptr] = self.array.reshape(-1).view(np.uint8)
+        self.data = types.SimpleNamespace(ptr=memory.put(self.array))  # shares self.array
 
 
 def stand_in_cupy(memory: Memory, launches: list) -> types.ModuleType:

@@ -178,6 +178,11 @@ def reduce_crop(image: np.ndarray, factors: Sequence[int]) -> np.ndarray:
     return ((blocks.astype(np.uint32).sum(axis=(1, 3)) + count // 2) // count).astype(np.uint8)
 
 
+def jpeg_payload(batch: dict[str, np.ndarray], row: int) -> np.ndarray:
+    """Row ``row``'s JPEG bytes in a plan batch (``plans.collate_plans``): a uint8 view."""
+    return batch["jpeg"][batch["offsets"][row] : batch["offsets"][row + 1]]
+
+
 def host_reduced_crop(payload: bytes, box: Sequence[int], factors: Sequence[int]) -> np.ndarray:
     """A JPEG's crop ``box`` decoded on the host (libjpeg-turbo) and box-averaged by
     ``factors``: uint8 (h // fy, w // fx, 3)."""
@@ -290,8 +295,9 @@ class CpuReferenceDecoder:
         layout = crop_layout(batch, self.size)
         out = np.zeros((len(batch["box"]), self.size, self.size, 3), np.uint8)
         for b in layout.jpeg_rows:
-            payload = batch["jpeg"][batch["offsets"][b] : batch["offsets"][b + 1]].tobytes()
-            reduced = host_reduced_crop(payload, batch["box"][b], layout.factors[b])
+            reduced = host_reduced_crop(
+                jpeg_payload(batch, b).tobytes(), batch["box"][b], layout.factors[b]
+            )
             out[b] = resample_crop(reduced, self.size, bool(batch["flip"][b]))
         for row, pixels in zip(batch["pixel_rows"], batch["pixels"], strict=True):
             out[row] = pixels
@@ -409,7 +415,7 @@ class GpuJpegDecoder:
         streams = []
         for b in rows:
             top, left, height, width = (int(v) for v in batch["box"][b])
-            payload = batch["jpeg"][batch["offsets"][b] : batch["offsets"][b + 1]]
+            payload = jpeg_payload(batch, b)
             region = codec.Region(top, left, top + height, left + width)
             streams.append(codec.CodeStream(payload).get_sub_code_stream(region=region))
         decoded = decoder.decode(streams, params=self._params, cuda_stream=stream.ptr)
@@ -425,9 +431,10 @@ class GpuJpegDecoder:
             if interface is None or interface["shape"][2:] != (3,):
                 # Decoded and box-averaged on the host, then resampled like the others.
                 b = int(rows[i])
-                payload = batch["jpeg"][batch["offsets"][b] : batch["offsets"][b + 1]].tobytes()
                 reduced = self._cupy.asarray(
-                    host_reduced_crop(payload, batch["box"][b], layout.factors[b])
+                    host_reduced_crop(
+                        jpeg_payload(batch, b).tobytes(), batch["box"][b], layout.factors[b]
+                    )
                 )
                 on_host.append(reduced)
                 fields[i, 1:3] = reduced.data.ptr, reduced.shape[1] * 3
