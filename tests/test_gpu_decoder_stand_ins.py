@@ -97,9 +97,10 @@ def stand_in_cupy(memory: Memory, launches: list) -> types.ModuleType:
     return cupy
 
 
-def stand_in_nvimgcodec(memory: Memory, failing: set[bytes]) -> types.ModuleType:
+def stand_in_nvimgcodec(memory: Memory, failing: set[bytes], calls: list) -> types.ModuleType:
     """Decodes a sub code stream's region with libjpeg-turbo into padded rows; None for the
-    payloads in ``failing`` (what nvImageCodec returns for an image it cannot decode)."""
+    payloads in ``failing`` (what nvImageCodec returns for an image it cannot decode). Each
+    decode call appends its regions' (height, width) to ``calls``."""
     codec = types.ModuleType("nvidia.nvimgcodec")
 
     class Decoded:
@@ -122,10 +123,11 @@ def stand_in_nvimgcodec(memory: Memory, failing: set[bytes]) -> types.ModuleType
             return self
 
     class Decoder:
-        def __init__(self, device_id, options=""):
-            assert "device_memory_padding" in options
+        def __init__(self, device_id):
+            pass
 
         def decode(self, streams, params, cuda_stream):
+            calls.append([(s.region[2] - s.region[0], s.region[3] - s.region[1]) for s in streams])
             out = []
             for s in streams:
                 top, left, bottom, right = s.region
@@ -153,10 +155,10 @@ def odd_plans(odd_photo_dir):
     )
 
 
-def _stand_in_decoder(monkeypatch, failing=frozenset()):
+def _stand_in_decoder(monkeypatch, failing=frozenset(), calls=None):
     memory, launches = Memory(), []
     nvidia = types.ModuleType("nvidia")
-    nvidia.nvimgcodec = stand_in_nvimgcodec(memory, set(failing))
+    nvidia.nvimgcodec = stand_in_nvimgcodec(memory, set(failing), [] if calls is None else calls)
     monkeypatch.setitem(sys.modules, "cupy", stand_in_cupy(memory, launches))
     monkeypatch.setitem(sys.modules, "nvidia", nvidia)
     monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", nvidia.nvimgcodec)

@@ -277,6 +277,24 @@ class TestGpuDecodingHostSide:
             np.testing.assert_array_equal(cpu, expected)
             assert plan["jpeg"].tobytes() == payload and plan["label"] == 7
 
+    def test_a_jpeg_past_gpu_max_pixels_is_decoded_on_the_host(self, monkeypatch):
+        from flax_attention.data import plans
+
+        _, payload = _photo_jpeg(3, 150, 200)
+        record = {"image": payload, "label": 7}
+        train = plans.CropPlan(TRAIN_32)
+        evaluate = plans.CenterCropPlan(preprocess.EvalPreprocess(preprocess.imagenet_eval, 32, 3))
+        monkeypatch.setattr(plans, "GPU_MAX_PIXELS", 150 * 200)
+        assert "jpeg" in train(record, np.random.default_rng(0)) and "jpeg" in evaluate(record)
+        monkeypatch.setattr(plans, "GPU_MAX_PIXELS", 150 * 200 - 1)
+        image = decode.decode_image(payload, 3)
+        row = train(record, np.random.default_rng(0))
+        expected = preprocess.imagenet_train(image, 32, np.random.default_rng(0))
+        np.testing.assert_array_equal(row["image"], expected)
+        np.testing.assert_array_equal(
+            evaluate(record)["image"], preprocess.imagenet_eval(image, 32)
+        )
+
     def test_gpu_plan_batches_are_deterministic_and_resume_exactly(self, photo_dir):
         kwargs = {"train": True, "batch_size": 4, "data_dir": photo_dir}
         kwargs["decoder"] = data.GpuDecoder()

@@ -66,13 +66,6 @@ CUPY_POOL_LIMIT = 1 << 30  # CuPy's memory pool, per device (the decoding thread
 # (CUDA's default, 0, unmaps it at every synchronisation and maps it again for the next batch).
 DECODED_POOL_KEEP = 1 << 30
 _RELEASE_THRESHOLD = 4  # cudaMemPoolAttrReleaseThreshold
-# nvJPEG sizes its device and pinned host buffers to the largest batch it has met, and frees
-# and allocates them again for a larger one (a free synchronises the whole GPU); padding each
-# allocation, as DALI does, lets the next larger batches fit.
-NVJPEG_PADDING_BYTES = 64 << 20
-DECODER_OPTIONS = (
-    f":device_memory_padding={NVJPEG_PADDING_BYTES} :host_memory_padding={NVJPEG_PADDING_BYTES}"
-)
 GPU_RESERVE_BYTES = 4 << 30  # GPU memory left outside XLA: decoder, CUDA and codec state
 XLA_DEFAULT_FRACTION = 0.75  # JAX's own default share of GPU memory
 
@@ -345,9 +338,7 @@ class GpuJpegDecoder:
     def _thread_state(self) -> tuple[Any, Any]:
         state = self._per_thread
         if not hasattr(state, "decoder"):
-            state.decoder = self._nvimgcodec.Decoder(
-                device_id=self._ordinal, options=DECODER_OPTIONS
-            )
+            state.decoder = self._nvimgcodec.Decoder(device_id=self._ordinal)
             state.stream = self._cupy.cuda.Stream(non_blocking=True)
         return state.decoder, state.stream
 
@@ -377,7 +368,7 @@ class GpuJpegDecoder:
         len(_ROW_FIELDS))), ``out[row]`` <- its source crop box-averaged and resampled."""
         if not len(fields):
             return
-        block = (32, 8, 1)  # BLOCK_X, BLOCK_Y of the kernel
+        block = (32, 16, 1)  # BLOCK_X, BLOCK_Y of the kernel
         grid = (-(-self.size // block[0]), -(-self.size // block[1]), len(fields))
         args = (self._cupy.asarray(fields), np.int32(len(_ROW_FIELDS)), out, np.int32(self.size))
         self._kernel(grid, block, args)
@@ -457,11 +448,16 @@ class GpuJpegDecoder:
 # its box average by factor_y x factor_x (rounded half up, as ``reduce_crop``), resampled by
 # the taps of ``resample_taps`` on both axes (mirrored when flip) and rounded half to even, as
 # ``resample_crop``: the same float32 operations in the same order (compiled without fused
-# multiply-adds), zero-weight taps skipped (adding zero changes no sum).
-_RESAMPLE_CROPS = r"""
-#define TAPS 6
+# multiply-adds), zero-weight taps skipped (adding zero changes no sum). Separably: a block of
+# BLOCK_Y x BLOCK_X outputs first resamples across each box-averaged row its outputs draw on
+# (at most SPAN, as a crop is at most MAX_SCALE times the output side) into shared memory,
+# then down its columns.
+_RESAMPLE_CROPS = (
+    f"#define TAPS {TAPS}\n#define MAX_SCALE {MAX_SCALE}\n"
+    + r"""
 #define BLOCK_X 32
-#define BLOCK_Y 8
+#define BLOCK_Y 16
+#define SPAN (BLOCK_Y * MAX_SCALE + TAPS)
 
 __device__ void taps(int length, int size, int t, int* first, float* weights) {
   const float scale = static_cast<float>(length) / static_cast<float>(size);
@@ -480,53 +476,64 @@ __device__ void taps(int length, int size, int t, int* first, float* weights) {
 
 extern "C" __global__ void resample_crops(
     const long long* fields, int field_count, unsigned char* out, int size) {
-  // Each block computes its BLOCK_X columns' and BLOCK_Y rows' taps once, in shared memory.
   __shared__ int first_x[BLOCK_X], first_y[BLOCK_Y];
   __shared__ float wx[BLOCK_X][TAPS], wy[BLOCK_Y][TAPS];
+  __shared__ float across[SPAN][BLOCK_X][3];  // box-averaged rows resampled across
   const long long* f = fields + static_cast<long long>(blockIdx.z) * field_count;
   const int height = static_cast<int>(f[3]), width = static_cast<int>(f[4]);
   const int s = blockIdx.x * BLOCK_X + threadIdx.x;
   const int t = blockIdx.y * BLOCK_Y + threadIdx.y;
+  const int block_rows = min(BLOCK_Y, size - static_cast<int>(blockIdx.y) * BLOCK_Y);
   if (threadIdx.y == 0 && s < size) {
     taps(width, size, f[7] ? size - 1 - s : s, &first_x[threadIdx.x], wx[threadIdx.x]);
   }
-  if (threadIdx.y == 1 && threadIdx.x < BLOCK_Y) {
+  if (threadIdx.y == 1 && threadIdx.x < block_rows) {
     const int row = blockIdx.y * BLOCK_Y + threadIdx.x;
-    if (row < size) taps(height, size, row, &first_y[threadIdx.x], wy[threadIdx.x]);
+    taps(height, size, row, &first_y[threadIdx.x], wy[threadIdx.x]);
   }
   __syncthreads();
-  if (s >= size || t >= size) return;
+  // The block's outputs draw on box-averaged rows top .. top + span - 1 (a row past the
+  // crop weighs nothing).
+  const int top = first_y[0];
+  const int span = min(first_y[block_rows - 1] + TAPS, height) - top;
   const unsigned char* source = reinterpret_cast<const unsigned char*>(f[1]);
   const long long pitch = f[2];
   const int fy = static_cast<int>(f[5]), fx = static_cast<int>(f[6]);
   const unsigned int count = static_cast<unsigned int>(fy * fx);
+  if (s < size) {
+    const float* col_weights = wx[threadIdx.x];
+    for (int r = threadIdx.y; r < span; r += BLOCK_Y) {
+      const unsigned char* line = source + static_cast<long long>(top + r) * fy * pitch;
+      float sums[3] = {0.0f, 0.0f, 0.0f};
+      for (int b = 0; b < TAPS; ++b) {
+        if (col_weights[b] == 0.0f) continue;
+        const unsigned char* block =
+            line + static_cast<long long>(first_x[threadIdx.x] + b) * fx * 3;
+        unsigned int sum[3] = {0, 0, 0};
+        for (int dy = 0; dy < fy; ++dy) {
+          const unsigned char* p = block + static_cast<long long>(dy) * pitch;
+          for (int dx = 0; dx < fx; ++dx) {
+            sum[0] += p[dx * 3];
+            sum[1] += p[dx * 3 + 1];
+            sum[2] += p[dx * 3 + 2];
+          }
+        }
+        for (int c = 0; c < 3; ++c) {
+          const unsigned int mean = count == 1 ? sum[c] : (sum[c] + count / 2) / count;
+          sums[c] = sums[c] + col_weights[b] * static_cast<float>(mean);
+        }
+      }
+      for (int c = 0; c < 3; ++c) across[r][threadIdx.x][c] = sums[c];
+    }
+  }
+  __syncthreads();
+  if (s >= size || t >= size) return;
   const float* row_weights = wy[threadIdx.y];
-  const float* col_weights = wx[threadIdx.x];
+  const int offset = first_y[threadIdx.y] - top;
   float acc[3] = {0.0f, 0.0f, 0.0f};
   for (int a = 0; a < TAPS; ++a) {
     if (row_weights[a] == 0.0f) continue;
-    const unsigned char* line =
-        source + static_cast<long long>(first_y[threadIdx.y] + a) * fy * pitch;
-    float across[3] = {0.0f, 0.0f, 0.0f};
-    for (int b = 0; b < TAPS; ++b) {
-      if (col_weights[b] == 0.0f) continue;
-      const unsigned char* block =
-          line + static_cast<long long>(first_x[threadIdx.x] + b) * fx * 3;
-      unsigned int sum[3] = {0, 0, 0};
-      for (int dy = 0; dy < fy; ++dy) {
-        const unsigned char* p = block + static_cast<long long>(dy) * pitch;
-        for (int dx = 0; dx < fx; ++dx) {
-          sum[0] += p[dx * 3];
-          sum[1] += p[dx * 3 + 1];
-          sum[2] += p[dx * 3 + 2];
-        }
-      }
-      for (int c = 0; c < 3; ++c) {
-        const unsigned int mean = count == 1 ? sum[c] : (sum[c] + count / 2) / count;
-        across[c] = across[c] + col_weights[b] * static_cast<float>(mean);
-      }
-    }
-    for (int c = 0; c < 3; ++c) acc[c] = acc[c] + row_weights[a] * across[c];
+    for (int c = 0; c < 3; ++c) acc[c] = acc[c] + row_weights[a] * across[offset + a][threadIdx.x][c];
   }
   unsigned char* pixel = out + ((static_cast<long long>(f[0]) * size + t) * size + s) * 3;
   for (int c = 0; c < 3; ++c) {
@@ -534,3 +541,4 @@ extern "C" __global__ void resample_crops(
   }
 }
 """
+)

@@ -37,18 +37,23 @@ from flax_attention.data.preprocess import (
 # JPEG colour spaces (as libjpeg-turbo's header reader names them) that nvImageCodec decodes to
 # sRGB like libjpeg-turbo does; others (CMYK, YCCK) are decoded on the host.
 GPU_COLORSPACES = frozenset({"YCbCr", "Gray"})
+# Larger JPEGs are decoded on the host: nvImageCodec's decode of a batch holding one can hold
+# up the training step's own CUDA calls (docs/input.md).
+GPU_MAX_PIXELS = 4 << 20
 PLAN_KEYS = ("jpeg", "offsets", "box", "flip", "pixels", "pixel_rows")
 _NO_PIXELS = np.zeros((0, 0, 0, 3), np.uint8)
 
 
 def gpu_jpeg_size(payload: bytes) -> tuple[int, int] | None:
-    """(height, width) of ``payload`` when it is a JPEG the GPU decoder takes, else None."""
+    """(height, width) of ``payload`` when it is a JPEG the GPU decoder takes (colour space in
+    ``GPU_COLORSPACES``, at most ``GPU_MAX_PIXELS``), else None."""
     if not is_jpeg(payload):
         return None
     import simplejpeg
 
     height, width, colorspace, _ = simplejpeg.decode_jpeg_header(payload)
-    return (height, width) if colorspace in GPU_COLORSPACES else None
+    takes = colorspace in GPU_COLORSPACES and height * width <= GPU_MAX_PIXELS
+    return (height, width) if takes else None
 
 
 def _plan_row(payload: bytes, box: Box, flip: bool, label: int) -> dict:
