@@ -9,7 +9,7 @@ A training or evaluation row is one of:
   ``CenterCropPlan``: the centre crop of ``imagenet_eval``);
 - a pixel row, {"image": uint8 (S, S, C), "label": int32}: the CPU decoder's output for the
   record, for an image the GPU decoder does not take (not a JPEG, e.g. a PNG named .JPEG; a
-  CMYK or YCCK JPEG) and for the hybrid decoder's CPU rows.
+  CMYK or YCCK JPEG; a JPEG over ``GPU_MAX_PIXELS``) and for the hybrid decoder's CPU rows.
 
 ``collate_plans`` makes a batch of B rows: {"jpeg": uint8 (sum n,), "offsets": int64 (B + 1,),
 "box": int32 (B, 4), "flip": bool (B,), "label": int32 (B,), "pixels": uint8 (k, S, S, C),
