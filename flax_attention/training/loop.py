@@ -459,8 +459,10 @@ def _collector_off_the_steps() -> Iterator[Callable[[], None]]:
     (the model, optimizer, compiled steps, loaders, decoders and libraries: hundreds of
     thousands), while the accelerator runs out of queued work; started by the collector it
     came every few dozen steps, at any step. Objects are still freed when their last reference
-    goes; only reference cycles wait for the loop's next collection. Objects a caller froze
-    itself stay frozen, and the loop freezes nothing more then."""
+    goes; only reference cycles wait for the loop's next collection. Objects frozen before
+    entry (a caller's; CPython 3.12 freezes a few hundred of its own at startup) stay frozen and
+    the loop freezes nothing more then; the callable collects the young generations instead, so
+    the first step's leftovers are walked there once, not at the first log record."""
     thresholds = gc.get_threshold()
     freezing = not gc.get_freeze_count()
 
@@ -468,6 +470,8 @@ def _collector_off_the_steps() -> Iterator[Callable[[], None]]:
         if freezing:
             gc.collect()
             gc.freeze()
+        else:
+            gc.collect(1)
 
     freeze()
     gc.set_threshold(0, *thresholds[1:])
