@@ -28,20 +28,6 @@ import jax  # noqa: E402  (after the environment it reads at import)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# A tracer's `.sharding` raises AttributeError; JAX builds its message eagerly, searching the
-# whole trace so far for the tracer's origin. Flax's Variable assignment asks for `sharding` (with
-# a getattr default) at every RNG draw, so tracing a model's constructor (nnx.eval_shape,
-# nnx.jit) was quadratic in the model's size: epsanet101_small's eval_shape took 3.9 s, 0.7 s
-# with the short message below (same exception, same attribute lookups).
-from jax._src.interpreters.partial_eval import DynamicJaxprTracer  # noqa: E402
-
-
-def _no_sharding(tracer):
-    raise AttributeError(f"The 'sharding' attribute is not available on {tracer._error_repr()}.")
-
-
-DynamicJaxprTracer.sharding = property(_no_sharding)
-
 
 import pytest  # noqa: E402
 
