@@ -60,6 +60,7 @@ from flax_attention.data.preprocess import crop
 
 MAX_SCALE = 2  # crops longer than this times the output side are box-averaged first
 TAPS = 6  # source samples an output sample draws on (at most 4 weigh anything at MAX_SCALE)
+RESAMPLE_BLOCK = (32, 16)  # output columns x rows of one block of the resampling kernel
 DECODE_GROUP_BYTES = 256 << 20  # decoded crop pixels held at once, per thread and device
 CUPY_POOL_LIMIT = 1 << 30  # CuPy's memory pool, per device (the decoding threads' outputs)
 # Freed memory CUDA's stream-ordered pool keeps per device for nvImageCodec's decoded crops
@@ -368,10 +369,10 @@ class GpuJpegDecoder:
         len(_ROW_FIELDS))), ``out[row]`` <- its source crop box-averaged and resampled."""
         if not len(fields):
             return
-        block = (32, 16, 1)  # BLOCK_X, BLOCK_Y of the kernel
-        grid = (-(-self.size // block[0]), -(-self.size // block[1]), len(fields))
+        columns, rows = RESAMPLE_BLOCK
+        grid = (-(-self.size // columns), -(-self.size // rows), len(fields))
         args = (self._cupy.asarray(fields), np.int32(len(_ROW_FIELDS)), out, np.int32(self.size))
-        self._kernel(grid, block, args)
+        self._kernel(grid, (columns, rows, 1), args)
 
     def _copy_pixel_rows(self, batch: dict[str, np.ndarray], out: Any, stream: Any) -> None:
         """The batch's host pixel rows (already size x size, unflipped) into ``out``: one
@@ -454,9 +455,8 @@ class GpuJpegDecoder:
 # then down its columns.
 _RESAMPLE_CROPS = (
     f"#define TAPS {TAPS}\n#define MAX_SCALE {MAX_SCALE}\n"
+    f"#define BLOCK_X {RESAMPLE_BLOCK[0]}\n#define BLOCK_Y {RESAMPLE_BLOCK[1]}\n"
     + r"""
-#define BLOCK_X 32
-#define BLOCK_Y 16
 #define SPAN (BLOCK_Y * MAX_SCALE + TAPS)
 
 __device__ void taps(int length, int size, int t, int* first, float* weights) {
