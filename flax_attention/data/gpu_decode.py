@@ -60,7 +60,8 @@ from flax_attention.data.preprocess import crop
 
 MAX_SCALE = 2  # crops longer than this times the output side are box-averaged first
 TAPS = 6  # source samples an output sample draws on (at most 4 weigh anything at MAX_SCALE)
-RESAMPLE_BLOCK = (32, 16)  # output columns x rows of one block of the resampling kernel
+RESAMPLE_BLOCK = (32, 8)  # threads of one block of the resampling kernel: columns x rows
+RESAMPLE_ROWS_PER_THREAD = 4  # output rows each thread of that kernel resamples
 DECODE_GROUP_BYTES = 256 << 20  # decoded crop pixels held at once, per thread and device
 CUPY_POOL_LIMIT = 1 << 30  # CuPy's memory pool, per device (the decoding threads' outputs)
 # Freed memory CUDA's stream-ordered pool keeps per device for nvImageCodec's decoded crops
@@ -331,10 +332,10 @@ class GpuJpegDecoder:
             pool = runtime.deviceGetDefaultMemPool(self._ordinal)
             runtime.memPoolSetAttribute(pool, _RELEASE_THRESHOLD, DECODED_POOL_KEEP)
             # No fused multiply-adds: the products and sums of ``resample_crop``, bit for bit.
-            self._kernel = cupy.RawKernel(
-                _RESAMPLE_CROPS, "resample_crops", options=("--fmad=false",)
-            )
-            self._kernel.compile()  # Here, not at the first batch.
+            module = cupy.RawModule(code=_RESAMPLE_CROPS, options=("--fmad=false",))
+            module.compile()  # Here, not at the first batch.
+            self._taps = module.get_function("crop_taps")
+            self._kernel = module.get_function("resample_crops")
 
     def _thread_state(self) -> tuple[Any, Any]:
         state = self._per_thread
@@ -364,15 +365,31 @@ class GpuJpegDecoder:
                 images = jnp.from_dlpack(out, device=self.device)
         return {"image": images}
 
-    def _resample(self, fields: np.ndarray, out: Any) -> None:
-        """One kernel launch on the current stream: for each row of ``fields`` (int64 (R,
-        len(_ROW_FIELDS))), ``out[row]`` <- its source crop box-averaged and resampled."""
+    def _resample(self, fields: np.ndarray, out: Any, stream: Any) -> None:
+        """For each row of ``fields`` (int64 (R, len(_ROW_FIELDS))), ``out[row]`` <- its source
+        crop box-averaged and resampled: two kernel launches on ``stream`` (the crops' taps,
+        then the pixels); returns once they are done."""
         if not len(fields):
             return
-        columns, rows = RESAMPLE_BLOCK
-        grid = (-(-self.size // columns), -(-self.size // rows), len(fields))
-        args = (self._cupy.asarray(fields), np.int32(len(_ROW_FIELDS)), out, np.int32(self.size))
-        self._kernel(grid, (columns, rows, 1), args)
+        cupy, size = self._cupy, self.size
+        crops = cupy.asarray(fields)
+        first = cupy.empty((len(fields), 2, size), cupy.int32)
+        weights = cupy.empty((len(fields), 2, size, TAPS), cupy.float32)
+        tables = first.nbytes + weights.nbytes
+        DECODER_MEMORY.hold(self._ordinal, tables)
+        try:
+            field_count = np.int32(len(_ROW_FIELDS))
+            samples = 128  # output samples a block of crop_taps computes
+            taps_grid = (-(-2 * size // samples), len(fields))
+            self._taps(taps_grid, (samples,), (crops, field_count, np.int32(size), first, weights))
+            columns, rows = RESAMPLE_BLOCK
+            out_rows = rows * RESAMPLE_ROWS_PER_THREAD
+            grid = (-(-size // columns), -(-size // out_rows), len(fields))
+            args = (crops, field_count, first, weights, out, np.int32(size))
+            self._kernel(grid, (columns, rows, 1), args)
+            stream.synchronize()
+        finally:
+            DECODER_MEMORY.release(self._ordinal, tables)
 
     def _copy_pixel_rows(self, batch: dict[str, np.ndarray], out: Any, stream: Any) -> None:
         """The batch's host pixel rows (already size x size, unflipped) into ``out``: one
@@ -389,8 +406,7 @@ class GpuJpegDecoder:
         fields[:, 3:5] = self.size
         fields[:, 5:7] = 1
         fields[:, 7] = batch["flip"][rows]
-        self._resample(fields, out)
-        stream.synchronize()  # Before the staged pixels are freed.
+        self._resample(fields, out, stream)  # Returns before the staged pixels are freed.
 
     def _decode_rows(
         self,
@@ -438,58 +454,82 @@ class GpuJpegDecoder:
             held += int(fields[i, 2]) * interface["shape"][0]
         DECODER_MEMORY.hold(self._ordinal, held)
         try:
-            self._resample(fields, out)
-            stream.synchronize()
+            self._resample(fields, out, stream)
         finally:
             DECODER_MEMORY.release(self._ordinal, held)
         del decoded, on_host
 
 
-# Output pixel (rows[i], t, s) of size x size: crop i (``fields`` row i, _ROW_FIELDS) read as
-# its box average by factor_y x factor_x (rounded half up, as ``reduce_crop``), resampled by
-# the taps of ``resample_taps`` on both axes (mirrored when flip) and rounded half to even, as
-# ``resample_crop``: the same float32 operations in the same order (compiled without fused
-# multiply-adds), zero-weight taps skipped (adding zero changes no sum). Separably: a block of
-# BLOCK_Y x BLOCK_X outputs first resamples across each box-averaged row its outputs draw on
-# (at most SPAN, as a crop is at most MAX_SCALE times the output side) into shared memory,
-# then down its columns.
+# Two kernels, compiled without fused multiply-adds so that they do ``resample_taps``,
+# ``reduce_crop`` and ``resample_crop``'s float32 operations in the same order, bit for bit.
+#
+# ``crop_taps``: for each crop i (``fields`` row i, _ROW_FIELDS) and output sample t of each
+# axis (0 across, mirrored when flip; 1 down), the first source sample it draws on and its
+# TAPS weights: first[(i * 2 + axis) * size + t], weights[that * TAPS + k].
+#
+# ``resample_crops``: output pixel (rows[i], t, s) of size x size, crop i read as its box
+# average by factor_y x factor_x (rounded half up) and resampled by those taps on both axes,
+# rounded half to even; zero-weight taps skipped (adding zero changes no sum). Separably: a
+# block of OUT_ROWS x BLOCK_X outputs first resamples across each box-averaged row its outputs
+# draw on (at most SPAN, as a crop is at most MAX_SCALE times the output side) into shared
+# memory, then down its columns, ROWS_PER_THREAD outputs a thread.
 _RESAMPLE_CROPS = (
     f"#define TAPS {TAPS}\n#define MAX_SCALE {MAX_SCALE}\n"
     f"#define BLOCK_X {RESAMPLE_BLOCK[0]}\n#define BLOCK_Y {RESAMPLE_BLOCK[1]}\n"
+    f"#define ROWS_PER_THREAD {RESAMPLE_ROWS_PER_THREAD}\n"
     + r"""
-#define SPAN (BLOCK_Y * MAX_SCALE + TAPS)
+#define OUT_ROWS (BLOCK_Y * ROWS_PER_THREAD)
+#define SPAN (OUT_ROWS * MAX_SCALE + TAPS)
 
-__device__ void taps(int length, int size, int t, int* first, float* weights) {
+extern "C" __global__ void crop_taps(
+    const long long* fields, int field_count, int size, int* first, float* weights) {
+  const int n = blockIdx.x * blockDim.x + threadIdx.x;
+  if (n >= 2 * size) return;
+  const long long* f = fields + static_cast<long long>(blockIdx.y) * field_count;
+  const int across = n < size;
+  const int t = across ? (f[7] ? size - 1 - n : n) : n - size;
+  const int length = static_cast<int>(across ? f[4] : f[3]);
   const float scale = static_cast<float>(length) / static_cast<float>(size);
   const float support = fmaxf(scale, 1.0f);
   const float centre = (static_cast<float>(t) + 0.5f) * scale;
-  *first = max(static_cast<int>(floorf(centre - support - 0.5f)), 0);
+  const int start = max(static_cast<int>(floorf(centre - support - 0.5f)), 0);
+  float w[TAPS];
   float total = 0.0f;
+#pragma unroll
   for (int k = 0; k < TAPS; ++k) {
-    const int j = *first + k;
+    const int j = start + k;
     const float distance = fabsf((static_cast<float>(j) + 0.5f) - centre) / support;
-    weights[k] = j < length ? fmaxf(0.0f, 1.0f - distance) : 0.0f;
-    total = total + weights[k];
+    w[k] = j < length ? fmaxf(0.0f, 1.0f - distance) : 0.0f;
+    total = total + w[k];
   }
-  for (int k = 0; k < TAPS; ++k) weights[k] = weights[k] / total;
+  const long long slot = static_cast<long long>(blockIdx.y) * 2 * size + n;
+  first[slot] = start;
+#pragma unroll
+  for (int k = 0; k < TAPS; ++k) weights[slot * TAPS + k] = w[k] / total;
 }
 
 extern "C" __global__ void resample_crops(
-    const long long* fields, int field_count, unsigned char* out, int size) {
-  __shared__ int first_x[BLOCK_X], first_y[BLOCK_Y];
-  __shared__ float wx[BLOCK_X][TAPS], wy[BLOCK_Y][TAPS];
+    const long long* fields, int field_count, const int* first, const float* weights,
+    unsigned char* out, int size) {
+  __shared__ int first_x[BLOCK_X], first_y[OUT_ROWS];
+  __shared__ float wx[BLOCK_X][TAPS], wy[OUT_ROWS][TAPS];
   __shared__ float across[SPAN][BLOCK_X][3];  // box-averaged rows resampled across
   const long long* f = fields + static_cast<long long>(blockIdx.z) * field_count;
-  const int height = static_cast<int>(f[3]), width = static_cast<int>(f[4]);
+  const int height = static_cast<int>(f[3]);
   const int s = blockIdx.x * BLOCK_X + threadIdx.x;
-  const int t = blockIdx.y * BLOCK_Y + threadIdx.y;
-  const int block_rows = min(BLOCK_Y, size - static_cast<int>(blockIdx.y) * BLOCK_Y);
+  const int row0 = blockIdx.y * OUT_ROWS;
+  const int block_rows = min(OUT_ROWS, size - row0);
+  const long long across_slot = static_cast<long long>(blockIdx.z) * 2 * size;
   if (threadIdx.y == 0 && s < size) {
-    taps(width, size, f[7] ? size - 1 - s : s, &first_x[threadIdx.x], wx[threadIdx.x]);
+    first_x[threadIdx.x] = first[across_slot + s];
+    for (int k = 0; k < TAPS; ++k) wx[threadIdx.x][k] = weights[(across_slot + s) * TAPS + k];
   }
-  if (threadIdx.y == 1 && threadIdx.x < block_rows) {
-    const int row = blockIdx.y * BLOCK_Y + threadIdx.x;
-    taps(height, size, row, &first_y[threadIdx.x], wy[threadIdx.x]);
+  if (threadIdx.y == 1) {
+    for (int r = threadIdx.x; r < block_rows; r += BLOCK_X) {
+      const long long slot = across_slot + size + row0 + r;
+      first_y[r] = first[slot];
+      for (int k = 0; k < TAPS; ++k) wy[r][k] = weights[slot * TAPS + k];
+    }
   }
   __syncthreads();
   // The block's outputs draw on box-averaged rows top .. top + span - 1 (a row past the
@@ -501,14 +541,21 @@ extern "C" __global__ void resample_crops(
   const int fy = static_cast<int>(f[5]), fx = static_cast<int>(f[6]);
   const unsigned int count = static_cast<unsigned int>(fy * fx);
   if (s < size) {
-    const float* col_weights = wx[threadIdx.x];
+    float w[TAPS];
+#pragma unroll
+    for (int k = 0; k < TAPS; ++k) w[k] = wx[threadIdx.x][k];
+    const unsigned char* column = source + static_cast<long long>(first_x[threadIdx.x]) * fx * 3;
     for (int r = threadIdx.y; r < span; r += BLOCK_Y) {
-      const unsigned char* line = source + static_cast<long long>(top + r) * fy * pitch;
+      const unsigned char* line = column + static_cast<long long>(top + r) * fy * pitch;
       float sums[3] = {0.0f, 0.0f, 0.0f};
-      for (int b = 0; b < TAPS; ++b) {
-        if (col_weights[b] == 0.0f) continue;
-        const unsigned char* block =
-            line + static_cast<long long>(first_x[threadIdx.x] + b) * fx * 3;
+#pragma unroll
+      for (int k = 0; k < TAPS; ++k) {
+        if (w[k] == 0.0f) continue;
+        const unsigned char* block = line + k * fx * 3;
+        if (count == 1) {
+          for (int c = 0; c < 3; ++c) sums[c] = sums[c] + w[k] * static_cast<float>(block[c]);
+          continue;
+        }
         unsigned int sum[3] = {0, 0, 0};
         for (int dy = 0; dy < fy; ++dy) {
           const unsigned char* p = block + static_cast<long long>(dy) * pitch;
@@ -519,25 +566,30 @@ extern "C" __global__ void resample_crops(
           }
         }
         for (int c = 0; c < 3; ++c) {
-          const unsigned int mean = count == 1 ? sum[c] : (sum[c] + count / 2) / count;
-          sums[c] = sums[c] + col_weights[b] * static_cast<float>(mean);
+          const unsigned int mean = (sum[c] + count / 2) / count;
+          sums[c] = sums[c] + w[k] * static_cast<float>(mean);
         }
       }
       for (int c = 0; c < 3; ++c) across[r][threadIdx.x][c] = sums[c];
     }
   }
   __syncthreads();
-  if (s >= size || t >= size) return;
-  const float* row_weights = wy[threadIdx.y];
-  const int offset = first_y[threadIdx.y] - top;
-  float acc[3] = {0.0f, 0.0f, 0.0f};
-  for (int a = 0; a < TAPS; ++a) {
-    if (row_weights[a] == 0.0f) continue;
-    for (int c = 0; c < 3; ++c) acc[c] = acc[c] + row_weights[a] * across[offset + a][threadIdx.x][c];
-  }
-  unsigned char* pixel = out + ((static_cast<long long>(f[0]) * size + t) * size + s) * 3;
-  for (int c = 0; c < 3; ++c) {
-    pixel[c] = static_cast<unsigned char>(fminf(fmaxf(rintf(acc[c]), 0.0f), 255.0f));
+  if (s >= size) return;
+  for (int j = 0; j < ROWS_PER_THREAD; ++j) {
+    const int y = threadIdx.y + j * BLOCK_Y;
+    if (y >= block_rows) return;
+    const int offset = first_y[y] - top;
+    float acc[3] = {0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int a = 0; a < TAPS; ++a) {
+      const float weight = wy[y][a];
+      if (weight == 0.0f) continue;
+      for (int c = 0; c < 3; ++c) acc[c] = acc[c] + weight * across[offset + a][threadIdx.x][c];
+    }
+    unsigned char* pixel = out + ((static_cast<long long>(f[0]) * size + row0 + y) * size + s) * 3;
+    for (int c = 0; c < 3; ++c) {
+      pixel[c] = static_cast<unsigned char>(fminf(fmaxf(rintf(acc[c]), 0.0f), 255.0f));
+    }
   }
 }
 """
