@@ -10,14 +10,15 @@ A batch goes through three stages:
    offsets, plus boxes, flips, labels and the host-decoded rows' pixels.
 3. GPU (``GpuJpegDecoder``, one per device, ``per_device.PerDeviceDecoder`` gives each its rows):
    nvImageCodec decodes the crop boxes (the region of interest: only the crop's pixels are
-   produced) in groups of at most ``DECODE_GROUP_BYTES`` of decoded pixels, and one CUDA kernel
-   (through CuPy) per group writes each crop's (size, size) output row: the crop read as its
-   box average by whole factors (``reduction_factors``: at most ``MAX_SCALE * size`` a side),
-   resampled with an antialiased bilinear filter (Pillow's and torchvision's
-   ``antialias=True``), mirrored, rounded to uint8. The host-decoded rows are copied in by the
-   same kernel (scale 1: an exact copy). JAX takes the uint8 (B, size, size, 3) batch over
-   through DLPack without a copy. Normalisation stays in the step. All of it runs on the
-   decoding thread's own CUDA stream, beside the training step rather than in its queue.
+   produced) in groups of at most ``DECODE_GROUP_BYTES`` of decoded pixels; per group, one CUDA
+   kernel (through CuPy) computes each crop's filter taps and another writes each crop's
+   (size, size) output row: the crop read as its box average by whole factors
+   (``reduction_factors``: at most ``MAX_SCALE * size`` a side), resampled with an
+   antialiased bilinear filter (Pillow's and torchvision's ``antialias=True``), mirrored,
+   rounded to uint8. The host-decoded rows are copied in by the same kernels (scale 1: an exact
+   copy). JAX takes the uint8 (B, size, size, 3) batch over through DLPack without a copy.
+   Normalisation stays in the step. All of it runs on the decoding thread's own CUDA stream,
+   beside the training step rather than in its queue.
 
 Memory is bounded whatever the image sizes: per decoding thread and device, the output batch
 (B x size x size x 3 bytes) and one decode group; CuPy's pool is capped at ``CUPY_POOL_LIMIT``
@@ -393,7 +394,7 @@ class GpuJpegDecoder:
 
     def _copy_pixel_rows(self, batch: dict[str, np.ndarray], out: Any, stream: Any) -> None:
         """The batch's host pixel rows (already size x size, unflipped) into ``out``: one
-        host-to-device copy, then the kernel (an exact copy at scale 1)."""
+        host-to-device copy, then the kernels (an exact copy at scale 1)."""
         rows = batch["pixel_rows"]
         if not len(rows):
             return
