@@ -18,15 +18,19 @@ has among them: CMYK and grayscale JPEGs, a PNG named .JPEG, one 4200 x 3150 px 
   decoding with 1 and with 3 `decode_threads`, batches decoded at once; `hybrid` with 3 decode
   threads and each `hybrid_cpu_share` of every batch decoded by CPU workers), on every local GPU
   (`parallel` jit, 256 rows per GPU; each GPU decodes its rows) or one CPU device: the median
-  logged window over the second half of the run (`img_per_s`), images per second over every
-  step after the first logged window (`img_per_s_time_weighted`), the slowest 10-step window,
-  the machine's busy CPU cores over the steady windows, the decoders' peak GPU memory
+  logged window over the second half of the run (`img_per_s`), images per second over every step
+  after the first logged window (`img_per_s_time_weighted`), the slowest 10-step window, the
+  machine's busy CPU cores over the steady windows, the decoders' peak GPU memory
   (`decoder_peak_mib`, the most any GPU held at once) and a per-step timeline (`timeline_ms`:
   [time the loop waited for the batch, time since the previous batch] per step; `epoch_steps`
-  marks the epoch boundaries) to attribute dips, next to the same training step on a
-  device-resident synthetic batch. `python -m benchmarks` sets `CUDA_DEVICE_MAX_CONNECTIONS` for this suite as
-  the training program does when it decodes on the GPU (`data.share_gpu_with_training`); the
-  value is in the results' `cuda_device_max_connections`.
+  marks the epoch boundaries) and, where nvidia-smi runs, every GPU sampled each 50 ms
+  (`gpu_samples_ms`: [milliseconds since the first step's batch, GPU index, utilisation %, SM
+  MHz, watts, celsius, clock event reasons bitmask], summarised in `gpu_sm_clock_mhz`,
+  `gpu_utilization_pct` and `gpu_clock_event_reasons`) to attribute dips, next to the same
+  training step on a device-resident synthetic batch. `python -m benchmarks` sets
+  `CUDA_DEVICE_MAX_CONNECTIONS` for this suite as the training program does when it decodes on
+  the GPU (`data.share_gpu_with_training`); the value is in the results'
+  `cuda_device_max_connections`.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import numpy as np
 
 from benchmarks.charts import ChartSpec, series
 from benchmarks.cpu_usage import SteadyCpu
+from benchmarks.gpu_samples import GpuSamples
 from benchmarks.quick_model import QUICK_MODEL, quick_model_registered
 from benchmarks.results import Results, error_text
 from benchmarks.settings import Settings
@@ -252,11 +257,12 @@ def synthetic_step_row(res: Results, shape: Shape, settings: Settings) -> float:
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     count = 3 if settings.quick else 30
-    start = time.perf_counter()
-    for _ in range(count):
-        state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    rate = count * rows / (time.perf_counter() - start)
+    with GpuSamples() as gpu:
+        start = time.perf_counter()
+        for _ in range(count):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        rate = count * rows / (time.perf_counter() - start)
     res.add(
         {
             "name": "train",
@@ -264,6 +270,7 @@ def synthetic_step_row(res: Results, shape: Shape, settings: Settings) -> float:
             "model": shape.model,
             "devices": devices,
             "img_per_s": round(rate),
+            **gpu.figures(start),
         }
     )
     return rate
@@ -371,7 +378,7 @@ def train_row(
         DECODER_MEMORY.reset()
         start = time.perf_counter()
         try:
-            with steady_cpu, step_timeline() as timeline:
+            with steady_cpu, step_timeline() as timeline, GpuSamples() as gpu:
                 fit(config)
         except Exception as e:  # A failed configuration is a row, not the end of the suite.
             res.add(
@@ -385,6 +392,7 @@ def train_row(
     steady = rates[len(rates) // 2 :] or rates  # Past compilation and the initial buffer.
     rate = statistics.median(steady)
     figures = timeline_figures(timeline, shape.batch * devices, shape.log_every)
+    figures |= gpu.figures(timeline[0][1] if timeline else start)
     relative = {
         f"{name}_of_synthetic": round(figures[key] / synthetic, 3)
         for name, key in (
