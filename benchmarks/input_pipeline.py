@@ -22,10 +22,12 @@ has among them: CMYK and grayscale JPEGs, a PNG named .JPEG, one 4200 x 3150 px 
   after the first logged window (`img_per_s_time_weighted`), the slowest 10-step window, the
   machine's busy CPU cores over the steady windows, the decoders' peak GPU memory
   (`decoder_peak_mib`, the most any GPU held at once) and a per-step timeline (`timeline_ms`:
-  [time the loop waited for the batch, time since the previous batch] per step; `epoch_steps`
-  marks the epoch boundaries) and, where nvidia-smi runs, every GPU sampled each 50 ms
-  (`gpu_samples_ms`: [milliseconds since the first step's batch, GPU index, utilisation %, SM
-  MHz, watts, celsius, clock event reasons bitmask], summarised in `gpu_sm_clock_mhz`,
+  [time the loop waited for the batch, time since the previous batch, the device's idle time
+  before it (from the end of the steps before it to when the loop had its batch; summed over the
+  steps after the first window in `device_idle_ms`, counted in `device_idle_steps`)] per step;
+  `epoch_steps` marks the epoch boundaries) and, where nvidia-smi runs, every GPU sampled each
+  50 ms (`gpu_samples_ms`: [milliseconds since the first step's batch, GPU index, utilisation %,
+  SM MHz, watts, celsius, clock event reasons bitmask], summarised in `gpu_sm_clock_mhz`,
   `gpu_utilization_pct` and `gpu_clock_event_reasons`) to attribute dips, next to the same
   training step on a device-resident synthetic batch. `python -m benchmarks` sets
   `CUDA_DEVICE_MAX_CONNECTIONS` for this suite as the training program does when it decodes on
@@ -39,8 +41,10 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import queue
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -276,13 +280,34 @@ def synthetic_step_row(res: Results, shape: Shape, settings: Settings) -> float:
     return rate
 
 
+class StepTimeline(list):
+    """Per step of a training run, (seconds the loop waited for the batch, ``perf_counter`` when
+    it got it); ``device_done[i]``: the ``perf_counter`` when the first local device had run
+    everything dispatched before step i's batch was handed over (the steps before it), as a
+    marker computation queued then and waited for by a thread of its own saw it (late by that
+    thread's wake-up, never early)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.device_done: list[float] = []
+
+
 @contextlib.contextmanager
 def step_timeline():
     """While active, the training loop's batches (``data.prefetch_to_device``, which ``fit``
-    draws from) are timed: yields a list that gets, per step, (seconds the loop waited for the
-    batch, ``perf_counter`` when it got it)."""
-    timeline: list[tuple[float, float]] = []
+    draws from) are timed, and the device's progress marked before each: yields the
+    ``StepTimeline`` that gets them."""
+    timeline = StepTimeline()
     prefetch = data.prefetch_to_device
+    token = jax.device_put(np.int32(0), jax.local_devices()[0])
+    mark = jax.jit(lambda x: x + 1)
+    mark(token).block_until_ready()  # compiled here, not in the first step
+    marks: queue.Queue = queue.Queue()
+
+    def watch() -> None:
+        while (marker := marks.get()) is not None:
+            marker.block_until_ready()
+            timeline.device_done.append(time.perf_counter())
 
     def timed(*args, **kwargs):
         stream = prefetch(*args, **kwargs)
@@ -295,15 +320,20 @@ def step_timeline():
                     return
                 now = time.perf_counter()
                 timeline.append((now - start, now))
+                marks.put(mark(token))
                 yield item
         finally:
             stream.close()
 
+    watcher = threading.Thread(target=watch, name="device_marks", daemon=True)
+    watcher.start()
     data.prefetch_to_device = timed
     try:
         yield timeline
     finally:
         data.prefetch_to_device = prefetch
+        marks.put(None)
+        watcher.join(timeout=60)
 
 
 def timeline_figures(
@@ -311,15 +341,25 @@ def timeline_figures(
 ) -> dict[str, float | list]:
     """From a step timeline: images per second over the steps after the first ``skip``
     (time-weighted), the slowest ``WINDOW``-step window among them, and the timeline itself in
-    milliseconds ([wait, time since the previous step] per step)."""
+    milliseconds ([wait, time since the previous step] per step). From a ``StepTimeline`` with
+    every step's ``device_done``, also the device's idle time before each step (from the end of
+    the steps before it to when the loop had its batch, the least it can have waited for the
+    loop) as each step's third number, and its sum and count over the steps after ``skip``
+    (``device_idle_ms``, ``device_idle_steps``: over 1 ms)."""
     stamps = [t for _, t in timeline]
     intervals = [0.0] + [b - a for a, b in itertools.pairwise(stamps)]
-    out: dict[str, float | list] = {
-        "timeline_ms": [
-            [round(1e3 * w, 2), round(1e3 * i, 2)]
-            for (w, _), i in zip(timeline, intervals, strict=True)
-        ]
-    }
+    steps = [
+        [round(1e3 * w, 2), round(1e3 * i, 2)]
+        for (w, _), i in zip(timeline, intervals, strict=True)
+    ]
+    out: dict[str, float | list] = {"timeline_ms": steps}
+    done = getattr(timeline, "device_done", [])
+    if len(done) == len(stamps):
+        idle = [round(1e3 * max(t - d, 0.0), 2) for t, d in zip(stamps, done, strict=True)]
+        for step, ms in zip(steps, idle, strict=True):
+            step.append(ms)
+        out["device_idle_ms"] = round(sum(idle[skip:]), 1)
+        out["device_idle_steps"] = sum(ms > 1.0 for ms in idle[skip:])
     if len(stamps) > skip + WINDOW:
         out["img_per_s_time_weighted"] = round(
             rows * (len(stamps) - skip) / (stamps[-1] - stamps[skip - 1])
