@@ -56,7 +56,7 @@ def _query(smi: str) -> list[str] | None:
 
 
 class GpuSamples:
-    """While active, every GPU is sampled each `period_ms` (`nvidia-smi -lms`); `samples`
+    """While active, every GPU is sampled each `period_ms` (`nvidia-smi --loop-ms`); `samples`
     gets (`perf_counter` when read, `parse_sample` values). Nothing is sampled where there is
     no nvidia-smi."""
 
@@ -76,7 +76,7 @@ class GpuSamples:
                 smi,
                 f"--query-gpu={','.join(fields)}",
                 "--format=csv,noheader,nounits",
-                f"-lms={self.period_ms}",
+                f"--loop-ms={self.period_ms}",
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

@@ -15,7 +15,7 @@ from benchmarks.gpu_samples import GpuSamples, parse_sample
 STAND_IN = """#!/bin/bash
 case "$*" in *clocks_event_reasons*) echo "Field is not a valid field to query." >&2; exit 2;; esac
 sample() { echo "0, 97, 1980, 650.50, 61, 0x0000000000000000"; echo "0, 40, 1755, 700.00, 70, 0x0000000000000005"; }
-case "$*" in *-lms=*) while true; do sample; sleep 0.01; done;; *) sample;; esac
+case "$*" in *--loop-ms=*) while true; do sample; sleep 0.01; done;; *) sample;; esac
 """
 
 
