@@ -1,7 +1,7 @@
 """``GpuJpegDecoder``'s host side on machines without a GPU: CuPy and nvImageCodec replaced by
 stand-ins that keep "device" memory in numpy arrays behind fake pointers, and the resampling
-kernel by its specification (``reduce_crop`` then ``resample_crop`` on the memory a row's
-fields point to). What this checks is the plumbing the kernel is fed: crop regions, pitches,
+kernels by their specification (the taps of ``resample_taps``; ``reduce_crop`` then
+``resample_crop``'s arithmetic with the taps given, on the memory a row's fields point to). What this checks is the plumbing the kernel is fed: crop regions, pitches,
 factors, flips, decode groups, host-decoded rows and the host fallback; the kernel's own
 arithmetic is checked against ``CpuReferenceDecoder`` on a GPU (``lab/gpu_decode_check``)."""
 
@@ -43,13 +43,13 @@ class Memory:
 class DeviceArray:
     def __init__(self, memory: Memory, array: np.ndarray):
         self.array = np.ascontiguousarray(array)
-        self.shape = self.array.shape
+        self.shape, self.nbytes = self.array.shape, self.array.nbytes
         self.data = types.SimpleNamespace(ptr=memory.put(self.array))  # shares self.array
 
 
 def stand_in_cupy(memory: Memory, launches: list) -> types.ModuleType:
     cupy = types.ModuleType("cupy")
-    cupy.uint8 = np.uint8
+    cupy.uint8, cupy.int32, cupy.float32 = np.uint8, np.int32, np.float32
 
     class Stream:
         ptr = 7
@@ -66,22 +66,51 @@ def stand_in_cupy(memory: Memory, launches: list) -> types.ModuleType:
         def __exit__(self, *exc):
             return False
 
-    class RawKernel:
-        def __init__(self, code, name, options=()):
-            assert name == "resample_crops" and "--fmad=false" in options
+    def crop_taps(grid, block, args):
+        """Each crop's taps as ``resample_taps`` gives them (across mirrored when flipped)."""
+        fields, field_count, size, first, weights = args
+        assert grid[1] == len(fields.array) and field_count == len(gpu_decode._ROW_FIELDS)
+        assert grid[0] * block[0] >= 2 * size
+        for i, (_, _, _, height, width, _, _, flip) in enumerate(fields.array.tolist()):
+            cols, col_weights = gpu_decode.resample_taps(width, int(size))
+            if flip:
+                cols, col_weights = cols[::-1], col_weights[::-1]
+            rows, row_weights = gpu_decode.resample_taps(height, int(size))
+            first.array[i] = cols[:, 0], rows[:, 0]
+            weights.array[i] = col_weights, row_weights
+
+    def resample_crops(grid, block, args):
+        """Each crop box-averaged (``reduce_crop``) and resampled by the taps it is given, in
+        ``resample_crop``'s order."""
+        fields, field_count, first, weights, out, size = args
+        assert grid[2] == len(fields.array) and field_count == len(gpu_decode._ROW_FIELDS)
+        launches.append(len(fields.array))
+        taps = np.arange(gpu_decode.TAPS)
+        for i, (row, source, pitch, height, width, fy, fx, _) in enumerate(fields.array.tolist()):
+            lines = memory.at(source)[: height * fy * pitch].reshape(height * fy, pitch)
+            image = lines[:, : width * fx * 3].reshape(height * fy, width * fx, 3)
+            pixels = gpu_decode.reduce_crop(image, (fy, fx)).astype(np.float32)
+            cols = np.minimum(first.array[i, 0][:, None] + taps, width - 1)
+            rows = np.minimum(first.array[i, 1][:, None] + taps, height - 1)
+            col_weights, row_weights = weights.array[i]
+            pixel_rows = np.zeros((int(size), int(size), 3), np.float32)
+            for a in range(gpu_decode.TAPS):
+                line = pixels[rows[:, a]]
+                across = np.zeros_like(pixel_rows)
+                for b in range(gpu_decode.TAPS):
+                    across = across + col_weights[None, :, b, None] * line[:, cols[:, b]]
+                pixel_rows = pixel_rows + row_weights[:, a, None, None] * across
+            out.array[row] = np.clip(np.rint(pixel_rows), 0, 255).astype(np.uint8)
+
+    class RawModule:
+        def __init__(self, code, options=()):
+            assert "--fmad=false" in options
 
         def compile(self):
             pass
 
-        def __call__(self, grid, block, args):
-            fields, field_count, out, size = args
-            assert grid[2] == len(fields.array) and field_count == len(gpu_decode._ROW_FIELDS)
-            launches.append(len(fields.array))
-            for row, source, pitch, height, width, fy, fx, flip in fields.array.tolist():
-                lines = memory.at(source)[: height * fy * pitch].reshape(height * fy, pitch)
-                image = lines[:, : width * fx * 3].reshape(height * fy, width * fx, 3)
-                reduced = gpu_decode.reduce_crop(image, (fy, fx))
-                out.array[row] = gpu_decode.resample_crop(reduced, int(size), bool(flip))
+        def get_function(self, name):
+            return {"crop_taps": crop_taps, "resample_crops": resample_crops}[name]
 
     cupy.cuda = types.SimpleNamespace(
         Device=lambda ordinal: contextlib.nullcontext(),
@@ -91,7 +120,7 @@ def stand_in_cupy(memory: Memory, launches: list) -> types.ModuleType:
         ),
     )
     cupy.get_default_memory_pool = lambda: types.SimpleNamespace(set_limit=lambda size: None)
-    cupy.RawKernel = RawKernel
+    cupy.RawModule = RawModule
     cupy.empty = lambda shape, dtype: DeviceArray(memory, np.full(shape, 77, dtype))
     cupy.asarray = lambda array: DeviceArray(memory, np.asarray(array))
     return cupy
