@@ -35,6 +35,11 @@ def parse_sample(line: str) -> list[float | int] | None:
     return values
 
 
+def _command(smi: str, fields: list[str]) -> list[str]:
+    """nvidia-smi's command line that prints ``fields`` of every GPU, one line each."""
+    return [smi, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"]
+
+
 def _query(smi: str) -> list[str] | None:
     """The fields this machine's nvidia-smi answers: BASE_FIELDS and the first reason field it
     knows, else BASE_FIELDS alone; None when it answers neither."""
@@ -42,7 +47,7 @@ def _query(smi: str) -> list[str] | None:
         fields = [*BASE_FIELDS, *extra]
         try:
             out = subprocess.run(
-                [smi, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"],
+                _command(smi, fields),
                 capture_output=True,
                 text=True,
                 timeout=30,
@@ -72,12 +77,7 @@ class GpuSamples:
         if fields is None:
             return self
         self._process = subprocess.Popen(
-            [
-                smi,
-                f"--query-gpu={','.join(fields)}",
-                "--format=csv,noheader,nounits",
-                f"--loop-ms={self.period_ms}",
-            ],
+            [*_command(smi, fields), f"--loop-ms={self.period_ms}"],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,

@@ -1,7 +1,7 @@
 """``GpuJpegDecoder``'s host side on machines without a GPU: CuPy and nvImageCodec replaced by
 stand-ins that keep "device" memory in numpy arrays behind fake pointers, and the resampling
 kernels by their specification (the taps of ``resample_taps``; ``reduce_crop`` then
-``resample_crop``'s arithmetic with the taps given, on the memory a row's fields point to). What this checks is the plumbing the kernel is fed: crop regions, pitches,
+``resample_with_taps`` with the taps given, on the memory a row's fields point to). What this checks is the plumbing the kernel is fed: crop regions, pitches,
 factors, flips, decode groups, host-decoded rows and the host fallback; the kernel's own
 arithmetic is checked against ``CpuReferenceDecoder`` on a GPU (``lab/gpu_decode_check``)."""
 
@@ -80,27 +80,21 @@ def stand_in_cupy(memory: Memory, launches: list) -> types.ModuleType:
             weights.array[i] = col_weights, row_weights
 
     def resample_crops(grid, block, args):
-        """Each crop box-averaged (``reduce_crop``) and resampled by the taps it is given, in
-        ``resample_crop``'s order."""
-        fields, field_count, first, weights, out, size = args
+        """Each crop box-averaged (``reduce_crop``) and resampled by the taps it is given."""
+        fields, field_count, first, weights, out, _ = args
         assert grid[2] == len(fields.array) and field_count == len(gpu_decode._ROW_FIELDS)
         launches.append(len(fields.array))
         taps = np.arange(gpu_decode.TAPS)
         for i, (row, source, pitch, height, width, fy, fx, _) in enumerate(fields.array.tolist()):
             lines = memory.at(source)[: height * fy * pitch].reshape(height * fy, pitch)
             image = lines[:, : width * fx * 3].reshape(height * fy, width * fx, 3)
-            pixels = gpu_decode.reduce_crop(image, (fy, fx)).astype(np.float32)
+            reduced = gpu_decode.reduce_crop(image, (fy, fx))
             cols = np.minimum(first.array[i, 0][:, None] + taps, width - 1)
             rows = np.minimum(first.array[i, 1][:, None] + taps, height - 1)
             col_weights, row_weights = weights.array[i]
-            pixel_rows = np.zeros((int(size), int(size), 3), np.float32)
-            for a in range(gpu_decode.TAPS):
-                line = pixels[rows[:, a]]
-                across = np.zeros_like(pixel_rows)
-                for b in range(gpu_decode.TAPS):
-                    across = across + col_weights[None, :, b, None] * line[:, cols[:, b]]
-                pixel_rows = pixel_rows + row_weights[:, a, None, None] * across
-            out.array[row] = np.clip(np.rint(pixel_rows), 0, 255).astype(np.uint8)
+            out.array[row] = gpu_decode.resample_with_taps(
+                reduced, (rows, row_weights), (cols, col_weights)
+            )
 
     class RawModule:
         def __init__(self, code, options=()):

@@ -217,18 +217,31 @@ def resample_crop(reduced: np.ndarray, size: int, flip: bool = False) -> np.ndar
             f"a {reduced.shape[0]}x{reduced.shape[1]} crop is past the reduced side "
             f"{reduced_side(size)} of output size {size}: box-average it first"
         )
-    rows, row_weights = resample_taps(reduced.shape[0], size)
+    down = resample_taps(reduced.shape[0], size)
     cols, col_weights = resample_taps(reduced.shape[1], size)
     if flip:
         cols, col_weights = cols[::-1], col_weights[::-1]
+    return resample_with_taps(reduced, down, (cols, col_weights))
+
+
+def resample_with_taps(
+    reduced: np.ndarray,
+    down: tuple[np.ndarray, np.ndarray],
+    across: tuple[np.ndarray, np.ndarray],
+) -> np.ndarray:
+    """uint8 (h, w, C) -> uint8 (T, S, C) by the taps of each axis (source indices int64 and
+    float32 weights, (T, TAPS) down and (S, TAPS) across, as ``resample_taps`` gives them):
+    output (t, s) is ``sum_a down_w[t, a] * sum_b across_w[s, b] * reduced[down_i[t, a],
+    across_i[s, b]]`` in float32, in the GPU kernel's order, rounded half to even."""
+    (rows, row_weights), (cols, col_weights) = down, across
     pixels = reduced.astype(np.float32)
-    out = np.zeros((size, size, reduced.shape[2]), np.float32)
+    out = np.zeros((len(rows), len(cols), reduced.shape[2]), np.float32)
     for a in range(TAPS):
-        line = pixels[rows[:, a]]  # (size, w, C)
-        across = np.zeros_like(out)
+        line = pixels[rows[:, a]]  # (T, w, C)
+        resampled = np.zeros_like(out)
         for b in range(TAPS):
-            across = across + col_weights[None, :, b, None] * line[:, cols[:, b]]
-        out = out + row_weights[:, a, None, None] * across
+            resampled = resampled + col_weights[None, :, b, None] * line[:, cols[:, b]]
+        out = out + row_weights[:, a, None, None] * resampled
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
