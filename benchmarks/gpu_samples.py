@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import statistics
 import subprocess
@@ -105,14 +106,16 @@ class GpuSamples:
         if self._reader is not None:
             self._reader.join(timeout=10)
 
-    def figures(self, start: float) -> dict[str, Any]:
+    def figures(self, start: float, steady: tuple[float, float] | None = None) -> dict[str, Any]:
         """The samples as `gpu_samples_ms` ([milliseconds since `start` (a `perf_counter`
-        time), then the `parse_sample` values] each) with their summary: SM clock and
+        time), then the `parse_sample` values] each) with the summary of those within `steady`
+        (`perf_counter` times, first and last; all of them without it): SM clock and
         utilisation [min, median, max] and the distinct clock event reasons other than idle
-        (hex); {} without samples."""
-        if not self.samples:
+        (hex); {} without samples in it."""
+        first, last = steady or (-math.inf, math.inf)
+        values = [v for t, v in self.samples if first <= t <= last]
+        if not values:
             return {}
-        values = [v for _, v in self.samples]
 
         def spread(column: int) -> list[float]:
             column_values = [v[column] for v in values]

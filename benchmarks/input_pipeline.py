@@ -23,7 +23,7 @@ has among them: CMYK and grayscale JPEGs, a PNG named .JPEG, one 4200 x 3150 px 
   machine's busy CPU cores over the steady windows, the decoders' peak GPU memory
   (`decoder_peak_mib`, the most any GPU held at once) and a per-step timeline (`timeline_ms`:
   [time the loop waited for the batch, time since the previous batch, the device's idle time
-  before it (from the end of the steps before it to when the loop had its batch; summed over the
+  before it (from the end of the step before it to when the loop called it; summed over the
   steps after the first window in `device_idle_ms`, counted in `device_idle_steps`)] per step;
   `epoch_steps` marks the epoch boundaries) and, where nvidia-smi runs, every GPU sampled each
   50 ms (`gpu_samples_ms`: [milliseconds since the first step's batch, GPU index, utilisation %,
@@ -282,34 +282,36 @@ def synthetic_step_row(res: Results, shape: Shape, settings: Settings) -> float:
 
 class StepTimeline(list):
     """Per step of a training run, (seconds the loop waited for the batch, ``perf_counter`` when
-    it got it); ``device_done[i]``: the ``perf_counter`` when the first local device had run
-    everything dispatched before step i's batch was handed over (the steps before it), as a
-    marker computation queued then and waited for by a thread of its own saw it (late by that
-    thread's wake-up, never early)."""
+    it got it); per call of the training step, ``step_called``: the ``perf_counter`` when the
+    loop called it, and ``step_done``: when every local device had run it, as a thread of its
+    own waiting on the step's outputs saw it (late by that thread's wake-up, never early)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.device_done: list[float] = []
+        self.step_called: list[float] = []
+        self.step_done: list[float] = []
 
 
 @contextlib.contextmanager
 def step_timeline():
     """While active, the training loop's batches (``data.prefetch_to_device``, which ``fit``
-    draws from) are timed, and the device's progress marked before each: yields the
-    ``StepTimeline`` that gets them."""
+    draws from) are timed, and so is every training step the parallel forms compile
+    (``compile_train``): yields the ``StepTimeline`` that gets them."""
+    from flax_attention.training import parallel
+
     timeline = StepTimeline()
     prefetch = data.prefetch_to_device
-    token = jax.device_put(np.int32(0), jax.local_devices()[0])
-    mark = jax.jit(lambda x: x + 1)
-    mark(token).block_until_ready()  # compiled here, not in the first step
-    marks: queue.Queue = queue.Queue()
+    compilers = {
+        form: form.__dict__["compile_train"] for form in (parallel.MeshForm, parallel.PmapForm)
+    }
+    outputs: queue.Queue = queue.Queue()
 
     def watch() -> None:
-        while (marker := marks.get()) is not None:
-            marker.block_until_ready()
-            timeline.device_done.append(time.perf_counter())
+        while (metrics := outputs.get()) is not None:
+            jax.block_until_ready(metrics)
+            timeline.step_done.append(time.perf_counter())
 
-    def timed(*args, **kwargs):
+    def timed_batches(*args, **kwargs):
         stream = prefetch(*args, **kwargs)
         try:
             while True:
@@ -320,19 +322,36 @@ def step_timeline():
                     return
                 now = time.perf_counter()
                 timeline.append((now - start, now))
-                marks.put(mark(token))
                 yield item
         finally:
             stream.close()
 
-    watcher = threading.Thread(target=watch, name="device_marks", daemon=True)
+    def timed_compile(compile_train):
+        def compile_timed(form, step):
+            compiled = compile_train(form, step)
+
+            def call(state, batch):
+                timeline.step_called.append(time.perf_counter())
+                state, metrics = compiled(state, batch)
+                outputs.put(metrics)  # the metrics only: the state is donated to the next step
+                return state, metrics
+
+            return call
+
+        return compile_timed
+
+    watcher = threading.Thread(target=watch, name="step_watch", daemon=True)
     watcher.start()
-    data.prefetch_to_device = timed
+    data.prefetch_to_device = timed_batches
+    for form, compile_train in compilers.items():
+        form.compile_train = timed_compile(compile_train)
     try:
         yield timeline
     finally:
         data.prefetch_to_device = prefetch
-        marks.put(None)
+        for form, compile_train in compilers.items():
+            form.compile_train = compile_train
+        outputs.put(None)
         watcher.join(timeout=60)
 
 
@@ -342,9 +361,9 @@ def timeline_figures(
     """From a step timeline: images per second over the steps after the first ``skip``
     (time-weighted), the slowest ``WINDOW``-step window among them, and the timeline itself in
     milliseconds ([wait, time since the previous step] per step). From a ``StepTimeline`` with
-    every step's ``device_done``, also the device's idle time before each step (from the end of
-    the steps before it to when the loop had its batch, the least it can have waited for the
-    loop) as each step's third number, and its sum and count over the steps after ``skip``
+    every step's call and end, also the device's idle time before each step (from the end of
+    the step before it to when the loop called it: the least it can have waited for the loop)
+    as each step's third number, and its sum and count over the steps after ``skip``
     (``device_idle_ms``, ``device_idle_steps``: over 1 ms)."""
     stamps = [t for _, t in timeline]
     intervals = [0.0] + [b - a for a, b in itertools.pairwise(stamps)]
@@ -353,9 +372,12 @@ def timeline_figures(
         for (w, _), i in zip(timeline, intervals, strict=True)
     ]
     out: dict[str, float | list] = {"timeline_ms": steps}
-    done = getattr(timeline, "device_done", [])
-    if len(done) == len(stamps):
-        idle = [round(1e3 * max(t - d, 0.0), 2) for t, d in zip(stamps, done, strict=True)]
+    called = getattr(timeline, "step_called", [])
+    done = getattr(timeline, "step_done", [])
+    if len(called) == len(done) == len(stamps):
+        idle = [0.0] + [
+            round(1e3 * max(c - d, 0.0), 2) for c, d in zip(called[1:], done, strict=False)
+        ]
         for step, ms in zip(steps, idle, strict=True):
             step.append(ms)
         out["device_idle_ms"] = round(sum(idle[skip:]), 1)
@@ -432,7 +454,10 @@ def train_row(
     steady = rates[len(rates) // 2 :] or rates  # Past compilation and the initial buffer.
     rate = statistics.median(steady)
     figures = timeline_figures(timeline, shape.batch * devices, shape.log_every)
-    figures |= gpu.figures(timeline[0][1] if timeline else start)
+    if len(timeline) > shape.log_every:  # the GPU summarised over the steps the rate counts
+        figures |= gpu.figures(timeline[0][1], (timeline[shape.log_every - 1][1], timeline[-1][1]))
+    else:
+        figures |= gpu.figures(timeline[0][1] if timeline else start)
     relative = {
         f"{name}_of_synthetic": round(figures[key] / synthetic, 3)
         for name, key in (

@@ -118,9 +118,14 @@ def slow_steps(
     compiles: list,
     collections_: list,
     slow: float,
+    row: dict[str, Any],
 ) -> list[dict[str, Any]]:
-    """The steps whose interval exceeds `slow` x the median, with what the probes saw in it."""
+    """The steps whose interval exceeds `slow` x the median, with what the probes saw in it and
+    what the row recorded of it: the device's idle time before it, the GPU samples within it
+    ([ms into the step, index, utilisation %, SM MHz, watts, celsius, reasons])."""
     stamps = [t for _, t in timeline]
+    steps_ms = row.get("timeline_ms", [])
+    gpu = [(stamps[0] + ms / 1e3, values) for ms, *values in row.get("gpu_samples_ms", [])]
     intervals = [b - a for a, b in itertools.pairwise(stamps)]
     if not intervals:
         return []
@@ -137,6 +142,10 @@ def slow_steps(
                 "step": i,
                 "interval_ms": round(1e3 * interval, 1),
                 "wait_ms": round(1e3 * timeline[i][0], 2),
+                "device_idle_ms": steps_ms[i][2]
+                if len(steps_ms) > i and len(steps_ms[i]) > 2
+                else None,
+                "gpu": [[round(1e3 * (t - begin), 1), *v] for t, v in gpu if begin <= t <= end],
                 "samples": len(inside),
                 "largest_sample_gap_ms": round(
                     1e3 * max(b - a for a, b in itertools.pairwise(times)), 1
@@ -185,13 +194,22 @@ def probed_train_row(
             gc.enable()
     row = res.rows[-1]
     timeline = timeline_holder[0]
-    slow = slow_steps(timeline, sampler, compiles, collections_, args.slow)
+    slow = slow_steps(timeline, sampler, compiles, collections_, args.slow, row)
     all_gaps = [b[0] - a[0] for a, b in itertools.pairwise(sampler.samples)]
     return {
         "variant": variant,
         **{
             k: row.get(k)
-            for k in ("img_per_s", "time_weighted_of_synthetic", "slowest_window_of_synthetic")
+            for k in (
+                "img_per_s",
+                "time_weighted_of_synthetic",
+                "slowest_window_of_synthetic",
+                "device_idle_ms",
+                "device_idle_steps",
+                "gpu_sm_clock_mhz",
+                "gpu_utilization_pct",
+                "gpu_clock_event_reasons",
+            )
         },
         "samples": len(sampler.samples),
         "sample_gaps_over_50ms": sum(g > 0.05 for g in all_gaps),
@@ -230,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
             report["variants"].append(probed_train_row(res, data_dir, synthetic, args, variant))
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "stall_probe.json").write_text(json.dumps(report, indent=1))
+            (args.out / "stall_probe_rows.json").write_text(json.dumps(res.rows, indent=1))
     print(json.dumps(report, indent=1)[:6000])
 
 

@@ -72,3 +72,18 @@ def test_an_nvidia_smi_that_answers_no_sample_is_not_polled(tmp_path, monkeypatc
     with GpuSamples(period_ms=10) as gpu:
         time.sleep(0.05)
     assert gpu.samples == [] and gpu._process is None
+
+
+def test_the_summary_counts_only_the_samples_within_the_steady_span():
+    """Samples taken while the step compiled (an idle GPU) are listed but not summarised."""
+    gpu = GpuSamples()
+    gpu.samples = [
+        (10.0, [0, 0, 1980, 80.0, 40, 0x1]),  # compiling
+        (11.0, [0, 100, 1980, 650.0, 55, 0x0]),
+        (12.0, [0, 100, 1755, 700.0, 60, 0x4]),
+        (13.0, [0, 0, 1980, 80.0, 45, 0x1]),  # evaluating after the steps
+    ]
+    figures = gpu.figures(start=10.0, steady=(10.5, 12.5))
+    assert figures["gpu_utilization_pct"] == [100, 100, 100]
+    assert figures["gpu_sm_clock_mhz"] == [1755, 1867.5, 1980]
+    assert len(figures["gpu_samples_ms"]) == 4 and figures["gpu_samples_ms"][1][0] == 1000.0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
 
+import jax
 import numpy as np
 
 from benchmarks import input_pipeline
@@ -47,26 +49,38 @@ def test_timeline_figures_weigh_every_step_after_the_first_window():
 
 
 def test_timeline_figures_give_the_device_idle_time_before_each_step():
-    """The device idles before a step from when the steps before it were done to when the loop
-    had its batch; a step whose batch came first counts none."""
+    """The device idles before a step from the end of the step before it to when the loop
+    called it; a step called before the one before it ended counts none."""
     timeline = input_pipeline.StepTimeline()
     timeline.extend((0.0, float(t)) for t in range(1, 9))
-    timeline.device_done.extend([0.5, 2.5, 3.0, 3.996, 3.0, 6.0, 7.5, 7.0])
+    timeline.step_called.extend([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
+    timeline.step_done.extend([1.5, 2.5, 3.996, 4.5, 7.5, 7.9, 8.9, 9.9])
     figures = input_pipeline.timeline_figures(timeline, rows=10, skip=2)
-    assert [step[2] for step in figures["timeline_ms"]] == [500.0, 0, 0, 4.0, 2000.0, 0, 0, 1000.0]
-    assert figures["device_idle_ms"] == 3004.0 and figures["device_idle_steps"] == 3
+    assert [step[2] for step in figures["timeline_ms"]] == [0.0, 500.0, 500.0, 4.0, 500.0, 0, 0, 0]
+    assert figures["device_idle_ms"] == 1004.0 and figures["device_idle_steps"] == 3
 
 
-def test_the_step_timeline_marks_when_the_device_has_run_the_steps_before_each_batch():
-    """Through `data.prefetch_to_device`, as `fit` draws its batches: one device mark per
-    batch, each after the loop handed over the batch before it, and the function restored."""
+def test_the_step_timeline_times_the_batches_and_the_steps_the_loop_runs():
+    """Through `data.prefetch_to_device` and a parallel form's `compile_train`, as `fit` uses
+    them: each batch's wait, each step's call and end (a host that sleeps between steps leaves
+    the device idle for that long), and the functions restored."""
+    from flax_attention.training import parallel
+
     original = input_pipeline.data.prefetch_to_device
+    form = parallel.make_parallel("none")
     with input_pipeline.step_timeline() as timeline:
         batches = input_pipeline.data.prefetch_to_device(
-            iter([(np.zeros(4), i) for i in range(5)]), lambda batch: batch
+            iter([(np.zeros(4, np.float32), i) for i in range(5)]), lambda batch: batch
         )
-        tags = [tag for _, tag in batches]
-    assert tags == list(range(5)) and input_pipeline.data.prefetch_to_device is original
-    assert len(timeline) == len(timeline.device_done) == 5
-    got = [t for _, t in timeline]
-    assert all(done >= t for done, t in zip(timeline.device_done, got, strict=True))
+        step = form.compile_train(lambda state, batch, **_: (state + 1, {"loss": batch.sum()}))
+        state = form.put_state(np.float32(0))
+        for batch, _ in batches:
+            state, metrics = step(state, form.put_batch({"x": batch})["x"])
+            jax.block_until_ready(metrics)
+            time.sleep(0.05)
+    assert input_pipeline.data.prefetch_to_device is original
+    assert form.compile_train.__func__ is parallel.MeshForm.__dict__["compile_train"]
+    assert len(timeline) == len(timeline.step_called) == len(timeline.step_done) == 5
+    assert all(d >= c for c, d in zip(timeline.step_called, timeline.step_done, strict=True))
+    figures = input_pipeline.timeline_figures(timeline, rows=4, skip=1)
+    assert all(step[2] >= 45.0 for step in figures["timeline_ms"][1:])

@@ -286,9 +286,15 @@ def test_stall_probe_lists_what_happened_inside_each_slow_step():
     sampler.samples = [(1.35, "loop.py:train"), (1.36, "loop.py:train"), (1.75, "gc")]
     collections = [(1.4, "gen2", 0.3), (0.5, "gen2", 0.2)]
     compiles = [(1.5, "Compiling jit(add)", 0.0)]
-    slow = stall_probe.slow_steps(timeline, sampler, compiles, collections, slow=2.5)
+    row = {
+        "timeline_ms": [[0.0, 0.0, 0.0]] * 5 + [[10.0, 500.0, 420.0], [0.0, 100.0, 0.0]],
+        "gpu_samples_ms": [[1200.0, 0, 99, 1980, 400.0, 60, 0], [1500.0, 0, 3, 1980, 90.0, 58, 1]],
+    }
+    slow = stall_probe.slow_steps(timeline, sampler, compiles, collections, slow=2.5, row=row)
     assert [s["step"] for s in slow] == [5]  # 500 ms against a 100 ms median
     step = slow[0]
+    assert step["device_idle_ms"] == 420.0
+    assert step["gpu"] == [[200.0, 0, 3, 1980, 90.0, 58, 1]]  # the sample inside the step
     assert step["interval_ms"] == 500.0 and step["wait_ms"] == 10.0 and step["samples"] == 3
     assert step["stacks"][0] == ("loop.py:train", 2)
     assert step["largest_sample_gap_ms"] == 390.0
