@@ -17,7 +17,7 @@ class SteadyCpu:
 
     def __init__(self, metrics: Path, first: int, last: int):
         self.metrics, self.first, self.last = metrics, first, last
-        self.marks: dict[int, tuple[float, float]] = {}
+        self.marks: dict[int, tuple[float, float, float]] = {}
         self.cpus = psutil.Process().cpu_affinity()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
@@ -32,7 +32,7 @@ class SteadyCpu:
             count = self._windows()
             for mark in (self.first - 1, self.last):
                 if count >= mark and mark not in self.marks:
-                    self.marks[mark] = (time.perf_counter(), self._busy_seconds())
+                    self.marks[mark] = (time.perf_counter(), *self._busy_and_steal_seconds())
 
     def __enter__(self) -> SteadyCpu:
         self.thread.start()
@@ -42,16 +42,27 @@ class SteadyCpu:
         self.stop.set()
         self.thread.join()
 
-    def _busy_seconds(self) -> float:
-        per_cpu = psutil.cpu_times(percpu=True)
-        return sum(_busy(per_cpu[i]) for i in self.cpus)
+    def _busy_and_steal_seconds(self) -> tuple[float, float]:
+        every_cpu = psutil.cpu_times(percpu=True)
+        per_cpu = [every_cpu[i] for i in self.cpus]
+        return sum(_busy(t) for t in per_cpu), sum(getattr(t, "steal", 0.0) for t in per_cpu)
+
+    def _rate(self, column: int) -> float | None:
+        if len(self.marks) < 2:
+            return None
+        start, end = self.marks[self.first - 1], self.marks[self.last]
+        return (end[column] - start[column]) / max(end[0] - start[0], 1e-9)
 
     @property
     def cores(self) -> float | None:
-        if len(self.marks) < 2:
-            return None
-        (t0, busy0), (t1, busy1) = self.marks[self.first - 1], self.marks[self.last]
-        return (busy1 - busy0) / max(t1 - t0, 1e-9)
+        """Busy cores over the stretch (steal included), None before it ended."""
+        return self._rate(1)
+
+    @property
+    def steal_cores(self) -> float | None:
+        """Cores' worth of time the hypervisor ran something else while this machine's threads
+        were ready to run (Linux steal time), over the stretch; None before it ended."""
+        return self._rate(2)
 
 
 def _busy(times: Any) -> float:

@@ -20,8 +20,9 @@ has among them: CMYK and grayscale JPEGs, a PNG named .JPEG, one 4200 x 3150 px 
   (`parallel` jit, 256 rows per GPU; each GPU decodes its rows) or one CPU device: the median
   logged window over the second half of the run (`img_per_s`), images per second over every step
   after the first logged window (`img_per_s_time_weighted`), the slowest 10-step window, the
-  machine's busy CPU cores over the steady windows, the decoders' peak GPU memory
-  (`decoder_peak_mib`, the most any GPU held at once) and a per-step timeline (`timeline_ms`:
+  machine's busy CPU cores over the steady windows (and the cores' worth of time the hypervisor
+  took from them, `cpu_steal_cores`; the CPU model is the results' `host_cpu`), the decoders'
+  peak GPU memory (`decoder_peak_mib`, the most any GPU held at once) and a per-step timeline (`timeline_ms`:
   [time the loop waited for the batch, time since the previous batch, the device's idle time
   before it (from the end of the step before it to when the loop called it; summed over the
   steps after the first window in `device_idle_ms`, counted in `device_idle_steps`)] per step;
@@ -479,6 +480,9 @@ def train_row(
             "img_per_s_windows": [round(r) for r in steady],
             "of_synthetic": round(rate / synthetic, 3),
             "cpu_cores_used": None if steady_cpu.cores is None else round(steady_cpu.cores, 1),
+            "cpu_steal_cores": None
+            if steady_cpu.steal_cores is None
+            else round(steady_cpu.steal_cores, 2),
             "decoder_peak_mib": _peak_mib() if decoder != "cpu" else None,
             "wall_s": round(wall, 1),
             "epoch_steps": shape.num_train // (shape.batch * devices),
@@ -488,12 +492,23 @@ def train_row(
     )
 
 
+def host_cpu() -> str | None:
+    """The host CPU's model name (Linux ``/proc/cpuinfo``), None where it is not given."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else None
+
+
 def run(settings: Settings, data_dir: Path | None = None) -> Results:
     shape = QUICK if settings.quick else FULL
     res = Results("input", settings)
     res.meta.update(
         shape=dataclasses.asdict(shape),
         host_cores=len(os.sched_getaffinity(0)),
+        host_cpu=host_cpu(),
         cuda_device_max_connections=os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"),
         suite_doc=__doc__.strip(),
     )
@@ -556,7 +571,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
     res = Results("input_host", Settings.make(False, args.out))
-    res.meta.update(shape=dataclasses.asdict(FULL), host_cores=len(os.sched_getaffinity(0)))
+    res.meta.update(
+        shape=dataclasses.asdict(FULL), host_cores=len(os.sched_getaffinity(0)), host_cpu=host_cpu()
+    )
     with tempfile.TemporaryDirectory() as scratch:
         photos.write_photo_dataset(
             scratch, num_train=FULL.num_train, num_eval=16, heights=FULL.heights, widths=FULL.widths

@@ -33,6 +33,8 @@ def test_input_suite_quick_run_measures_every_host_pipeline_and_trains(tmp_path)
     assert all(len(step) == 3 and min(step) >= 0 for step in cpu["timeline_ms"])
     assert cpu["device_idle_ms"] >= 0 and cpu["device_idle_steps"] >= 0
     assert cpu["decoder_peak_mib"] is None
+    assert cpu["cpu_cores_used"] > 0 and cpu["cpu_steal_cores"] >= 0
+    assert json.loads(res.path.read_text())["host_cpu"]
     assert rows[("gpu-decode", "nvimgcodec")]["skipped"] == "no CUDA GPU/nvImageCodec"
     assert rows[("train", "gpu")]["skipped"] == "no CUDA GPU/nvImageCodec"
     assert rows[("train", "hybrid")]["skipped"] == "no CUDA GPU/nvImageCodec"
@@ -84,3 +86,12 @@ def test_the_step_timeline_times_the_batches_and_the_steps_the_loop_runs():
     assert all(d >= c for c, d in zip(timeline.step_called, timeline.step_done, strict=True))
     figures = input_pipeline.timeline_figures(timeline, rows=4, skip=1)
     assert all(step[2] >= 45.0 for step in figures["timeline_ms"][1:])
+
+
+def test_steady_cpu_gives_busy_and_steal_cores_over_the_stretch(tmp_path):
+    from benchmarks.cpu_usage import SteadyCpu
+
+    cpu = SteadyCpu(tmp_path / "metrics.jsonl", first=2, last=4)
+    assert cpu.cores is None and cpu.steal_cores is None
+    cpu.marks = {1: (10.0, 100.0, 1.0), 4: (14.0, 120.0, 3.0)}
+    assert cpu.cores == 5.0 and cpu.steal_cores == 0.5
