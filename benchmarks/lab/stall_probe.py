@@ -1,8 +1,10 @@
 """Where the input suite's slow steps come from: `python -m benchmarks.lab.stall_probe --out DIR`.
 
 Runs the input suite's dataset, synthetic step and GPU-decoding `train` row (`fit`, 3 decode
-threads), once as the suite does and once per variant (`--variants`: `nogc`, Python's garbage
-collector off for the run), and records beside each row's step timeline:
+threads), once per variant in `--variants` (`base`: as the suite does; `nogc`: Python's garbage
+collector off for the run; `queued=N`: the loop `N` steps ahead of the step whose metrics it
+reads, against `QUEUED_STEPS`; `switch=MS`: CPython's switch interval; `threads=N`: `N` decode
+threads), and records beside each row's step timeline:
 - the training thread's Python stack, sampled every `--sample-ms` by a thread of its own
   (`sys._current_frames`), and the longest gap between samples (a gap: no thread could take
   the GIL, or the sampler was starved);
@@ -37,6 +39,10 @@ from benchmarks import input_pipeline as suite
 from benchmarks.quick_model import quick_model_registered
 from benchmarks.results import Results
 from benchmarks.settings import Settings
+from flax_attention.training import loop
+
+
+VARIANTS = ("base", "nogc", "queued", "switch", "threads")
 
 
 class Sampler(threading.Thread):
@@ -166,6 +172,30 @@ def slow_steps(
     return out
 
 
+@contextlib.contextmanager
+def collector_off():
+    """Python's garbage collector off (after a full collection) while active."""
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+@contextlib.contextmanager
+def patched(owner: Any, name: str, value: Any):
+    """`owner.name` set to `value` while active."""
+    before = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, before)
+
+
 def probed_train_row(
     res: Results, data_dir: Path, synthetic: float, args: argparse.Namespace, variant: str
 ) -> dict[str, Any]:
@@ -180,18 +210,25 @@ def probed_train_row(
             yield timeline
 
     suite.step_timeline = keep_timeline
-    was_enabled = gc.isenabled()
-    if variant == "nogc":
-        gc.collect()
-        gc.disable()
+    threads = 3 if args.decoder == "gpu" else None
+    name, _, value = variant.partition("=")
     try:
-        with probes(args.sample_ms) as (sampler, compiles, collections_, triggers):
-            threads = 3 if args.decoder == "gpu" else None
-            suite.train_row(res, data_dir, shape, res.settings, args.decoder, synthetic, threads)
+        with contextlib.ExitStack() as undo:
+            if name == "nogc":
+                undo.enter_context(collector_off())
+            elif name == "queued":
+                undo.enter_context(patched(loop, "QUEUED_STEPS", int(value)))
+            elif name == "switch":
+                undo.callback(sys.setswitchinterval, sys.getswitchinterval())
+                sys.setswitchinterval(float(value) / 1e3)
+            elif name == "threads":
+                threads = int(value)
+            with probes(args.sample_ms) as (sampler, compiles, collections_, triggers):
+                suite.train_row(
+                    res, data_dir, shape, res.settings, args.decoder, synthetic, threads
+                )
     finally:
         suite.step_timeline = original
-        if was_enabled:
-            gc.enable()
     row = res.rows[-1]
     timeline = timeline_holder[0]
     slow = slow_steps(timeline, sampler, compiles, collections_, args.slow, row)
@@ -235,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decoder", default="gpu", choices=("gpu", "cpu"))
     p.add_argument("--quick", action="store_true", help="CPU smoke: the suite's quick shape")
     args = p.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v.partition("=")[0] not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}: each is one of {', '.join(VARIANTS)} (name=value)")
     shape = suite.QUICK if args.quick else suite.FULL
     res = Results("stall_probe_rows", Settings.make(args.quick, args.out))
     report: dict[str, Any] = {"device": str(jax.devices()[0].device_kind), "variants": []}
