@@ -12,7 +12,9 @@ threads), and records beside each row's step timeline:
   (`gc.callbacks`) with its time.
 A slow step (more than `--slow` times the median interval) lists what those saw within it:
 the most frequent leaf frames of the training thread, the compilations and collections, the
-sample gap. JSON: `<out>/stall_probe.json`.
+sample gap. With `--py-spy`, each row also records which threads held the interpreter (GIL)
+for `--py-spy-seconds` past its first logged window, and in which frames. JSON:
+`<out>/stall_probe.json`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import gc
 import itertools
 import json
 import logging
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -196,6 +200,55 @@ def patched(owner: Any, name: str, value: Any):
         setattr(owner, name, before)
 
 
+class GilHolders(threading.Thread):
+    """Once the training run is ``after_steps`` steps in, records this process for ``seconds``
+    with py-spy (``--gil --threads --nonblocking``: each sample is the stack of the thread that
+    held the interpreter then) into ``raw`` (py-spy's raw format: one line a stack, with its
+    count)."""
+
+    def __init__(self, py_spy: str, raw: Path, timeline: list, after_steps: int, seconds: int):
+        super().__init__(daemon=True)
+        self.py_spy, self.raw, self.timeline = py_spy, raw, timeline
+        self.after_steps, self.seconds = after_steps, seconds
+        self.error: str | None = None
+        self.py_spy_says = ""  # py-spy's own count of samples taken and errors
+
+    def run(self) -> None:
+        deadline = time.perf_counter() + 600
+        while len(self.timeline) < self.after_steps and time.perf_counter() < deadline:
+            time.sleep(0.05)
+        command = [self.py_spy, "record", "--pid", str(os.getpid()), "--gil", "--threads"]
+        command += ["--nonblocking", "--rate", "200", "--duration", str(self.seconds)]
+        command += ["--format", "raw", "--output", str(self.raw)]
+        self.raw.parent.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            self.error = (done.stderr or done.stdout).strip()[-400:]
+        said = [line for line in (done.stdout + done.stderr).splitlines() if "Samples:" in line]
+        self.py_spy_says = said[-1] if said else ""
+
+    def summary(self) -> dict[str, Any]:
+        """Samples per thread name, and each thread's most frequent innermost frames."""
+        if self.error is not None or not self.raw.exists():
+            return {"error": self.error or "py-spy wrote nothing"}
+        threads: collections.Counter = collections.Counter()
+        leaves: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        for line in self.raw.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            frames = stack.split(";")
+            thread = frames[0].partition(": ")[2] or frames[0]
+            threads[thread] += int(count)
+            leaves[thread][" < ".join(reversed(frames[1:][-3:]))] += int(count)
+        return {
+            "py_spy": self.py_spy_says,
+            "samples": sum(threads.values()),
+            "threads": threads.most_common(),
+            "frames": {t: leaves[t].most_common(5) for t, _ in threads.most_common(6)},
+        }
+
+
 def probed_train_row(
     res: Results, data_dir: Path, synthetic: float, args: argparse.Namespace, variant: str
 ) -> dict[str, Any]:
@@ -207,8 +260,19 @@ def probed_train_row(
     def keep_timeline():
         with original() as timeline:
             timeline_holder.append(timeline)
-            yield timeline
+            spy = None
+            if args.py_spy:
+                raw = args.out / f"py_spy_{variant.replace('=', '_')}.txt"
+                spy = GilHolders(args.py_spy, raw, timeline, shape.log_every, args.py_spy_seconds)
+                spy.start()
+            try:
+                yield timeline
+            finally:
+                if spy is not None:
+                    spy.join()
+                    gil_holders.update(spy.summary())
 
+    gil_holders: dict[str, Any] = {}
     suite.step_timeline = keep_timeline
     threads = 3 if args.decoder == "gpu" else None
     name, _, value = variant.partition("=")
@@ -259,6 +323,7 @@ def probed_train_row(
             (thread, where) for _, thread, where in triggers
         ).most_common(8),
         "collections_over_10ms": [(g, round(1e3 * d, 1)) for _, g, d in collections_ if d > 0.01],
+        "gil_holders": gil_holders,
         "slow_steps": slow,
     }
 
@@ -271,6 +336,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--slow", type=float, default=2.5, help="slow: interval > this x median")
     p.add_argument("--decoder", default="gpu", choices=("gpu", "cpu"))
     p.add_argument("--quick", action="store_true", help="CPU smoke: the suite's quick shape")
+    p.add_argument("--synthetic", type=float, help="the synthetic step's img/s, not measured")
+    p.add_argument("--py-spy", help="py-spy's path: record the GIL's holders in each row")
+    p.add_argument("--py-spy-seconds", type=int, default=6)
     args = p.parse_args(argv)
     unknown = [v for v in args.variants.split(",") if v.partition("=")[0] not in VARIANTS]
     if unknown:
@@ -282,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     with quick_model, tempfile.TemporaryDirectory() as scratch:
         data_dir = Path(scratch)
         suite.write_dataset(data_dir, shape)
-        synthetic = suite.synthetic_step_row(res, shape, res.settings)
+        synthetic = args.synthetic or suite.synthetic_step_row(res, shape, res.settings)
         report["synthetic_img_per_s"] = round(synthetic)
         for variant in args.variants.split(","):
             report["variants"].append(probed_train_row(res, data_dir, synthetic, args, variant))

@@ -300,3 +300,23 @@ def test_stall_probe_lists_what_happened_inside_each_slow_step():
     assert step["largest_sample_gap_ms"] == 390.0
     assert step["collections"] == [(100.0, "gen2", 300.0)]
     assert step["compiles"] == [(200.0, "Compiling jit(add)", 0.0)]
+
+
+def test_stall_probe_sums_py_spy_samples_by_the_thread_holding_the_gil(tmp_path):
+    from benchmarks.lab import stall_probe
+
+    raw = tmp_path / "py_spy_base.txt"
+    raw.write_text(
+        "thread (1): MainThread;train (loop.py:294);__call__ (pjit.py:10) 7\n"
+        "thread (2): decode_0;decode (gpu_decode.py:80);_resample (gpu_decode.py:120) 5\n"
+        "thread (1): MainThread;train (loop.py:294);_check (loop.py:350) 2\n"
+        "not a sample line\n"
+    )
+    spy = stall_probe.GilHolders("py-spy", raw, timeline=[], after_steps=0, seconds=1)
+    summary = spy.summary()
+    assert summary["samples"] == 14
+    assert summary["threads"] == [("MainThread", 9), ("decode_0", 5)]
+    main_frames = summary["frames"]["MainThread"]
+    assert main_frames[0] == ("__call__ (pjit.py:10) < train (loop.py:294)", 7)
+    spy.error = "ptrace: Operation not permitted"
+    assert spy.summary() == {"error": "ptrace: Operation not permitted"}
