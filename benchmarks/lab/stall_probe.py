@@ -45,7 +45,6 @@ from benchmarks.results import Results
 from benchmarks.settings import Settings
 from flax_attention.training import loop
 
-
 VARIANTS = ("base", "nogc", "queued", "switch", "threads")
 
 
