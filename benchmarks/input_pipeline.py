@@ -22,11 +22,11 @@ has among them: CMYK and grayscale JPEGs, a PNG named .JPEG, one 4200 x 3150 px 
   after the first logged window (`img_per_s_time_weighted`), the slowest 10-step window, the
   machine's busy CPU cores over the steady windows (and the cores' worth of time the hypervisor
   took from them, `cpu_steal_cores`; the CPU model is the results' `host_cpu`), the decoders'
-  peak GPU memory (`decoder_peak_mib`, the most any GPU held at once) and a per-step timeline (`timeline_ms`:
-  [time the loop waited for the batch, time since the previous batch, the device's idle time
-  before it (from the end of the step before it to when the loop called it; summed over the
-  steps after the first window in `device_idle_ms`, counted in `device_idle_steps`)] per step;
-  `epoch_steps` marks the epoch boundaries) and, where nvidia-smi runs, every GPU sampled each
+  peak GPU memory (`decoder_peak_mib`, the most any GPU held at once) and a per-step timeline
+  (`timeline_ms`: [time the loop waited for the batch, time since the previous batch, the
+  device's idle time before it (from the end of the step before it to when the loop called it;
+  summed over the steps after the first window in `device_idle_ms`, counted in
+  `device_idle_steps`)] per step; `epoch_steps` marks the epoch boundaries) and, where nvidia-smi runs, every GPU sampled each
   50 ms (`gpu_samples_ms`: [milliseconds since the first step's batch, GPU index, utilisation %,
   SM MHz, watts, celsius, clock event reasons bitmask], summarised in `gpu_sm_clock_mhz`,
   `gpu_utilization_pct` and `gpu_clock_event_reasons`) to attribute dips, next to the same
@@ -455,10 +455,9 @@ def train_row(
     steady = rates[len(rates) // 2 :] or rates  # Past compilation and the initial buffer.
     rate = statistics.median(steady)
     figures = timeline_figures(timeline, shape.batch * devices, shape.log_every)
-    if len(timeline) > shape.log_every:  # the GPU summarised over the steps the rate counts
-        figures |= gpu.figures(timeline[0][1], (timeline[shape.log_every - 1][1], timeline[-1][1]))
-    else:
-        figures |= gpu.figures(timeline[0][1] if timeline else start)
+    skip = shape.log_every  # the GPU summarised over the steps the time-weighted rate counts
+    counted = (timeline[skip - 1][1], timeline[-1][1]) if len(timeline) > skip else None
+    figures |= gpu.figures(timeline[0][1] if timeline else start, counted)
     relative = {
         f"{name}_of_synthetic": round(figures[key] / synthetic, 3)
         for name, key in (
