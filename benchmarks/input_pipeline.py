@@ -284,12 +284,14 @@ def synthetic_step_row(res: Results, shape: Shape, settings: Settings) -> float:
 class StepTimeline(list):
     """Per step of a training run, (seconds the loop waited for the batch, ``perf_counter`` when
     it got it); per call of the training step, ``step_called``: the ``perf_counter`` when the
-    loop called it, and ``step_done``: when every local device had run it, as a thread of its
-    own waiting on the step's outputs saw it (late by that thread's wake-up, never early)."""
+    loop called it, ``step_returned``: when the call returned (the step dispatched), and
+    ``step_done``: when every local device had run it, as a thread of its own waiting on the
+    step's outputs saw it (late by that thread's wake-up, never early)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.step_called: list[float] = []
+        self.step_returned: list[float] = []
         self.step_done: list[float] = []
 
 
@@ -334,6 +336,7 @@ def step_timeline():
             def call(state, batch):
                 timeline.step_called.append(time.perf_counter())
                 state, metrics = compiled(state, batch)
+                timeline.step_returned.append(time.perf_counter())
                 outputs.put(metrics)  # the metrics only: the state is donated to the next step
                 return state, metrics
 
@@ -365,7 +368,8 @@ def timeline_figures(
     every step's call and end, also the device's idle time before each step (from the end of
     the step before it to when the loop called it: the least it can have waited for the loop)
     as each step's third number, and its sum and count over the steps after ``skip``
-    (``device_idle_ms``, ``device_idle_steps``: over 1 ms)."""
+    (``device_idle_ms``, ``device_idle_steps``: over 1 ms); with the calls' returns, the host
+    time of a step call (``step_call_ms``: median and longest after ``skip``)."""
     stamps = [t for _, t in timeline]
     intervals = [0.0] + [b - a for a, b in itertools.pairwise(stamps)]
     steps = [
@@ -383,6 +387,10 @@ def timeline_figures(
             step.append(ms)
         out["device_idle_ms"] = round(sum(idle[skip:]), 1)
         out["device_idle_steps"] = sum(ms > 1.0 for ms in idle[skip:])
+    returned = getattr(timeline, "step_returned", [])
+    if len(returned) == len(called) > skip:
+        calls = [1e3 * (r - c) for c, r in zip(called[skip:], returned[skip:], strict=True)]
+        out["step_call_ms"] = [round(statistics.median(calls), 2), round(max(calls), 2)]
     if len(stamps) > skip + WINDOW:
         out["img_per_s_time_weighted"] = round(
             rows * (len(stamps) - skip) / (stamps[-1] - stamps[skip - 1])

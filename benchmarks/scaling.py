@@ -37,8 +37,8 @@ from benchmarks.timing import jax_sync, time_fn
 from benchmarks.train import NUM_CLASSES
 from flax_attention.models import BasicBlock, ResNet, create_model
 from flax_attention.training.collectives import count_collectives
-from flax_attention.training.parallel import MeshForm, PmapForm
-from flax_attention.training.state import TrainState, create_train_state
+from flax_attention.training.parallel import MeshForm, PlacedState, PmapForm
+from flax_attention.training.state import create_train_state
 from flax_attention.training.steps import train_step
 
 DEVICE_COUNTS = (1, 2, 4, 8)
@@ -129,7 +129,7 @@ def compile_step(
     graphdef, state = create_train_state(model, tx)
     step = variant.compile(form, lambda s, b, **kw: train_step(graphdef, tx, s, b, **kw))
     data = _batches(form, settings.inputs, batch * n, image)
-    box: list[TrainState] = [form.put_state(state)]
+    box: list[PlacedState] = [form.put_state(state)]
     t0 = time.perf_counter()
     compiled = step.lower(box[0], *data[0]).compile()
     box[0], metrics = compiled(box[0], *data[0])

@@ -177,6 +177,23 @@ def test_jit_step_has_one_collective_per_batchnorm_each_way(grad_sync: str):
         assert re.search(rf"= f32\[{size}\]\S* all-reduce\(", hlo), "no flat all-reduce"
 
 
+@pytest.mark.parametrize("form_name", ["none", "pmap"])
+def test_the_placed_state_is_one_pytree_node_over_the_arrays(form_name: str):
+    """A form's placed state is one node over the state's arrays (a step call then flattens and
+    rebuilds it in one Python call, not one per `nnx.Variable`); the canonical state it gives
+    back is the state put in."""
+    form = make_parallel(form_name)
+    _, state = create_train_state(tiny_resnet(), make_optimizer("sgd", 0.1, momentum=0.9))
+    placed = form.put_state(state)
+    tree = jax.tree.structure(placed)
+    assert tree.num_leaves == len(jax.tree.leaves(state))
+    assert tree.num_nodes == tree.num_leaves + 1
+    back = form.canonical_state(placed)
+    assert jax.tree.structure(back) == jax.tree.structure(state)
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_bad_form_options_are_config_errors():
     with pytest.raises(ConfigError, match="bn_group_size must divide the number of devices, 8"):
         make_parallel("jit", bn_group_size=3)

@@ -60,6 +60,10 @@ def test_timeline_figures_give_the_device_idle_time_before_each_step():
     figures = input_pipeline.timeline_figures(timeline, rows=10, skip=2)
     assert [step[2] for step in figures["timeline_ms"]] == [0.0, 500.0, 500.0, 4.0, 500.0, 0, 0, 0]
     assert figures["device_idle_ms"] == 1004.0 and figures["device_idle_steps"] == 3
+    assert "step_call_ms" not in figures  # no returns recorded
+    timeline.step_returned.extend([1.1, 2.002, 3.003, 4.004, 5.5, 6.001, 7.001, 8.001])
+    figures = input_pipeline.timeline_figures(timeline, rows=10, skip=2)
+    assert figures["step_call_ms"] == [2.0, 500.0]  # median and longest after step 2
 
 
 def test_the_step_timeline_times_the_batches_and_the_steps_the_loop_runs():
@@ -83,6 +87,7 @@ def test_the_step_timeline_times_the_batches_and_the_steps_the_loop_runs():
     assert input_pipeline.data.prefetch_to_device is original
     assert form.compile_train.__func__ is parallel.MeshForm.__dict__["compile_train"]
     assert len(timeline) == len(timeline.step_called) == len(timeline.step_done) == 5
+    assert len(timeline.step_returned) == 5
     assert all(d >= c for c, d in zip(timeline.step_called, timeline.step_done, strict=True))
     figures = input_pipeline.timeline_figures(timeline, rows=4, skip=1)
     assert all(step[2] >= 45.0 for step in figures["timeline_ms"][1:])

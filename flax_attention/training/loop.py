@@ -39,8 +39,8 @@ from flax_attention.training.evaluate import evaluate
 from flax_attention.training.interrupt import StopOnInterrupt
 from flax_attention.training.metrics import Meter, MetricsLog, plot_curves
 from flax_attention.training.optim import make_optimizer, make_schedule
-from flax_attention.training.parallel import MeshForm, PmapForm, make_parallel
-from flax_attention.training.state import TrainState, create_train_state
+from flax_attention.training.parallel import MeshForm, PlacedState, PmapForm, make_parallel
+from flax_attention.training.state import create_train_state
 from flax_attention.training.steps import eval_step, train_step
 from flax_attention.training.warm_start import load_pretrained
 from flax_attention.training.workdir_lock import hold_workdir
@@ -352,7 +352,7 @@ class _Run:
             )
         meter.update(values, self.cfg.batch_size)
 
-    def _save(self, step: int, dev_state: TrainState, data_state: dict) -> None:
+    def _save(self, step: int, dev_state: PlacedState, data_state: dict) -> None:
         """Checkpoint step `step` (its loss already checked) if its parameters are finite."""
         if step == self.saved_step:
             return
@@ -380,7 +380,7 @@ class _Run:
         bar.set_postfix(loss=f"{record['loss']:.4f}", top1=f"{record['top1']:.3f}")
         gc.collect(1)  # the young generations, while the device runs the queued steps
 
-    def _evaluate(self, step: int, dev_state: TrainState) -> dict[str, float]:
+    def _evaluate(self, step: int, dev_state: PlacedState) -> dict[str, float]:
         """Loss, top-1 and top-5 over the whole evaluation split, logged to metrics.jsonl."""
         result = evaluate(
             self.eval_fn,
@@ -396,7 +396,7 @@ class _Run:
         self.log.write({"step": step, **result})
         return result
 
-    def _finish(self, dev_state: TrainState) -> dict[str, str]:
+    def _finish(self, dev_state: PlacedState) -> dict[str, str]:
         """Save the final model and the plot (process 0)."""
         model_dir, plot = self.workdir / "model", self.workdir / "metrics.png"
         if self.is_main:

@@ -17,8 +17,9 @@ over the global batch):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,45 @@ from flax_attention.training.steps import GRAD_SYNCS, Batch, Metrics
 
 AXIS = "data"  # the BatchNorm axis (a group of devices); the batch is split over it
 REPLICA = "replica"  # the BatchNorm groups (size 1 unless bn_group_size is given)
+
+
+@jax.tree_util.register_pytree_node_class
+class PlacedState:
+    """A `TrainState` as the forms' compiled steps take and return it: its leaves (the arrays,
+    in `jax.tree.leaves` order) under one pytree node that keeps the tree structure.
+
+    A step call then flattens and rebuilds the state in one Python call; the `TrainState`
+    itself would cost one per `nnx.Variable` each way (over a thousand for a ResNet-50's
+    parameters, statistics and momentum), all on the thread that dispatches the steps."""
+
+    def __init__(self, leaves: Sequence[Any], tree: jax.tree_util.PyTreeDef):
+        self.leaves, self.tree = tuple(leaves), tree
+
+    @classmethod
+    def of(cls, state: TrainState) -> PlacedState:
+        leaves, tree = jax.tree.flatten(state)
+        return cls(leaves, tree)
+
+    def state(self) -> TrainState:
+        """The `TrainState` these leaves make."""
+        return jax.tree.unflatten(self.tree, self.leaves)
+
+    def tree_flatten(self) -> tuple[tuple[Any, ...], jax.tree_util.PyTreeDef]:
+        return self.leaves, self.tree
+
+    @classmethod
+    def tree_unflatten(cls, tree: jax.tree_util.PyTreeDef, leaves: Sequence[Any]) -> PlacedState:
+        return cls(leaves, tree)
+
+
+def on_placed_state(step: Callable) -> Callable:
+    """`step(state, batch, **kw) -> (state, metrics)` taking and returning `PlacedState`s."""
+
+    def placed_step(placed: PlacedState, batch: Batch, **kw: Any) -> tuple[PlacedState, Metrics]:
+        state, metrics = step(placed.state(), batch, **kw)
+        return PlacedState.of(state), metrics
+
+    return placed_step
 
 
 class MeshForm:
@@ -73,13 +113,13 @@ class MeshForm:
         its device's own for groups of one device."""
         set_batchnorm_axis_name(model, AXIS if self.bn_group_size > 1 else None)
 
-    def put_state(self, state: TrainState) -> TrainState:
+    def put_state(self, state: TrainState) -> PlacedState:
         """The canonical state placed for this form's step."""
-        return jax.device_put(state, self.replicated)
+        return PlacedState.of(jax.device_put(state, self.replicated))
 
-    def canonical_state(self, state: TrainState) -> TrainState:
-        """This form's state as the canonical (mesh-replicated) state."""
-        return state
+    def canonical_state(self, placed: PlacedState) -> TrainState:
+        """This form's placed state as the canonical (mesh-replicated) state."""
+        return placed.state()
 
     def put_batch(self, local_batch: dict[str, np.ndarray | jax.Array]) -> Batch:
         """Global batch sharded over all devices from this process's rows (B / process_count, ...),
@@ -95,6 +135,7 @@ class MeshForm:
         """`step(state, batch, axis_name=..., grad_sync=...)` run per device under shard_map,
         called as f(placed state, placed batch) -> (placed state, metrics)."""
 
+        @on_placed_state
         def per_device(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
             state, metrics = step(
                 state, batch, axis_name=(REPLICA, AXIS), grad_sync=self.step_grad_sync
@@ -141,12 +182,14 @@ class PmapForm(MeshForm):
         # A batch's rows over this process's devices, on the leading replica axis.
         self.replica_rows = NamedSharding(Mesh(self.local_devices, (AXIS,)), P(AXIS))
 
-    def put_state(self, state: TrainState) -> TrainState:
+    def put_state(self, state: TrainState) -> PlacedState:
         n = len(self.local_devices)
-        return jax.tree.map(lambda x: jnp.broadcast_to(np.asarray(x), (n, *x.shape)), state)
+        broadcast = jax.tree.map(lambda x: jnp.broadcast_to(np.asarray(x), (n, *x.shape)), state)
+        return PlacedState.of(broadcast)
 
-    def canonical_state(self, state: TrainState) -> TrainState:
-        return jax.device_put(jax.tree.map(lambda x: np.asarray(x[0]), state), self.replicated)
+    def canonical_state(self, placed: PlacedState) -> TrainState:
+        first = jax.tree.map(lambda x: np.asarray(x[0]), placed.state())
+        return jax.device_put(first, self.replicated)
 
     def put_batch(self, local_batch: dict[str, np.ndarray | jax.Array]) -> Batch:
         """This process's rows split over its devices on a leading replica axis, copied."""
@@ -158,7 +201,7 @@ class PmapForm(MeshForm):
 
     def compile_train(self, step: Callable) -> Callable:
         return jax.pmap(
-            partial(step, axis_name=AXIS, grad_sync=self.step_grad_sync),
+            partial(on_placed_state(step), axis_name=AXIS, grad_sync=self.step_grad_sync),
             axis_name=AXIS,
             devices=self.local_devices,
             donate_argnums=0,

@@ -27,8 +27,8 @@ from jax.sharding import SingleDeviceSharding
 from flax_attention.models import create_model
 from flax_attention.training.config import PRECISIONS
 from flax_attention.training.optim import make_optimizer, make_schedule
-from flax_attention.training.parallel import MeshForm
-from flax_attention.training.state import TrainState, create_train_state
+from flax_attention.training.parallel import MeshForm, PlacedState
+from flax_attention.training.state import create_train_state
 from flax_attention.training.steps import train_step
 
 IMAGENET_CLASSES = 1000
@@ -72,7 +72,7 @@ class StepShape:
 
 def abstract_train_step(
     shape: StepShape, devices: list[jax.Device]
-) -> tuple[Any, tuple[TrainState, dict[str, jax.ShapeDtypeStruct]]]:
+) -> tuple[Any, tuple[PlacedState, dict[str, jax.ShapeDtypeStruct]]]:
     """The `jit`-form training step over `devices` and its abstract arguments: (state, batch)
     as `jax.ShapeDtypeStruct`s carrying the form's shardings (state replicated; batch
     {"image": uint8 (B, H, W, 3), "label": int32 (B,)} with B = per_chip_batch * len(devices),
@@ -98,8 +98,10 @@ def abstract_train_step(
     step = form.compile_train(
         partial(train_step, graphdef, tx, label_smoothing=0.1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     )
-    abstract_state = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=form.replicated), state
+    abstract_state = PlacedState.of(
+        jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=form.replicated), state
+        )
     )
     rows = shape.per_chip_batch * len(devices)
     side = shape.image_size
