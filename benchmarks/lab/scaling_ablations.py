@@ -28,7 +28,7 @@ from benchmarks.__main__ import SAMPLING
 from benchmarks.lab.profiling import profile_calls
 from benchmarks.results import Results, error_text
 from benchmarks.settings import RESULTS, Settings
-from flax_attention.training.parallel import MeshForm, PmapForm
+from flax_attention.training.parallel import MeshForm, PmapForm, on_placed_state
 from flax_attention.training.state import set_batchnorm_axis_name
 
 PROFILED = ("jit", "pmap_local_bn")  # traced at the largest device count, after the timings
@@ -41,9 +41,10 @@ def local_batchnorm(form: MeshForm, model: nnx.Module) -> None:
 
 
 def spmd_jit(form: MeshForm, step: Callable) -> Callable:
-    """`jax.jit` of the plain step over `form`'s mesh, partitioned by XLA's SPMD partitioner."""
+    """`jax.jit` of the plain step over `form`'s mesh, partitioned by XLA's SPMD partitioner;
+    it takes and returns the form's placed state."""
     return jax.jit(
-        step,
+        on_placed_state(step),
         in_shardings=(form.replicated, form.sharded),
         out_shardings=(form.replicated, form.replicated),
         donate_argnums=0,
