@@ -28,9 +28,9 @@ has among them: CMYK and grayscale JPEGs, a PNG named .JPEG, one 4200 x 3150 px 
   summed over the steps after the first window in `device_idle_ms`, counted in
   `device_idle_steps`)] per step; `epoch_steps` marks the epoch boundaries), the host time of
   the loop's calls of the compiled step after the first window (`step_call_ms`: median and
-  longest) and, where nvidia-smi runs, every GPU sampled each
-  50 ms (`gpu_samples_ms`: [milliseconds since the first step's batch, GPU index, utilisation %,
-  SM MHz, watts, celsius, clock event reasons bitmask], summarised in `gpu_sm_clock_mhz`,
+  longest) and, where nvidia-smi runs, every GPU sampled each 50 ms (`gpu_samples_ms`:
+  [milliseconds since the first step's batch, GPU index, utilisation %, SM MHz, watts,
+  celsius, clock event reasons bitmask], summarised in `gpu_sm_clock_mhz`,
   `gpu_utilization_pct` and `gpu_clock_event_reasons`) to attribute dips, next to the same
   training step on a device-resident synthetic batch. `python -m benchmarks` sets
   `CUDA_DEVICE_MAX_CONNECTIONS` for this suite as the training program does when it decodes on

@@ -1,9 +1,10 @@
 """``GpuJpegDecoder``'s host side on machines without a GPU: CuPy and nvImageCodec replaced by
 stand-ins that keep "device" memory in numpy arrays behind fake pointers, and the resampling
 kernels by their specification (the taps of ``resample_taps``; ``reduce_crop`` then
-``resample_with_taps`` with the taps given, on the memory a row's fields point to). What this checks is the plumbing the kernel is fed: crop regions, pitches,
-factors, flips, decode groups, host-decoded rows and the host fallback; the kernel's own
-arithmetic is checked against ``CpuReferenceDecoder`` on a GPU (``lab/gpu_decode_check``)."""
+``resample_with_taps`` with the taps given, on the memory a row's fields point to). What this
+checks is the plumbing the kernels are fed: crop regions, pitches, factors, flips, decode
+groups, host-decoded rows and the host fallback; the kernels' own arithmetic is checked against
+``CpuReferenceDecoder`` on a GPU (``lab/gpu_decode_check``)."""
 
 import contextlib
 import sys

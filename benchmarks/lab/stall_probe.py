@@ -36,6 +36,7 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import jax
 
@@ -188,17 +189,6 @@ def collector_off():
             gc.enable()
 
 
-@contextlib.contextmanager
-def patched(owner: Any, name: str, value: Any):
-    """`owner.name` set to `value` while active."""
-    before = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, before)
-
-
 class GilHolders(threading.Thread):
     """Once the training run is ``after_steps`` steps in, records this process for ``seconds``
     with py-spy (``--gil --threads --nonblocking``: each sample is the stack of the thread that
@@ -280,7 +270,7 @@ def probed_train_row(
             if name == "nogc":
                 undo.enter_context(collector_off())
             elif name == "queued":
-                undo.enter_context(patched(loop, "QUEUED_STEPS", int(value)))
+                undo.enter_context(mock.patch.object(loop, "QUEUED_STEPS", int(value)))
             elif name == "switch":
                 undo.callback(sys.setswitchinterval, sys.getswitchinterval())
                 sys.setswitchinterval(float(value) / 1e3)
